@@ -1,0 +1,188 @@
+"""One strict pydantic model per call; adapters are built once, at import.
+
+Strict means no coercion: ``"1"`` is not ``1``, ``1.0`` is not ``1``, and
+unknown fields are refused. ``validate(table, call, args)`` returns the
+model or an ``Error`` naming the offending field; it never raises.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from protocol.errors import Errno, Error
+from protocol.wire import MAX_RUNS
+
+MAX_FRAME = (1 << 40) - 1  # 4 PiB of 4 KiB frames; profiles narrow it further
+MAX_FRAMES_PER_CALL = 1 << 25
+MAX_PAGES_PER_CALL = 1 << 20
+MAX_VADDR = (1 << 64) - 1
+MAX_OBJECT_ID = (1 << 63) - 1
+KEY_LEN = 40  # a Z85-encoded CURVE public key
+
+
+def _check_runs(runs: list[list[int]]) -> list[list[int]]:
+    n = 0
+    for i, (first, count) in enumerate(runs):
+        if count < 1:
+            raise ValueError(f"run {i} has count {count}; a run needs count >= 1")
+        if first + count - 1 > MAX_FRAME:
+            raise ValueError(f"run {i} goes beyond frame {MAX_FRAME}")
+        n += count
+    if n > MAX_FRAMES_PER_CALL:
+        raise ValueError(f"{n} frames in one call exceed the limit of {MAX_FRAMES_PER_CALL}")
+    return runs
+
+
+Frame = Annotated[int, Field(ge=0, le=MAX_FRAME)]
+Run = Annotated[list[Frame], Field(min_length=2, max_length=2)]
+Runs = Annotated[list[Run], Field(min_length=1, max_length=MAX_RUNS), AfterValidator(_check_runs)]
+Pid = Annotated[int, Field(ge=1, le=MAX_OBJECT_ID)]
+ObjId = Annotated[int, Field(ge=1, le=MAX_OBJECT_ID)]
+Vaddr = Annotated[int, Field(ge=0, le=MAX_VADDR)]
+Pages = Annotated[int, Field(ge=1, le=MAX_PAGES_PER_CALL)]
+Prot = Annotated[int, Field(ge=1, le=7)]
+Key = Annotated[str, Field(min_length=KEY_LEN, max_length=KEY_LEN, pattern=r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]+$")]
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class Empty(Args):
+    pass
+
+
+# ---- kernel calls ---------------------------------------------------------
+
+class ProcCreate(Args):
+    key: Key
+
+
+class ProcDestroy(Args):
+    pid: Pid
+
+
+class Donate(Args):
+    frames: Runs
+
+
+class Reclaim(Args):
+    count: Optional[Annotated[int, Field(ge=1, le=MAX_FRAMES_PER_CALL)]] = None
+    frames: Optional[Runs] = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Reclaim":
+        if (self.count is None) == (self.frames is None):
+            raise ValueError("give exactly one of 'count' or 'frames'")
+        return self
+
+
+class Map(Args):
+    pid: Optional[Pid] = None  # a client maps into itself only
+    vaddr: Vaddr
+    frames: Runs
+    prot: Prot
+    large: bool = False
+
+
+class Unmap(Args):
+    pid: Optional[Pid] = None
+    vaddr: Vaddr
+    pages: Pages
+
+
+class ThreadDestroy(Args):
+    tid: ObjId
+
+
+class EndpointDestroy(Args):
+    eid: ObjId
+
+
+class FrameInfo(Args):
+    frames: Runs
+    max_segments: Annotated[int, Field(ge=1, le=1 << 16)] = 4096
+
+
+class Events(Args):
+    since: Annotated[int, Field(ge=0, le=MAX_OBJECT_ID)] = 0
+    limit: Annotated[int, Field(ge=1, le=10000)] = 1000
+
+
+KERNEL_CALLS: dict[str, TypeAdapter] = {
+    name: TypeAdapter(model)
+    for name, model in {
+        "hello": Empty,
+        "address_map": Empty,
+        "proc_create": ProcCreate,
+        "proc_destroy": ProcDestroy,
+        "donate": Donate,
+        "reclaim": Reclaim,
+        "map": Map,
+        "unmap": Unmap,
+        "thread_create": Empty,
+        "thread_destroy": ThreadDestroy,
+        "endpoint_create": Empty,
+        "endpoint_destroy": EndpointDestroy,
+        "frame_info": FrameInfo,
+        "stats": Empty,
+        "ping": Empty,
+        "events": Events,
+    }.items()
+}
+
+
+# ---- memory-manager calls (client -> mm) ----------------------------------
+
+class Alloc(Args):
+    pages: Pages
+    prot: Prot
+    vaddr: Optional[Vaddr] = None
+    large: bool = False
+
+
+class Free(Args):
+    vaddr: Vaddr
+    pages: Pages
+
+
+class Share(Args):
+    vaddr: Vaddr
+    pages: Pages
+    peer: Key
+    peer_vaddr: Vaddr
+    prot: Prot = 1
+
+
+MM_CALLS: dict[str, TypeAdapter] = {
+    name: TypeAdapter(model)
+    for name, model in {
+        "hello": Empty,
+        "alloc": Alloc,
+        "free": Free,
+        "share": Share,
+        "stats": Empty,
+        "ping": Empty,
+    }.items()
+}
+
+
+def _describe(exc: ValidationError) -> tuple[str, str]:
+    first = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    where = f"args.{loc}" if loc else "args"
+    return loc or "args", f"{where}: {first.get('msg', 'invalid')}"
+
+
+def validate(table: dict[str, TypeAdapter], call: str, args: dict[str, Any]) -> Any:
+    """The validated args model for ``call``, or an ``Error`` (ENOSYS / EINVAL)."""
+    adapter = table.get(call)
+    if adapter is None:
+        return Error(Errno.ENOSYS, f"unknown call {call!r}")
+    try:
+        return adapter.validate_python(args)
+    except ValidationError as exc:
+        field, message = _describe(exc)
+        return Error(Errno.EINVAL, message, {"field": field})

@@ -1,0 +1,79 @@
+"""The msgpack envelope and its limits.
+
+Request: ``{"v": 1, "id": <uint>, "call": "<name>", "args": {...}}``
+Reply:   ``{"v": 1, "id": <same>, "ok": true, "result": {...}}`` or
+         ``{"v": 1, "id": <same>, "ok": false, "error": {"code", "errno", "message", ...}}``
+
+``parse_request`` never raises: undecodable or malformed input comes back as
+an ``Error`` (EPROTO or E2BIG) so a server can answer it and carry on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from protocol.errors import Errno, Error
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20  # a request or reply larger than this is refused
+MAX_RUNS = 4096  # frame runs per call
+MAX_ID = (1 << 64) - 1
+MAX_CALL_NAME = 32
+REQUEST_KEYS = frozenset(("v", "id", "call", "args"))
+
+
+def encode(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def decode(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+
+
+def request(req_id: int, call: str, args: dict[str, Any] | None = None) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "id": req_id, "call": call, "args": args or {}})
+
+
+def ok_reply(req_id: int | None, result: dict[str, Any]) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "id": req_id, "ok": True, "result": result})
+
+
+def error_reply(req_id: int | None, err: Error) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": err.to_wire()})
+
+
+def parse_request(data: bytes) -> tuple[int | None, str, dict[str, Any]] | tuple[int | None, Error]:
+    """Decode and check the envelope: ``(id, call, args)`` or ``(id_or_None, Error)``."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        return None, Error(Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    try:
+        msg = decode(data)
+    except Exception as exc:  # msgpack raises many types on garbage
+        return None, Error(Errno.EPROTO, f"undecodable message: {type(exc).__name__}")
+    if not isinstance(msg, dict):
+        return None, Error(Errno.EPROTO, f"request must be a map, got {type(msg).__name__}")
+    req_id = msg.get("id")
+    if type(req_id) is not int or not 0 <= req_id <= MAX_ID:
+        return None, Error(Errno.EPROTO, "field 'id': must be an unsigned integer")
+    extra = set(msg) - REQUEST_KEYS
+    if extra:
+        return req_id, Error(Errno.EPROTO, f"unknown envelope field(s): {', '.join(sorted(map(str, extra)))}")
+    if msg.get("v") != PROTOCOL_VERSION or type(msg.get("v")) is not int:
+        return req_id, Error(Errno.EPROTO, f"field 'v': protocol version must be {PROTOCOL_VERSION}")
+    call = msg.get("call")
+    if type(call) is not str or not 0 < len(call) <= MAX_CALL_NAME:
+        return req_id, Error(Errno.EPROTO, "field 'call': must be a call name (string)")
+    args = msg.get("args", {})
+    if type(args) is not dict:
+        return req_id, Error(Errno.EPROTO, "field 'args': must be a map")
+    return req_id, call, args
+
+
+def parse_reply(data: bytes) -> dict[str, Any]:
+    """Decode a reply; raises ValueError if it is not a well-formed reply."""
+    msg = decode(data)
+    if not isinstance(msg, dict) or "ok" not in msg or "id" not in msg:
+        raise ValueError("malformed reply")
+    return msg
