@@ -1,0 +1,202 @@
+"""The kernel's frame table: flat numpy arrays over every frame, and the free list.
+
+Rules for this file: no sockets, clocks or randomness; no per-frame Python
+objects; every method either checks (pure, may return an error) or commits
+(mutates, cannot fail). 13 bytes per frame:
+
+- ``kind``  uint8: NONE (hole or reserved), KERNEL_FREE, KERNEL_USED,
+  KERNEL_SHARED (kernel-owned, in use, user-mappable read-only), USER.
+- ``refs``  uint32: number of user mappings of the frame (I4).
+- ``next``/``prev`` int32: the kernel free list, linked through the frames
+  themselves as Jinue links its free pages (doubly, so an explicit reclaim can
+  unlink any free frame in O(1)). NIL = -1.
+
+A user frame is *free* when ``refs == 0`` and *mapped* otherwise. Counters are
+kept incrementally so ``stats`` costs nothing per frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from kernel_server.bootmap import BootMap
+
+NONE, KERNEL_FREE, KERNEL_USED, KERNEL_SHARED, USER = 0, 1, 2, 3, 4
+KIND_NAMES = {NONE: "none", KERNEL_FREE: "kernel_free", KERNEL_USED: "kernel_used",
+              KERNEL_SHARED: "kernel_shared", USER: "user"}
+NIL = -1
+BOOT_KIND = {
+    "reserved": NONE,
+    "kernel_image": KERNEL_SHARED,
+    "frame_table": KERNEL_USED,
+    "kernel_pool": KERNEL_FREE,
+    "ramdisk": KERNEL_SHARED,
+    "firmware": KERNEL_SHARED,
+    "user": USER,
+}
+
+
+class FrameTable:
+    def __init__(self, bootmap: BootMap, kernel_limit: int | None) -> None:
+        n = bootmap.span
+        self.n = n
+        self.kernel_limit = n if kernel_limit is None else min(n, kernel_limit)
+        self.kind = np.zeros(n, dtype=np.uint8)
+        self.refs = np.zeros(n, dtype=np.uint32)
+        self.next = np.full(n, NIL, dtype=np.int32)
+        self.prev = np.full(n, NIL, dtype=np.int32)
+        self.head = NIL
+        self.free_count = 0
+        for r in bootmap.regions:
+            k = BOOT_KIND[r.kind]
+            if k != KERNEL_FREE:
+                self.kind[r.first:r.end] = k
+        self.ram = int(np.count_nonzero(self.kind)) + sum(r.count for r in bootmap.of_kind("kernel_pool"))
+        self.kernel_used = int(np.count_nonzero(self.kind == KERNEL_USED))
+        self.kernel_shared = int(np.count_nonzero(self.kind == KERNEL_SHARED))
+        self.user_free = int(np.count_nonzero(self.kind == USER))
+        self.user_mapped = 0
+        for r in bootmap.of_kind("kernel_pool"):
+            self.push_free(np.arange(r.first, r.end, dtype=np.int64))
+
+    # ---- queries (pure) -------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "ram": self.ram,
+            "kernel_free": self.free_count,
+            "kernel_used": self.kernel_used,
+            "kernel_shared": self.kernel_shared,
+            "user_free": self.user_free,
+            "user_mapped": self.user_mapped,
+        }
+
+    def in_range(self, frames: np.ndarray) -> bool:
+        return frames.size == 0 or (int(frames.min()) >= 0 and int(frames.max()) < self.n)
+
+    def free_list(self) -> list[int]:
+        """The free list walked from its head (for checks and tests)."""
+        out, f, seen = [], self.head, 0
+        while f != NIL and seen <= self.n:
+            out.append(f)
+            f = int(self.next[f])
+            seen += 1
+        return out
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.kind, self.refs, self.next, self.prev):
+            h.update(a.tobytes())
+        h.update(f"{self.head},{self.free_count},{self.counts()}".encode())
+        return h.hexdigest()
+
+    def nbytes(self) -> int:
+        return self.kind.nbytes + self.refs.nbytes + self.next.nbytes + self.prev.nbytes
+
+    # ---- commits (cannot fail; callers checked everything) -------------
+
+    def push_free(self, frames: np.ndarray) -> None:
+        """Link ``frames`` (distinct, not on the list) at the head, in order, as KERNEL_FREE."""
+        m = frames.size
+        if m == 0:
+            return
+        self.kind[frames] = KERNEL_FREE
+        if m > 1:
+            self.next[frames[:-1]] = frames[1:]
+            self.prev[frames[1:]] = frames[:-1]
+        last, first = int(frames[-1]), int(frames[0])
+        self.next[last] = self.head
+        if self.head != NIL:
+            self.prev[self.head] = last
+        self.prev[first] = NIL
+        self.head = first
+        self.free_count += m
+
+    def pop_free(self, count: int) -> np.ndarray:
+        """Take ``count`` frames from the head (count <= free_count); they stay KERNEL_FREE
+        until the caller sets their kind."""
+        out = np.empty(count, dtype=np.int64)
+        f = self.head
+        nxt = self.next
+        for i in range(count):
+            out[i] = f
+            f = int(nxt[f])
+        if count:
+            self.next[out] = NIL
+            self.prev[out] = NIL
+            self.head = f
+            if f != NIL:
+                self.prev[f] = NIL
+            self.free_count -= count
+        return out
+
+    def unlink_free(self, frames: np.ndarray) -> None:
+        """Remove the given distinct KERNEL_FREE frames from the list, wherever they are.
+
+        Vectorised: each removed frame's nearest surviving successor is found by
+        pointer jumping (O(log n) numpy passes), then each chain of removed
+        frames is cut out with one splice.
+        """
+        s = np.sort(frames.astype(np.int64))
+        m = s.size
+        if m == 0:
+            return
+        nxt = self.next[s].astype(np.int64)
+        prv = self.prev[s].astype(np.int64)
+
+        def removed_index(v: np.ndarray) -> np.ndarray:
+            """Index into ``s`` of each value, or -1 if it is NIL or survives."""
+            pos = np.searchsorted(s, v)
+            pos = np.minimum(pos, m - 1)
+            hit = (v != NIL) & (s[pos] == v)
+            return np.where(hit, pos, -1)
+
+        succ = nxt.copy()
+        idx = removed_index(succ)
+        while True:
+            jumping = idx >= 0
+            if not jumping.any():
+                break
+            succ = np.where(jumping, succ[np.maximum(idx, 0)], succ)
+            idx = np.where(jumping, idx[np.maximum(idx, 0)], idx)
+        starts = removed_index(prv) < 0  # predecessor survives or is NIL: a chain begins here
+        for p, q in zip(prv[starts].tolist(), succ[starts].tolist()):
+            if p == NIL:
+                self.head = q
+            else:
+                self.next[p] = q
+            if q != NIL:
+                self.prev[q] = p
+        self.next[s] = NIL
+        self.prev[s] = NIL
+        self.free_count -= m
+
+    def set_kind(self, frames: np.ndarray, old: int, new: int) -> None:
+        """Move frames of kind ``old`` to ``new`` and keep the counters right."""
+        self.kind[frames] = new
+        m = int(frames.size)
+        if old == USER:
+            self.user_free -= m
+        elif old == KERNEL_USED:
+            self.kernel_used -= m
+        if new == USER:
+            self.user_free += m
+        elif new == KERNEL_USED:
+            self.kernel_used += m
+
+    def add_refs(self, frames: np.ndarray, delta: int) -> None:
+        """Add ``delta`` (+1/-1) to each frame's refcount (frames may repeat); keeps
+        the user free/mapped counters right for USER frames."""
+        if frames.size == 0:
+            return
+        uniq, times = np.unique(frames, return_counts=True)
+        before = self.refs[uniq]
+        after = before.astype(np.int64) + delta * times
+        self.refs[uniq] = after
+        user = self.kind[uniq] == USER
+        became_mapped = int(np.count_nonzero(user & (before == 0) & (after > 0)))
+        became_free = int(np.count_nonzero(user & (before > 0) & (after == 0)))
+        self.user_mapped += became_mapped - became_free
+        self.user_free += became_free - became_mapped
