@@ -63,6 +63,7 @@ class Process:
     def usage(self) -> dict[str, int]:
         return {
             "pid": self.pid,
+            "key": self.key,
             "pages": len(self.pages),
             "large_pages": len(self.large),
             "tables": len(self.tables) - 1 + (1 if self.root_frame >= 0 else 0),

@@ -1,0 +1,272 @@
+"""The memory manager's own view of frame ownership, and the journal ops that change it.
+
+Rules for this file: no sockets, clocks, randomness or I/O. The view is built
+from the kernel's boot ``address_map`` and then changed only by ``apply(op)``,
+with ``op`` a plain dict (the same dicts the journal stores), so replaying the
+journal rebuilds exactly the view the mm had. Frame placement lives here too:
+small requests and donations come from large-page blocks that are already
+broken before whole blocks are touched (Linux's pageblock idea), so aligned
+runs for large pages survive churn.
+
+Per frame (numpy): ``state`` (NONE / KERNEL / FREE / USED) and ``refs`` (the
+mappings the mm made of that frame). Per client: its pid and its mappings,
+keyed by virtual address.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from protocol import runs as R
+
+NONE, KERNEL, FREE, USED = 0, 1, 2, 3
+STATE_NAMES = {NONE: "none", KERNEL: "kernel", FREE: "free", USED: "used"}
+PAGE = 4096
+VA_START = 0x40_0000  # first virtual address the mm hands out (4 MiB: keep page 0 unmapped)
+
+
+@dataclass
+class Mapping:
+    vaddr: int
+    pages: int
+    prot: int
+    large: bool
+    frames: list[list[int]]  # runs
+    owner: bool = True  # False: a share of another client's frames (not charged to this client)
+    pending: bool = False  # an intent whose kernel call has not been confirmed
+
+
+@dataclass
+class ClientState:
+    key: str
+    pid: int
+    maps: dict[int, Mapping] = field(default_factory=dict)  # vaddr -> mapping
+    starts: list[int] = field(default_factory=list)  # sorted vaddrs of maps
+    charged: int = 0  # pages counted against the quota
+    va_next: int = VA_START
+
+    def overlaps(self, vaddr: int, pages: int) -> Mapping | None:
+        end = vaddr + pages * PAGE
+        i = bisect.bisect_right(self.starts, vaddr) - 1
+        if i >= 0:
+            m = self.maps[self.starts[i]]
+            if m.vaddr + m.pages * PAGE > vaddr:
+                return m
+        if i + 1 < len(self.starts) and self.starts[i + 1] < end:
+            return self.maps[self.starts[i + 1]]
+        return None
+
+
+class View:
+    def __init__(self, address_map: dict[str, Any], large_frames: int) -> None:
+        n = int(address_map["frames"])
+        self.n = n
+        self.kernel_limit = n if address_map.get("kernel_limit") is None else min(n, int(address_map["kernel_limit"]))
+        self.block = max(1, int(large_frames))  # frames per large page: the unit kept intact
+        self.state = np.zeros(n, dtype=np.uint8)
+        self.refs = np.zeros(n, dtype=np.uint32)
+        for e in address_map["entries"]:
+            owner = e["owner"]
+            s = KERNEL if owner == "kernel" else FREE if owner == "user" else NONE
+            self.state[e["first"]:e["first"] + e["count"]] = s
+        nblocks = -(-n // self.block)
+        padded = np.zeros(nblocks * self.block, dtype=np.uint8)
+        padded[:n] = self.state
+        self.bfree = np.count_nonzero(padded.reshape(nblocks, self.block) == FREE, axis=1).astype(np.int32)
+        self.clients: dict[str, ClientState] = {}
+        self.by_pid: dict[int, str] = {}
+        self.pending: dict[int, dict[str, Any]] = {}  # intent number -> op
+        self.event_seq = 0
+        self.cursor = -1  # the partially used block small requests are served from
+        self.ram = int(np.count_nonzero(self.state))
+
+    # ---- queries ----------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        st = self.state
+        return {
+            "ram": self.ram,
+            "kernel": int(np.count_nonzero(st == KERNEL)),
+            "free": int(np.count_nonzero(st == FREE)),
+            "used": int(np.count_nonzero(st == USED)),
+            "free_large_blocks": int(np.count_nonzero(self.bfree == self.block)),
+        }
+
+    def free_count(self) -> int:
+        return int(self.bfree.sum())
+
+    # ---- placement (pure: picks, does not change) ---------------------------
+
+    def pick(self, n: int, *, below: int | None = None, large: bool = False, naive: bool = False) -> np.ndarray | None:
+        """Choose ``n`` free frames (ascending within a block), or None if there are not enough.
+
+        ``large``: n is a multiple of the block and whole aligned free blocks are taken.
+        ``naive``: plain first fit, for comparison with the anti-fragmentation policy.
+        ``below``: only frames below this frame number (kernel-eligible ones for donations).
+        """
+        B = self.block
+        limit_block = (self.n if below is None else min(below, self.n)) // B if below is not None else None
+        if large:
+            whole = np.flatnonzero(self.bfree == B)
+            if limit_block is not None:
+                whole = whole[whole < limit_block]
+            need = n // B
+            if whole.size < need:
+                return None
+            return (whole[:need, None] * B + np.arange(B)).reshape(-1)
+        if naive:
+            free = np.flatnonzero(self.state[: below or self.n] == FREE)
+            return free[:n] if free.size >= n else None
+        out: list[np.ndarray] = []
+        got = 0
+        c = self.cursor
+        if c >= 0 and 0 < self.bfree[c] < B and (limit_block is None or c < limit_block):
+            order = [np.array([c])]
+        else:
+            order = []
+        partial = np.flatnonzero((self.bfree > 0) & (self.bfree < B))
+        whole = np.flatnonzero(self.bfree == B)
+        if limit_block is not None:
+            partial, whole = partial[partial < limit_block], whole[whole < limit_block]
+        # fewest free frames first: fill broken blocks before breaking whole ones
+        partial = partial[np.argsort(self.bfree[partial], kind="stable")]
+        order += [partial, whole]
+        seen = set()
+        for blocks in order:
+            for b in blocks.tolist():
+                if b in seen:
+                    continue
+                seen.add(b)
+                lo = b * B
+                hi = min(lo + B, self.n if below is None else min(below, self.n))
+                f = np.flatnonzero(self.state[lo:hi] == FREE)[: n - got] + lo
+                out.append(f)
+                got += f.size
+                if got >= n:
+                    return np.concatenate(out)
+        return None
+
+    # ---- changes (only through ops) -----------------------------------------
+
+    def _set(self, frames: np.ndarray, new: int) -> None:
+        if frames.size == 0:
+            return
+        old = self.state[frames]
+        blocks = frames // self.block
+        np.add.at(self.bfree, blocks[old == FREE], -1)
+        if new == FREE:
+            np.add.at(self.bfree, blocks, 1)
+        self.state[frames] = new
+
+    def _refs(self, frames: np.ndarray, delta: int) -> None:
+        if frames.size == 0:
+            return
+        np.add.at(self.refs, frames, np.uint32(1) if delta > 0 else np.uint32(0xFFFFFFFF))
+        uniq = np.unique(frames)
+        r = self.refs[uniq]
+        self._set(uniq[(r > 0) & (self.state[uniq] != USED)], USED)
+        self._set(uniq[(r == 0) & (self.state[uniq] == USED)], FREE)
+        if delta > 0 and frames.size < self.block:
+            self.cursor = int(frames[0]) // self.block
+
+    def _add_mapping(self, c: ClientState, m: Mapping) -> None:
+        c.maps[m.vaddr] = m
+        bisect.insort(c.starts, m.vaddr)
+        if m.owner:
+            c.charged += m.pages
+        c.va_next = max(c.va_next, m.vaddr + m.pages * PAGE)
+        self._refs(R.to_array(m.frames), +1)
+
+    def _drop_mapping(self, c: ClientState, vaddr: int) -> Mapping:
+        m = c.maps.pop(vaddr)
+        c.starts.pop(bisect.bisect_left(c.starts, vaddr))
+        if m.owner:
+            c.charged -= m.pages
+        self._refs(R.to_array(m.frames), -1)
+        return m
+
+    def apply(self, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        if kind == "client":
+            self.clients[op["key"]] = ClientState(op["key"], op["pid"])
+            self.by_pid[op["pid"]] = op["key"]
+        elif kind == "client_gone":
+            c = self.clients.pop(op["key"], None)
+            if c is not None:
+                self.by_pid.pop(c.pid, None)
+                for v in list(c.maps):
+                    self._drop_mapping(c, v)
+            for n, p in list(self.pending.items()):
+                if p["key"] == op["key"]:
+                    del self.pending[n]
+        elif kind == "intent":
+            c = self.clients[op["key"]]
+            if op["do"] == "map":
+                self._add_mapping(c, Mapping(op["vaddr"], op["pages"], op["prot"], op["large"], op["frames"],
+                                             owner=op.get("owner", True), pending=True))
+            else:  # unmap
+                c.maps[op["vaddr"]].pending = True
+            self.pending[op["n"]] = op
+        elif kind in ("done", "undo"):
+            p = self.pending.pop(op["n"], None)
+            if p is None:
+                return
+            c = self.clients.get(p["key"])
+            if c is None:
+                return
+            if p["do"] == "map":
+                if kind == "done":
+                    c.maps[p["vaddr"]].pending = False
+                else:
+                    self._drop_mapping(c, p["vaddr"])
+            else:
+                if kind == "done":
+                    self._drop_mapping(c, p["vaddr"])
+                else:
+                    c.maps[p["vaddr"]].pending = False
+        elif kind == "donate":
+            self._set(R.to_array(op["frames"]), KERNEL)
+        elif kind == "reclaim":
+            self._set(R.to_array(op["frames"]), FREE)
+        elif kind == "events":
+            self.event_seq = max(self.event_seq, op["seq"])
+        elif kind == "repair":
+            # set frames to a state after a reconciliation found the kernel disagreeing
+            a = R.to_array(op["frames"])
+            self._set(a, op["state"])
+            self.refs[a] = op.get("refs", 0) if op["state"] == USED else 0
+        else:
+            raise ValueError(f"unknown journal op {kind!r}")
+
+    # ---- comparison with the kernel (audit / recovery) ------------------------
+
+    def compare(self, kinds: np.ndarray, refs: np.ndarray) -> dict[str, Any]:
+        """Compare with the kernel's per-frame kind names coded as 0 none, 1 kernel, 2 user;
+        and the kernel's refcounts. Returns counts and the divergent frames by class."""
+        st = self.state
+        view_kernel = st == KERNEL
+        k_kernel = kinds == 1
+        k_user = kinds == 2
+        k_none = kinds == 0
+        free_but_kernel = np.flatnonzero((st == FREE) & k_kernel)
+        kernel_but_user = np.flatnonzero(view_kernel & k_user)
+        owner_other = np.flatnonzero(((st == NONE) != k_none) | ((st == USED) & k_kernel))
+        free_but_mapped = np.flatnonzero((st == FREE) & k_user & (refs > 0))
+        refs_differ = np.flatnonzero((st == USED) & k_user & (refs != self.refs))
+        classes = {
+            "free_but_kernel": free_but_kernel,
+            "kernel_but_user": kernel_but_user,
+            "owner_mismatch": owner_other,
+            "free_but_mapped": free_but_mapped,
+            "refs_differ": refs_differ,
+        }
+        return {
+            "divergences": int(sum(a.size for a in classes.values())),
+            "classes": {k: R.from_array(v)[:32] for k, v in classes.items() if v.size},
+            "class_counts": {k: int(v.size) for k, v in classes.items()},
+            "arrays": classes,
+        }
