@@ -10,8 +10,6 @@ destroyed by ``expire(now)`` (I11).
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from typing import Any, Callable
 
 from kernel_server.arch import get_profile
@@ -20,19 +18,19 @@ from kernel_server.core import KernelCore
 from protocol import wire
 from protocol.calls import KERNEL_CALLS, validate
 from protocol.errors import Errno, Error
-
-REPLAY_PER_IDENTITY = 256  # cached replies per caller
-REPLAY_IDENTITIES = 4096  # callers remembered
+from protocol.replay import ReplayCache
 
 Refused = Callable[[str | None, str, Error], None]
 
 
 class KernelService:
-    def __init__(self, core: KernelCore, lease_seconds: float = 5.0, on_refused: Refused | None = None) -> None:
+    def __init__(self, core: KernelCore, lease_seconds: float = 5.0, on_refused: Refused | None = None,
+                 boot_id: str = "0") -> None:
         self.core = core
         self.lease_seconds = lease_seconds
         self.on_refused = on_refused
-        self.replies: OrderedDict[str, OrderedDict[int, tuple[bytes, bytes]]] = OrderedDict()
+        self.boot_id = boot_id  # told to callers by hello, so the mm notices a kernel restart
+        self.replay = ReplayCache()
         self.last_seen: dict[int, float] = {}  # pid -> last time its client called
         self.calls = 0
         self.refused = 0
@@ -48,10 +46,11 @@ class KernelService:
         kernel_pool_frames: int | None = None,
         on_refused: Refused | None = None,
         bootmap: BootMap | None = None,
+        boot_id: str = "0",
     ) -> "KernelService":
         profile = get_profile(arch)
         bm = bootmap if bootmap is not None else pc_map(profile, memory, kernel_pool_frames)
-        return cls(KernelCore(profile, bm, mm_key), lease_seconds, on_refused)
+        return cls(KernelCore(profile, bm, mm_key), lease_seconds, on_refused, boot_id)
 
     # ---- requests ---------------------------------------------------------
 
@@ -66,19 +65,13 @@ class KernelService:
         pid = self.core.by_key.get(identity)
         if pid is not None:
             self.last_seen[pid] = now
-        cache = self.replies.get(identity)
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        if cache is not None:
-            hit = cache.get(req_id)
-            if hit is not None:
-                if hit[0] == digest:
-                    self.replayed += 1
-                    return hit[1]
-                return self._refuse(identity, req_id, call, Error(
-                    Errno.EINVAL, f"request id {req_id} was already used for a different request",
-                    {"field": "id"}), cache_it=False)
+        digest = self.replay.digest(data)
+        cached = self.replay.lookup(identity, req_id, digest)
+        if cached is not None:
+            self.replayed += 1
+            return cached
         reply = self._execute(identity, req_id, call, args, now)
-        self._remember(identity, req_id, digest, reply)
+        self.replay.remember(identity, req_id, digest, reply)
         return reply
 
     def call(self, identity: str, call: str, args: dict[str, Any] | None = None, now: float = 0.0) -> dict | Error:
@@ -91,10 +84,10 @@ class KernelService:
     def _execute(self, identity: str, req_id: int, call: str, args: dict, now: float) -> bytes:
         model = validate(KERNEL_CALLS, call, args)
         if isinstance(model, Error):
-            return self._refuse(identity, req_id, call, model, cache_it=False)
+            return self._refuse(identity, req_id, call, model)
         result = self._run(identity, call, model, now)
         if isinstance(result, Error):
-            return self._refuse(identity, req_id, call, result, cache_it=False)
+            return self._refuse(identity, req_id, call, result)
         return wire.ok_reply(req_id, result)
 
     def _run(self, identity: str, call: str, model: Any, now: float) -> dict | Error:
@@ -110,25 +103,14 @@ class KernelService:
                 self.last_seen.pop(result["pid"], None)
             elif call == "hello":
                 result["lease_seconds"] = self.lease_seconds
+                result["boot_id"] = self.boot_id
         return result
 
-    def _refuse(self, identity: str | None, req_id: int | None, call: str, err: Error, cache_it: bool = False) -> bytes:
+    def _refuse(self, identity: str | None, req_id: int | None, call: str, err: Error) -> bytes:
         self.refused += 1
         if self.on_refused is not None:
             self.on_refused(identity, call, err)
         return wire.error_reply(req_id, err)
-
-    def _remember(self, identity: str, req_id: int, digest: bytes, reply: bytes) -> None:
-        cache = self.replies.get(identity)
-        if cache is None:
-            cache = self.replies[identity] = OrderedDict()
-            if len(self.replies) > REPLAY_IDENTITIES:
-                self.replies.popitem(last=False)
-        else:
-            self.replies.move_to_end(identity)
-        cache[req_id] = (digest, reply)
-        if len(cache) > REPLAY_PER_IDENTITY:
-            cache.popitem(last=False)
 
     # ---- leases -----------------------------------------------------------
 

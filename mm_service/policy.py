@@ -446,7 +446,8 @@ class MMCore:
                 settled.append({"op": "undo", "n": n})
                 continue
             frames = R.to_array(c.maps[p["vaddr"]].frames)
-            expect = self.view.refs[frames]
+            # a map intent is already counted in the view; an unmap intent is not yet
+            expect = self.view.refs[frames].astype(np.int64) - (0 if p["do"] == "map" else 1)
             happened = bool(np.all(refs[frames] == expect))
             settled.append({"op": "done" if happened else "undo", "n": n})
         if settled:

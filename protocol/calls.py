@@ -165,6 +165,7 @@ MM_CALLS: dict[str, TypeAdapter] = {
         "share": Share,
         "stats": Empty,
         "ping": Empty,
+        "audit": Empty,  # the operator only (the mm's own key)
     }.items()
 }
 

@@ -1,0 +1,71 @@
+"""The ``mmsim mm`` and ``mmsim audit`` commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from mm_service.policy import Config
+
+MM_HELP = "Start the memory manager: its own view of frame ownership, client memory service, kernel pool upkeep."
+
+
+def default_bind(run_dir: str) -> str:
+    from kernel_server.cli import default_ipc_dir  # one place decides where ipc sockets live
+
+    return f"ipc://{default_ipc_dir(run_dir)}/mm.sock"
+
+
+def mm(
+    kernel: Optional[str] = typer.Option(None, "--kernel", help="Kernel endpoint (default: read RUN/kernel.endpoint)."),
+    bind: Optional[str] = typer.Option(None, "--bind", help="Endpoint for clients, ipc://... or tcp://... "
+                                       "(default: an ipc socket under /tmp for this run directory)."),
+    run_dir: str = typer.Option("./mmsim-run", "--run-dir", help="Run directory with keys/ (made by `mmsim keys init` "
+                                "or the kernel); the journal mm.db is kept here."),
+    low: int = typer.Option(64, "--low", min=0, help="Donate to the kernel when its free pool drops below this many frames."),
+    target: int = typer.Option(256, "--target", min=0, help="Pool size donations and reclaims aim for (frames)."),
+    high: int = typer.Option(1024, "--high", min=0, help="Reclaim from the kernel when its pool exceeds this many frames."),
+    quota: Optional[int] = typer.Option(None, "--quota", min=1, help="Pages one client may hold (default: a quarter of user RAM)."),
+    fsync: bool = typer.Option(False, "--fsync", help="fsync the journal on every commit (survive power loss, not just kill -9)."),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG shows every refused request."),
+) -> None:
+    """Start the memory manager (mm) process."""
+    from mm_service.server import MMOptions, run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s mm %(levelname)s %(message)s")
+    cfg = Config(low=low, target=target, high=high, quota=quota)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if kernel is None:
+        path = os.path.join(run_dir, "kernel.endpoint")
+        if not os.path.exists(path):
+            typer.echo(f"error: no --kernel given and {path} does not exist (start `mmsim kernel` first)", err=True)
+            raise typer.Exit(2)
+        kernel = open(path).read().strip()
+    run(MMOptions(run_dir=run_dir, kernel=kernel, bind=bind or default_bind(run_dir), config=cfg, fsync=fsync))
+
+
+def audit(
+    run_dir: str = typer.Option("./mmsim-run", "--run-dir", help="Run directory of a running system."),
+    endpoint: Optional[str] = typer.Option(None, "--mm", help="The mm's endpoint (default: RUN/mm.endpoint)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+) -> None:
+    """Compare the mm's view with the kernel's frame by frame; exit 1 on any divergence."""
+    import json
+
+    from mm_service.audit import format_report, run_audit
+    from protocol.errors import CallError
+
+    try:
+        report = run_audit(run_dir, endpoint)
+    except (CallError, FileNotFoundError) as exc:
+        typer.echo(f"audit failed: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(report, indent=2) if json_out else format_report(report))
+    raise typer.Exit(1 if report["divergences"] else 0)
