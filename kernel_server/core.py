@@ -422,10 +422,17 @@ class KernelCore:
         p = self.profile
         level = p.levels - 1
         step = 1
-        if args.large:
+        large = args.large or (args.page_size is not None and args.page_size != PAGE_SIZE)
+        if large:
             if not p.large_levels:
                 return _err(Errno.ENOTSUP, f"{p.name} has no large pages")
             level = max(p.large_levels)  # the smallest large page of the profile
+            if args.page_size is not None:
+                lv = p.large_level_for(args.page_size)
+                if lv is None:
+                    return _err(Errno.EINVAL, f"args.page_size: {p.name} has no {args.page_size}-byte pages "
+                                f"(large pages: {p.large_page_sizes})", field="page_size")
+                level = lv
             step = p.pages_at(level)
         if args.vaddr % (step << PAGE_SHIFT):
             return _err(Errno.EINVAL, f"args.vaddr: {args.vaddr:#x} is not aligned to {step << PAGE_SHIFT:#x}",
@@ -438,7 +445,7 @@ class KernelCore:
         if vp0 + npages > self.user_top_page:
             return _err(Errno.EINVAL, f"args.vaddr: {args.vaddr:#x} + {npages} pages goes beyond user space "
                         f"({p.user_top:#x})", field="vaddr")
-        if args.large:
+        if large:
             if npages % step:
                 return _err(Errno.EINVAL, f"args.frames: {npages} frames is not a whole number of "
                             f"{step}-frame large pages", field="frames")
@@ -450,6 +457,11 @@ class KernelCore:
         bad = a[kinds == NONE]
         if bad.size:
             return _err(Errno.EINVAL, f"frame {int(bad[0])} is not RAM", frames=_runs_of(bad))
+        if large:
+            bad = a[kinds != USER]
+            if bad.size:
+                return _err(Errno.EPERM, f"frame {int(bad[0])}: a large page needs every frame user-owned",
+                            frames=_runs_of(bad))
         if caller != self.mm_key:
             bad = a[kinds != KERNEL_SHARED]
             if bad.size:
@@ -464,7 +476,7 @@ class KernelCore:
                 return _err(Errno.EPERM, f"frame {int(bad[0])} is kernel-shared: read-only mappings only",
                             frames=_runs_of(bad))
         # the virtual range must be empty
-        if args.large:
+        if large:
             bases = vp0 + np.arange(0, npages, step)
             for b in bases.tolist():
                 if self._large_at(proc, b) is not None or (level + 1, b // step) in proc.tables:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Generator, NamedTuple
 
 import numpy as np
 
-from mm_service.view import FREE, KERNEL, NONE, PAGE, USED, View
+from mm_service.view import FREE, KERNEL, KERNEL_TAG, PAGE, USED, USER_TAG, View
 from protocol import runs as R
 from protocol.errors import Errno, Error
 
@@ -53,10 +53,13 @@ class Config:
     headroom: int = 32  # extra frames donated on ENOMEM beyond what the error says
     quota: int | None = None  # pages per client (None: a quarter of user RAM)
     max_alloc: int = 1 << 18  # pages in one alloc
+    placement: str = "pageblock"  # or "first-fit" (naive, for comparison)
 
     def check(self) -> None:
         if not 0 <= self.low <= self.target <= self.high:
             raise ValueError(f"watermarks must satisfy low <= target <= high (got {self.low}, {self.target}, {self.high})")
+        if self.placement not in ("pageblock", "first-fit"):
+            raise ValueError(f"placement must be 'pageblock' or 'first-fit', not {self.placement!r}")
 
 
 def drive(gen: Op, kernel: Callable[[str, dict], Any], persist: Callable[[list[dict]], None]) -> Any:
@@ -91,6 +94,7 @@ class MMCore:
     def __init__(self, address_map: dict[str, Any], hello: dict[str, Any], config: Config | None = None) -> None:
         self.config = config or Config()
         self.config.check()
+        self.naive = self.config.placement == "first-fit"
         sizes = hello.get("large_page_sizes") or [PAGE]
         self.large_bytes = min(sizes)
         self.view = View(address_map, self.large_bytes // PAGE)
@@ -144,7 +148,7 @@ class MMCore:
     def _donate(self, n: int) -> Op:
         avail = int(np.count_nonzero(self.view.state[: self.view.kernel_limit] == FREE))
         n = min(n, avail)  # give what there is
-        frames = self.view.pick(n, below=self.view.kernel_limit) if n > 0 else None
+        frames = self.view.pick(n, below=self.view.kernel_limit, naive=self.naive, owner=KERNEL_TAG) if n > 0 else None
         if frames is None or frames.size == 0:
             return 0
         runs = R.from_array(np.sort(frames))
@@ -260,7 +264,7 @@ class MMCore:
             return Error(Errno.ENOMEM, f"quota exceeded: {charged} + {pages} pages > quota of {self.config.quota}",
                          {"quota": self.config.quota, "charged": charged, "needed": pages,
                           "available": self.config.quota - charged})
-        frames = self.view.pick(pages, large=large)
+        frames = self.view.pick(pages, large=large, naive=self.naive)
         if frames is None:
             return Error(Errno.ENOMEM, f"out of user memory: {pages} {'large-aligned ' if large else ''}pages "
                          f"wanted, {self.view.free_count()} frames free",
@@ -277,7 +281,7 @@ class MMCore:
             vaddr = self._place_vaddr(c, pages, align)
             if vaddr is None:
                 return Error(Errno.ENOMEM, "no free virtual range of that size", {"needed": pages, "available": 0})
-        frames = self.view.pick(pages, large=large)  # again: creating the process may have donated
+        frames = self.view.pick(pages, large=large, naive=self.naive, owner=c.tag)  # again: the process may have cost a donation
         if frames is None:
             return Error(Errno.ENOMEM, f"out of user memory: {pages} pages wanted",
                          {"needed": pages, "available": self.view.free_count()})

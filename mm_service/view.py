@@ -26,6 +26,7 @@ from protocol import runs as R
 NONE, KERNEL, FREE, USED = 0, 1, 2, 3
 STATE_NAMES = {NONE: "none", KERNEL: "kernel", FREE: "free", USED: "used"}
 PAGE = 4096
+KERNEL_TAG, USER_TAG = 0, 1  # block classes: kernel (pinned, donated) and user frames
 VA_START = 0x40_0000  # first virtual address the mm hands out (4 MiB: keep page 0 unmapped)
 
 
@@ -44,6 +45,7 @@ class Mapping:
 class ClientState:
     key: str
     pid: int
+    tag: int = -1  # block owner tag (placement keeps a client's frames together)
     maps: dict[int, Mapping] = field(default_factory=dict)  # vaddr -> mapping
     starts: list[int] = field(default_factory=list)  # sorted vaddrs of maps
     charged: int = 0  # pages counted against the quota
@@ -77,11 +79,15 @@ class View:
         padded = np.zeros(nblocks * self.block, dtype=np.uint8)
         padded[:n] = self.state
         self.bfree = np.count_nonzero(padded.reshape(nblocks, self.block) == FREE, axis=1).astype(np.int32)
+        # blocks that hold something else at boot (holes, the kernel image, ...) can never be
+        # a large page: small requests and donations use them first
+        self.never_whole = self.bfree < self.block
         self.clients: dict[str, ClientState] = {}
         self.by_pid: dict[int, str] = {}
         self.pending: dict[int, dict[str, Any]] = {}  # intent number -> op
         self.event_seq = 0
-        self.cursor = -1  # the partially used block small requests are served from
+        self.bowner = np.full(nblocks, -1, dtype=np.int32)  # tag of whoever broke each block
+        self.next_tag = KERNEL_TAG + 1
         self.ram = int(np.count_nonzero(self.state))
 
     # ---- queries ----------------------------------------------------------
@@ -101,12 +107,14 @@ class View:
 
     # ---- placement (pure: picks, does not change) ---------------------------
 
-    def pick(self, n: int, *, below: int | None = None, large: bool = False, naive: bool = False) -> np.ndarray | None:
+    def pick(self, n: int, *, below: int | None = None, large: bool = False, naive: bool = False,
+             owner: int = -1) -> np.ndarray | None:
         """Choose ``n`` free frames (ascending within a block), or None if there are not enough.
 
         ``large``: n is a multiple of the block and whole aligned free blocks are taken.
         ``naive``: plain first fit, for comparison with the anti-fragmentation policy.
         ``below``: only frames below this frame number (kernel-eligible ones for donations).
+        ``owner``: the tag of who gets them (a client's tag, or KERNEL_TAG for donations).
         """
         B = self.block
         limit_block = (self.n if below is None else min(below, self.n)) // B if below is not None else None
@@ -123,18 +131,16 @@ class View:
             return free[:n] if free.size >= n else None
         out: list[np.ndarray] = []
         got = 0
-        c = self.cursor
-        if c >= 0 and 0 < self.bfree[c] < B and (limit_block is None or c < limit_block):
-            order = [np.array([c])]
-        else:
-            order = []
         partial = np.flatnonzero((self.bfree > 0) & (self.bfree < B))
         whole = np.flatnonzero(self.bfree == B)
         if limit_block is not None:
             partial, whole = partial[partial < limit_block], whole[whole < limit_block]
-        # fewest free frames first: fill broken blocks before breaking whole ones
+        # fewest free frames first: fill broken blocks before breaking whole ones, and
+        # keep each owner's frames together so that blocks free up whole when it lets go
         partial = partial[np.argsort(self.bfree[partial], kind="stable")]
-        order += [partial, whole]
+        spoilt = self.never_whole[partial]
+        mine = ~spoilt & (self.bowner[partial] == owner)
+        order = [partial[spoilt], partial[mine], whole, partial[~spoilt & ~mine]]
         seen = set()
         for blocks in order:
             for b in blocks.tolist():
@@ -152,26 +158,28 @@ class View:
 
     # ---- changes (only through ops) -----------------------------------------
 
-    def _set(self, frames: np.ndarray, new: int) -> None:
+    def _set(self, frames: np.ndarray, new: int, owner: int = -1) -> None:
         if frames.size == 0:
             return
         old = self.state[frames]
         blocks = frames // self.block
-        np.add.at(self.bfree, blocks[old == FREE], -1)
+        leaving = blocks[old == FREE]
+        if leaving.size and new != FREE:
+            ub = np.unique(leaving)
+            self.bowner[ub[self.bfree[ub] == self.block]] = owner  # who breaks a whole block owns it
+        np.add.at(self.bfree, leaving, -1)
         if new == FREE:
             np.add.at(self.bfree, blocks, 1)
         self.state[frames] = new
 
-    def _refs(self, frames: np.ndarray, delta: int) -> None:
+    def _refs(self, frames: np.ndarray, delta: int, owner: int = -1) -> None:
         if frames.size == 0:
             return
         np.add.at(self.refs, frames, np.uint32(1) if delta > 0 else np.uint32(0xFFFFFFFF))
         uniq = np.unique(frames)
         r = self.refs[uniq]
-        self._set(uniq[(r > 0) & (self.state[uniq] != USED)], USED)
+        self._set(uniq[(r > 0) & (self.state[uniq] != USED)], USED, owner)
         self._set(uniq[(r == 0) & (self.state[uniq] == USED)], FREE)
-        if delta > 0 and frames.size < self.block:
-            self.cursor = int(frames[0]) // self.block
 
     def _add_mapping(self, c: ClientState, m: Mapping) -> None:
         c.maps[m.vaddr] = m
@@ -179,7 +187,7 @@ class View:
         if m.owner:
             c.charged += m.pages
         c.va_next = max(c.va_next, m.vaddr + m.pages * PAGE)
-        self._refs(R.to_array(m.frames), +1)
+        self._refs(R.to_array(m.frames), +1, c.tag)
 
     def _drop_mapping(self, c: ClientState, vaddr: int) -> Mapping:
         m = c.maps.pop(vaddr)
@@ -192,7 +200,8 @@ class View:
     def apply(self, op: dict[str, Any]) -> None:
         kind = op["op"]
         if kind == "client":
-            self.clients[op["key"]] = ClientState(op["key"], op["pid"])
+            self.clients[op["key"]] = ClientState(op["key"], op["pid"], tag=self.next_tag)
+            self.next_tag += 1
             self.by_pid[op["pid"]] = op["key"]
         elif kind == "client_gone":
             c = self.clients.pop(op["key"], None)
@@ -229,7 +238,7 @@ class View:
                 else:
                     c.maps[p["vaddr"]].pending = False
         elif kind == "donate":
-            self._set(R.to_array(op["frames"]), KERNEL)
+            self._set(R.to_array(op["frames"]), KERNEL, KERNEL_TAG)
         elif kind == "reclaim":
             self._set(R.to_array(op["frames"]), FREE)
         elif kind == "events":

@@ -84,7 +84,8 @@ class Map(Args):
     vaddr: Vaddr
     frames: Runs
     prot: Prot
-    large: bool = False
+    large: bool = False  # the profile's smallest large page
+    page_size: Optional[Annotated[int, Field(ge=4096, le=1 << 30)]] = None  # a large page size of the profile
 
 
 class Unmap(Args):
