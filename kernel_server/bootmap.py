@@ -139,3 +139,24 @@ def pc_map(profile: Profile, memory: int, kernel_pool_frames: int | None = None)
     if high:
         regions.append(Region("user", frames(PCI_HOLE[1]), frames(high)))
     return BootMap(tuple(regions))
+
+
+_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": GiB, "gb": GiB, "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"256MiB"``, ``"64G"``, ``"4096"`` -> bytes (binary units; ``MB`` means MiB here)."""
+    s = text.strip().lower().replace("_", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = s[len(num):].strip()
+    if not num or unit not in _UNITS:
+        raise ValueError(f"bad size {text!r}: use a number with an optional unit, e.g. 256MiB, 4GiB, 65536")
+    try:
+        value = float(num) if "." in num else int(num)
+    except ValueError:
+        raise ValueError(f"bad size {text!r}: {num!r} is not a number") from None
+    out = int(value * _UNITS[unit])
+    if out <= 0:
+        raise ValueError(f"bad size {text!r}: must be positive")
+    return out

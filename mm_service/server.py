@@ -123,7 +123,7 @@ class MMServer:
         sock.curve_server = True
         sock.curve_publickey = self.mm_pub
         sock.curve_secretkey = self.mm_sec
-        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES + 4096)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
         sock.bind(self.opts.bind)
         _write_endpoint(os.path.join(self.opts.run_dir, "mm.endpoint"), self.opts.bind)
         assert self.core is not None

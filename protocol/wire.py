@@ -17,7 +17,8 @@ import msgpack
 from protocol.errors import Errno, Error
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 1 << 20  # a request or reply larger than this is refused
+MAX_MESSAGE_BYTES = 1 << 20  # a request or reply larger than this is refused (E2BIG)
+MAX_TRANSPORT_BYTES = 4 * MAX_MESSAGE_BYTES  # sockets drop a peer that sends more than this at once
 MAX_RUNS = 4096  # frame runs per call
 MAX_ID = (1 << 64) - 1
 MAX_CALL_NAME = 32

@@ -1,0 +1,50 @@
+"""The ``mmsim`` command line: one typer app; each command lives with the part it starts.
+
+Commands import their heavy modules lazily, so ``mmsim --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from kernel_server.cli import KERNEL_HELP, kernel
+from mm_service.cli import MM_HELP, audit, mm
+
+app = typer.Typer(
+    name="mmsim",
+    help="An executable, multi-process model of a microkernel's physical-memory ownership design.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="Key pairs (CURVE identities) in a run directory.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init(
+    run_dir: str = typer.Argument(..., help="Run directory; keys go to RUN/keys/."),
+    clients: int = typer.Option(4, "--clients", min=0, help="How many client key pairs (client-0, client-1, ...)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing key pairs (a running system stops "
+                               "recognising its peers)."),
+) -> None:
+    """Write kernel, mm and client key pairs (zmq.auth certificates) into RUN/keys/."""
+    from protocol import keys
+
+    made = keys.init(run_dir, clients=clients, overwrite=force)
+    for name, pub in made.items():
+        typer.echo(f"{name:<12} {pub}")
+    typer.echo(f"{len(made)} key pair(s) in {keys.keys_dir(run_dir)}")
+
+
+app.command("kernel", help=KERNEL_HELP)(kernel)
+app.command("mm", help=MM_HELP)(mm)
+app.command("audit")(audit)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

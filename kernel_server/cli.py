@@ -1,0 +1,69 @@
+"""The ``mmsim kernel`` command, and where ipc sockets of a run live."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Optional
+
+import typer
+
+KERNEL_HELP = "Start the kernel: the authoritative frame table and the system calls, on one CURVE ROUTER socket."
+
+
+def default_ipc_dir(run_dir: str) -> str:
+    """A short per-run directory under /tmp for ipc sockets (ipc paths must stay under 107 bytes)."""
+    tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:10]
+    d = f"/tmp/mmsim-{tag}"
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def default_bind(run_dir: str) -> str:
+    return f"ipc://{default_ipc_dir(run_dir)}/kernel.sock"
+
+
+def kernel(
+    arch: str = typer.Option("i686", "--arch", help="Architecture profile: i686, i686-pae or x86_64."),
+    memory: str = typer.Option("256MiB", "--memory", help="RAM size, e.g. 256MiB, 4GiB, 64GiB (PC-like boot map)."),
+    bind: Optional[str] = typer.Option(None, "--bind", help="ipc://PATH or tcp://HOST:PORT "
+                                       "(default: an ipc socket under /tmp for this run directory)."),
+    run_dir: str = typer.Option("./mmsim-run", "--run-dir", help="Run directory: keys/ (created if missing) "
+                                "and kernel.endpoint are kept here."),
+    lease: float = typer.Option(5.0, "--lease", min=0.1, help="Seconds of silence after which a client's "
+                                "process is destroyed (I11)."),
+    kernel_pool: Optional[int] = typer.Option(None, "--kernel-pool", min=0, help="Frames in the initial kernel "
+                                              "free pool (default: min(256, RAM/16))."),
+    mm_key: Optional[str] = typer.Option(None, "--mm-key", help="The memory manager's Z85 public key "
+                                         "(default: RUN/keys/mm.key)."),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG logs every refused call."),
+) -> None:
+    """Start the kernel process."""
+    from kernel_server.arch import PROFILES
+    from kernel_server.bootmap import parse_size
+    from kernel_server.server import KernelOptions, run
+    from protocol import keys
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s kernel %(levelname)s %(message)s")
+    if arch not in PROFILES:
+        raise typer.BadParameter(f"unknown architecture {arch!r}; choose one of {', '.join(PROFILES)}",
+                                 param_hint="--arch")
+    try:
+        size = parse_size(memory)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--memory") from None
+    if mm_key is not None and len(mm_key) != 40:
+        raise typer.BadParameter("a Z85 public key is 40 characters", param_hint="--mm-key")
+    os.makedirs(run_dir, exist_ok=True)
+    if mm_key is None:
+        keys.init(run_dir, clients=0)  # the default set-up makes its own keys; existing ones are kept
+    else:
+        keys.generate(run_dir, "kernel")
+    opts = KernelOptions(run_dir=run_dir, bind=bind or default_bind(run_dir), arch=arch, memory=size,
+                         lease_seconds=lease, kernel_pool_frames=kernel_pool, mm_key=mm_key)
+    try:
+        run(opts)
+    except ValueError as exc:  # a boot map that cannot be built
+        typer.echo(f"kernel: {exc}", err=True)
+        raise typer.Exit(2) from None

@@ -1,0 +1,145 @@
+"""The kernel process: a thin ZeroMQ shell around ``KernelService``.
+
+One CURVE ROUTER socket. The ZAP handler (pyzmq's ``ThreadAuthenticator``)
+accepts any CURVE key and reports it as the ``User-Id`` of every frame: that
+key, never the routing id, is the caller. Each request is answered with
+exactly one reply; leases are expired between requests and whenever the
+earliest lease deadline passes. The clock (``time.monotonic``) lives here,
+not in the core.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from kernel_server.service import KernelService
+from protocol import keys, wire
+from protocol.errors import Errno, Error
+
+log = logging.getLogger("mmsim.kernel")
+
+
+@dataclass
+class KernelOptions:
+    run_dir: str
+    bind: str
+    arch: str = "i686"
+    memory: int = 256 << 20
+    lease_seconds: float = 5.0
+    kernel_pool_frames: int | None = None
+    mm_key: str | None = None  # default: RUN/keys/mm.key
+
+
+def write_endpoint(path: str, endpoint: str) -> None:
+    """Publish an endpoint atomically (readers never see half a line)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(endpoint + "\n")
+    os.replace(tmp, path)
+
+
+def connectable(endpoint: str) -> str:
+    """What a local peer connects to for a bound endpoint (``tcp://0.0.0.0:5555`` -> 127.0.0.1)."""
+    for wild in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if endpoint.startswith(wild):
+            return "tcp://127.0.0.1:" + endpoint[len(wild):]
+    return endpoint
+
+
+class KernelServer:
+    def __init__(self, opts: KernelOptions) -> None:
+        self.opts = opts
+        mm_key = opts.mm_key or keys.public_key(opts.run_dir, "mm").decode()
+        self.pub, self.sec = keys.load_keypair(opts.run_dir, "kernel")
+        self.service = KernelService.boot(
+            arch=opts.arch,
+            memory=opts.memory,
+            mm_key=mm_key,
+            lease_seconds=opts.lease_seconds,
+            kernel_pool_frames=opts.kernel_pool_frames,
+            on_refused=self._log_refused,
+            boot_id=uuid.uuid4().hex,
+        )
+        self.running = True
+        self.endpoint = ""
+
+    @staticmethod
+    def _log_refused(identity: str | None, call: str, err: Error) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            who = identity[:8] if identity else "anonymous"
+            log.debug("refused %s from %s: %s (%d) %s", call, who, err.code.name, int(err.code), err.message)
+
+    def _stop(self, *_: Any) -> None:
+        self.running = False
+
+    def serve(self) -> None:
+        ctx = zmq.Context()
+        ctx.linger = 0
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        sock = ctx.socket(zmq.ROUTER)
+        sock.curve_server = True
+        sock.curve_publickey = self.pub
+        sock.curve_secretkey = self.sec
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        try:
+            sock.bind(self.opts.bind)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            auth.stop()
+            ctx.term()
+            raise SystemExit(f"kernel: cannot bind {self.opts.bind}: {exc}") from None
+        self.endpoint = connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        write_endpoint(os.path.join(self.opts.run_dir, "kernel.endpoint"), self.endpoint)
+        print(f"kernel listening on {self.endpoint}", flush=True)
+        print(f"kernel {self.service.summary()}", flush=True)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._stop)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        svc = self.service
+        try:
+            while self.running:
+                deadline = svc.next_deadline()
+                wait = 1000.0 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000 + 1)
+                if poller.poll(min(wait, 1000.0)):
+                    for _ in range(256):  # a burst, then the leases
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(sock, frames)
+                for ev in svc.expire(time.monotonic()):
+                    log.info("lease of pid %d expired: destroyed, %d pages unmapped", ev["pid"],
+                             sum(c for _, c in ev["frames"]))
+        finally:
+            sock.close(0)
+            auth.stop()
+            ctx.term()
+
+    def _handle(self, sock: zmq.Socket, frames: list) -> None:
+        rid = frames[0].bytes
+        if len(frames) != 2:
+            err = Error(Errno.EPROTO, f"expected one message frame, got {len(frames) - 1}")
+            self._log_refused(frames[-1].get("User-Id") if len(frames) > 1 else None, "?", err)
+            sock.send_multipart([rid, wire.error_reply(None, err)])
+            return
+        identity = frames[1].get("User-Id")
+        reply = self.service.handle(identity, frames[1].bytes, time.monotonic())
+        sock.send_multipart([rid, reply])
+
+
+def run(opts: KernelOptions) -> None:
+    KernelServer(opts).serve()

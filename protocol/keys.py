@@ -1,0 +1,94 @@
+"""Key pairs and the run-directory layout.
+
+A process is a CURVE key pair (its identity is the Z85 public key the server's
+ZAP handler reports as ``User-Id``). ``init(run_dir)`` writes pairs for the
+kernel, the mm and some clients with ``zmq.auth.create_certificates``:
+
+    RUN/keys/kernel.key         public certificate
+    RUN/keys/kernel.key_secret  secret certificate (mode 0600)
+    RUN/keys/mm.key ...         and client-0, client-1, ...
+
+Endpoints are published next to them (``RUN/kernel.endpoint``,
+``RUN/mm.endpoint``) by the servers. Nothing here is ever committed to git.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import zmq
+import zmq.auth
+
+KEYS_DIR = "keys"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def keys_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, KEYS_DIR)
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise ValueError(f"bad key name {name!r}: letters, digits, '_', '.', '-' only (at most 64)")
+
+
+def generate(run_dir: str, name: str, overwrite: bool = False) -> bytes:
+    """Create the key pair ``name`` (unless it exists and ``overwrite`` is false); its public key."""
+    _check_name(name)
+    d = keys_dir(run_dir)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    pub_path = os.path.join(d, f"{name}.key")
+    sec_path = os.path.join(d, f"{name}.key_secret")
+    if not overwrite and os.path.exists(pub_path) and os.path.exists(sec_path):
+        return public_key(run_dir, name)
+    pub_tmp, sec_tmp = zmq.auth.create_certificates(d, f".{name}.tmp")
+    os.chmod(sec_tmp, 0o600)
+    os.replace(sec_tmp, sec_path)  # the secret first: a public key never stands alone
+    os.replace(pub_tmp, pub_path)
+    return public_key(run_dir, name)
+
+
+def init(run_dir: str, clients: int = 4, overwrite: bool = False) -> dict[str, str]:
+    """Key pairs for the kernel, the mm and ``clients`` clients; returns name -> public key."""
+    if clients < 0:
+        raise ValueError("the number of client keys cannot be negative")
+    names = ["kernel", "mm"] + [f"client-{i}" for i in range(clients)]
+    return {n: generate(run_dir, n, overwrite).decode() for n in names}
+
+
+def public_key(run_dir: str, name: str) -> bytes:
+    _check_name(name)
+    path = os.path.join(keys_dir(run_dir), f"{name}.key")
+    try:
+        pub, _ = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"no public key {name!r} in {keys_dir(run_dir)} "
+                                f"(run `mmsim keys init {run_dir}`): {exc}") from None
+    return pub
+
+
+def load_keypair(run_dir: str, name: str) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys of ``name``."""
+    _check_name(name)
+    path = os.path.join(keys_dir(run_dir), f"{name}.key_secret")
+    try:
+        pub, sec = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"no key pair {name!r} in {keys_dir(run_dir)} "
+                                f"(run `mmsim keys init {run_dir}`): {exc}") from None
+    if sec is None:
+        raise FileNotFoundError(f"{path} holds no secret key")
+    return pub, sec
+
+
+def names(run_dir: str) -> list[str]:
+    d = keys_dir(run_dir)
+    if not os.path.isdir(d):
+        return []
+    return sorted(f[: -len(".key_secret")] for f in os.listdir(d) if f.endswith(".key_secret"))
+
+
+def fresh_keypair() -> tuple[bytes, bytes]:
+    """A throw-away key pair (not written anywhere): an anonymous or hostile client."""
+    return zmq.curve_keypair()
