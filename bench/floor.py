@@ -7,7 +7,6 @@ client side (``measure``) times round trips one at a time and pipelined.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 

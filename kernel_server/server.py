@@ -11,7 +11,6 @@ not in the core.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 import uuid
@@ -38,22 +37,6 @@ class KernelOptions:
     lease_seconds: float = 5.0
     kernel_pool_frames: int | None = None
     mm_key: str | None = None  # default: RUN/keys/mm.key
-
-
-def write_endpoint(path: str, endpoint: str) -> None:
-    """Publish an endpoint atomically (readers never see half a line)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(endpoint + "\n")
-    os.replace(tmp, path)
-
-
-def connectable(endpoint: str) -> str:
-    """What a local peer connects to for a bound endpoint (``tcp://0.0.0.0:5555`` -> 127.0.0.1)."""
-    for wild in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
-        if endpoint.startswith(wild):
-            return "tcp://127.0.0.1:" + endpoint[len(wild):]
-    return endpoint
 
 
 class KernelServer:
@@ -101,8 +84,8 @@ class KernelServer:
             auth.stop()
             ctx.term()
             raise SystemExit(f"kernel: cannot bind {self.opts.bind}: {exc}") from None
-        self.endpoint = connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-        write_endpoint(os.path.join(self.opts.run_dir, "kernel.endpoint"), self.endpoint)
+        self.endpoint = keys.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        keys.write_endpoint(self.opts.run_dir, "kernel", self.endpoint)
         print(f"kernel listening on {self.endpoint}", flush=True)
         print(f"kernel {self.service.summary()}", flush=True)
         for s in (signal.SIGTERM, signal.SIGINT):

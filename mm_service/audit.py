@@ -7,27 +7,17 @@ the kernel's frame table and compare it with its view.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from protocol import keys
 from protocol.connection import Connection
 
 
-def mm_endpoint(run_dir: str) -> str:
-    path = os.path.join(run_dir, "mm.endpoint")
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no mm endpoint in {run_dir} (is the mm running? it writes {path})") from None
-
-
 def run_audit(run_dir: str, endpoint: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     """The audit report; raises CallError if the mm cannot be reached or refuses."""
     pub, sec = keys.load_keypair(run_dir, "mm")
     mm_pub = keys.public_key(run_dir, "mm")
-    with Connection(endpoint or mm_endpoint(run_dir), mm_pub, pub, sec, timeout=timeout, retries=1) as conn:
+    with Connection(endpoint or keys.read_endpoint(run_dir, "mm"), mm_pub, pub, sec, timeout=timeout, retries=1) as conn:
         return conn.call("audit")
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from typing import Optional
 
 import typer
@@ -43,11 +41,13 @@ def mm(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if kernel is None:
-        path = os.path.join(run_dir, "kernel.endpoint")
-        if not os.path.exists(path):
-            typer.echo(f"error: no --kernel given and {path} does not exist (start `mmsim kernel` first)", err=True)
-            raise typer.Exit(2)
-        kernel = open(path).read().strip()
+        from protocol import keys
+
+        try:
+            kernel = keys.read_endpoint(run_dir, "kernel")
+        except FileNotFoundError as exc:
+            typer.echo(f"error: no --kernel given and {exc} (start `mmsim kernel` first)", err=True)
+            raise typer.Exit(2) from None
     run(MMOptions(run_dir=run_dir, kernel=kernel, bind=bind or default_bind(run_dir), config=cfg, fsync=fsync))
 
 

@@ -124,11 +124,15 @@ class MMServer:
         sock.curve_publickey = self.mm_pub
         sock.curve_secretkey = self.mm_sec
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
-        sock.bind(self.opts.bind)
-        _write_endpoint(os.path.join(self.opts.run_dir, "mm.endpoint"), self.opts.bind)
+        try:
+            sock.bind(self.opts.bind)
+        except zmq.ZMQError as exc:
+            raise SystemExit(f"mm: cannot bind {self.opts.bind}: {exc}") from None
+        endpoint = keys.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        keys.write_endpoint(self.opts.run_dir, "mm", endpoint)
         assert self.core is not None
         c = self.core.view.counts()
-        print(f"mm listening on {self.opts.bind}; kernel {self.opts.kernel}; view: free {c['free']}, used {c['used']}, "
+        print(f"mm listening on {endpoint}; kernel {self.opts.kernel}; view: free {c['free']}, used {c['used']}, "
               f"kernel {c['kernel']} of {c['ram']} RAM frames; kernel pool {self.core.kernel_free} "
               f"(watermarks {self.core.config.low}/{self.core.config.target}/{self.core.config.high}); "
               f"quota {self.core.config.quota} pages per client", flush=True)
@@ -176,13 +180,6 @@ class MMServer:
     def handle(self, identity: str | None, data: bytes) -> bytes:
         assert self.service is not None
         return self.run_op(self.service.handle(identity, data))
-
-
-def _write_endpoint(path: str, endpoint: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(endpoint + "\n")
-    os.replace(tmp, path)
 
 
 def run(opts: MMOptions) -> None:

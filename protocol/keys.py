@@ -9,7 +9,7 @@ kernel, the mm and some clients with ``zmq.auth.create_certificates``:
     RUN/keys/mm.key ...         and client-0, client-1, ...
 
 Endpoints are published next to them (``RUN/kernel.endpoint``,
-``RUN/mm.endpoint``) by the servers. Nothing here is ever committed to git.
+``RUN/mm.endpoint``) by the servers (``write_endpoint``/``read_endpoint``). Nothing here is ever committed to git.
 """
 
 from __future__ import annotations
@@ -92,3 +92,32 @@ def names(run_dir: str) -> list[str]:
 def fresh_keypair() -> tuple[bytes, bytes]:
     """A throw-away key pair (not written anywhere): an anonymous or hostile client."""
     return zmq.curve_keypair()
+
+
+# ---- endpoints published in the run directory ------------------------------------
+
+def write_endpoint(run_dir: str, name: str, endpoint: str) -> None:
+    """Publish ``RUN/<name>.endpoint`` atomically (readers never see half a line)."""
+    path = os.path.join(run_dir, f"{name}.endpoint")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(endpoint + "\n")
+    os.replace(tmp, path)
+
+
+def read_endpoint(run_dir: str, name: str) -> str:
+    """The endpoint a server published in the run directory (``kernel`` or ``mm``)."""
+    path = os.path.join(run_dir, f"{name}.endpoint")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: is the {name} running with --run-dir {run_dir}?") from None
+
+
+def connectable(endpoint: str) -> str:
+    """What a local peer connects to for a bound endpoint (``tcp://0.0.0.0:5555`` -> 127.0.0.1)."""
+    for wild in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if endpoint.startswith(wild):
+            return "tcp://127.0.0.1:" + endpoint[len(wild):]
+    return endpoint

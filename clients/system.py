@@ -1,0 +1,266 @@
+"""The process supervisor: kernel, mm and clients as separate OS processes of one run.
+
+``System(run_dir)`` makes the run directory and its keys, then starts each
+part with ``python -m clients.cli ...`` (no reliance on PATH), its output in
+``RUN/logs/<name>.log``. Starting waits for readiness (the endpoint file
+published and a real reply over CURVE), never for a fixed time, and fails
+with the log's tail if the process dies first. Children get SIGKILL if the
+supervisor dies (Linux ``PR_SET_PDEATHSIG``), so no test or launcher leaves
+orphans. Used by ``mmsim up``, ``mmsim chaos``, the benchmarks and the
+multi-process tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from protocol import keys
+from protocol.connection import Connection
+from protocol.errors import CallError
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setsid()  # own process group: a Ctrl-C at the terminal goes to the supervisor only
+
+
+class StartError(RuntimeError):
+    """A part of the system did not come up; the message carries its log's tail."""
+
+
+@dataclass
+class Part:
+    name: str
+    role: str  # kernel, mm, client, attack, other
+    argv: list[str]
+    log_path: str
+    proc: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class System:
+    def __init__(
+        self,
+        run_dir: str,
+        arch: str = "i686",
+        memory: str = "256MiB",
+        lease: float = 5.0,
+        kernel_pool: int | None = None,
+        transport: str = "ipc",
+        mm_args: Sequence[str] = (),
+        kernel_args: Sequence[str] = (),
+        clients: int = 4,
+        fresh: bool = False,
+    ) -> None:
+        if transport not in ("ipc", "tcp"):
+            raise ValueError(f"transport must be 'ipc' or 'tcp', not {transport!r}")
+        self.run_dir = os.path.abspath(run_dir)
+        if fresh and os.path.isdir(self.run_dir):
+            shutil.rmtree(self.run_dir)
+        os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
+        keys.init(self.run_dir, clients=clients)
+        keys.generate(self.run_dir, "observer")  # for status/stats calls: an identity with no process
+        self.arch, self.memory, self.lease = arch, memory, lease
+        self.kernel_pool = kernel_pool
+        self.transport = transport
+        self.mm_args, self.kernel_args = list(mm_args), list(kernel_args)
+        self.parts: dict[str, Part] = {}
+        self.restarts: dict[str, int] = {}
+
+    # ---- processes ----------------------------------------------------------------
+
+    def spawn(self, name: str, role: str, args: Sequence[str], env: dict[str, str] | None = None) -> Part:
+        """Start ``python -m clients.cli ARGS`` as part ``name`` (replacing a dead part of that name)."""
+        old = self.parts.get(name)
+        if old is not None and old.alive():
+            raise ValueError(f"part {name!r} is already running (pid {old.pid})")
+        argv = [sys.executable, "-m", "clients.cli", *args]
+        log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
+        log = open(log_path, "ab", buffering=0)
+        log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(args)}\n".encode())
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=full_env, preexec_fn=_die_with_parent, close_fds=True)
+        log.close()
+        part = Part(name, role, argv, log_path, proc)
+        if old is not None:
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+        self.parts[name] = part
+        return part
+
+    def _bind(self, name: str) -> str:
+        if self.transport == "tcp":
+            return "tcp://127.0.0.1:*"
+        from kernel_server.cli import default_ipc_dir
+
+        return f"ipc://{default_ipc_dir(self.run_dir)}/{name}.sock"
+
+    def _forget_endpoint(self, name: str) -> None:
+        try:
+            os.remove(os.path.join(self.run_dir, f"{name}.endpoint"))
+        except FileNotFoundError:
+            pass
+
+    def _wait_ready(self, part: Part, server: str, timeout: float) -> str:
+        """Wait until ``server`` published its endpoint and answers a ping; its endpoint."""
+        deadline = time.monotonic() + timeout
+        pub, sec = keys.load_keypair(self.run_dir, "observer")
+        server_key = keys.public_key(self.run_dir, server)
+        endpoint = None
+        while time.monotonic() < deadline:
+            if not part.alive():
+                raise StartError(f"{part.name} exited with status {part.proc.returncode} while starting:\n"
+                                 f"{part.log_tail()}")
+            if endpoint is None:
+                try:
+                    endpoint = keys.read_endpoint(self.run_dir, server)
+                except FileNotFoundError:
+                    time.sleep(0.02)
+                    continue
+            with Connection(endpoint, server_key, pub, sec, timeout=0.5, retries=0) as conn:
+                try:
+                    conn.call("ping")
+                    return endpoint
+                except CallError:
+                    pass
+        raise StartError(f"{part.name} did not become ready within {timeout:g}s:\n{part.log_tail()}")
+
+    def start_kernel(self, timeout: float = 30.0) -> Part:
+        self._forget_endpoint("kernel")
+        args = ["kernel", "--run-dir", self.run_dir, "--arch", self.arch, "--memory", self.memory,
+                "--lease", str(self.lease), "--bind", self._bind("kernel"), *self.kernel_args]
+        if self.kernel_pool is not None:
+            args += ["--kernel-pool", str(self.kernel_pool)]
+        part = self.spawn("kernel", "kernel", args)
+        self._wait_ready(part, "kernel", timeout)
+        return part
+
+    def start_mm(self, timeout: float = 30.0) -> Part:
+        self._forget_endpoint("mm")
+        args = ["mm", "--run-dir", self.run_dir, "--kernel", keys.read_endpoint(self.run_dir, "kernel"),
+                "--bind", self._bind("mm"), *self.mm_args]
+        part = self.spawn("mm", "mm", args)
+        self._wait_ready(part, "mm", timeout)
+        return part
+
+    def start(self) -> "System":
+        """Kernel, then mm, each waited for."""
+        self.start_kernel()
+        self.start_mm()
+        return self
+
+    def start_client(self, name: str, workload: str, seed: int = 1, duration: float = 10.0,
+                     extra: Sequence[str] = ()) -> Part:
+        """A workload client process (``mmsim client run``) with key pair ``name``."""
+        keys.generate(self.run_dir, name)
+        return self.spawn(name, "client", ["client", "run", "--run-dir", self.run_dir, "--name", name,
+                                           "--workload", workload, "--seed", str(seed),
+                                           "--duration", str(duration), *extra])
+
+    def restart_mm(self, timeout: float = 30.0) -> Part:
+        self.kill("mm", signal.SIGKILL)
+        return self.start_mm(timeout)
+
+    def send_signal(self, name: str, sig: int) -> None:
+        part = self.parts[name]
+        if part.alive():
+            os.kill(part.pid, sig)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int | None:
+        """Send ``sig`` and (for SIGKILL/SIGTERM) wait for the exit; the exit status."""
+        part = self.parts.get(name)
+        if part is None:
+            raise KeyError(f"no part named {name!r}")
+        if part.alive():
+            os.kill(part.pid, sig)
+            if sig == signal.SIGTERM:
+                os.kill(part.pid, signal.SIGCONT)  # a paused process cannot act on SIGTERM
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            try:
+                return part.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                part.proc.kill()
+                return part.proc.wait(timeout)
+        return None
+
+    def wait(self, name: str, timeout: float | None = None) -> int:
+        return self.parts[name].proc.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> dict[str, int | None]:
+        """Clients first, then the mm, then the kernel: SIGTERM, then SIGKILL after ``timeout``."""
+        order = sorted(self.parts.values(), key=lambda p: {"kernel": 2, "mm": 1}.get(p.role, 0))
+        for p in order:
+            if p.alive():
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        codes: dict[str, int | None] = {}
+        deadline = time.monotonic() + timeout
+        for p in order:
+            try:
+                codes[p.name] = p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                codes[p.name] = p.proc.wait()
+        return codes
+
+    def __enter__(self) -> "System":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---- looking at it ----------------------------------------------------------------
+
+    def connection(self, server: str, identity: str = "observer", timeout: float = 2.0, retries: int = 1) -> Connection:
+        """A Connection to ``kernel`` or ``mm`` with key pair ``identity`` (close it after use)."""
+        pub, sec = keys.load_keypair(self.run_dir, identity)
+        return Connection(keys.read_endpoint(self.run_dir, server), keys.public_key(self.run_dir, server),
+                          pub, sec, timeout=timeout, retries=retries)
+
+    def kernel_stats(self) -> dict[str, Any]:
+        with self.connection("kernel") as conn:
+            return conn.call("stats")
+
+    def audit(self, timeout: float = 30.0) -> dict[str, Any]:
+        from mm_service.audit import run_audit
+
+        return run_audit(self.run_dir, timeout=timeout)
+
+    def wait_quiet(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the kernel has no client processes left (leases ran out); the last audit."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.kernel_stats()
+            if st["processes"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(min(0.2, self.lease / 4))
+        return self.audit()
