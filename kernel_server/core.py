@@ -36,6 +36,7 @@ from protocol.errors import Errno, Error
 
 EVENT_LOG = 10_000  # events kept for the mm to read
 ROOT = (0, 0)  # the key of a process's root table in Process.tables
+LARGE_RUNS_SHOWN = 256  # stats lists at most this many runs of frames under large mappings
 
 
 def _err(code: Errno, message: str, **details: Any) -> Error:
@@ -145,12 +146,20 @@ class KernelCore:
         return own
 
     def _frames_arg(self, runs: list[list[int]]) -> np.ndarray | Error:
-        a = R.to_array(runs)
-        bad = a[a >= self.frames.n]
-        if bad.size:
-            return _err(Errno.EINVAL, f"frame {int(bad[0])} is beyond physical memory ({self.frames.n} frames)",
-                        frames=_runs_of(bad))
-        return a
+        """The frames of ``runs`` as an array; runs reaching beyond the frame table are
+        refused before anything is expanded (a hostile run costs nothing)."""
+        n = self.frames.n
+        beyond = sorted([max(f, n), f + c] for f, c in runs if f + c > n)
+        if beyond:
+            merged: list[list[int]] = []
+            for lo, hi in beyond:
+                if merged and lo <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], hi)
+                else:
+                    merged.append([lo, hi])
+            return _err(Errno.EINVAL, f"frame {merged[0][0]} is beyond physical memory ({n} frames)",
+                        frames=[[lo, hi - lo] for lo, hi in merged[:64]])
+        return R.to_array(runs)
 
     # ---- kernel memory (commit-side helpers; the check phase counted) -------
 
@@ -213,7 +222,20 @@ class KernelCore:
             "slab_frames": {k: len(s.used) for k, s in self.slabs.items()},
             "per_process": [p.usage() for p in self.procs.values()],
             "event_seq": self.event_seq,
+            "large_mappings": self._large_runs(),
         }
+
+    def _large_runs(self) -> list[list[int]]:
+        """Frames under large mappings, as sorted merged runs (at most LARGE_RUNS_SHOWN): for pictures."""
+        pages_at = self.profile.pages_at
+        spans = sorted((f, f + pages_at(lv)) for p in self.procs.values() for lv, f, _ in p.large.values())
+        runs: list[list[int]] = []
+        for lo, hi in spans:
+            if runs and lo <= runs[-1][0] + runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], hi - runs[-1][0])
+            else:
+                runs.append([lo, hi - lo])
+        return runs[:LARGE_RUNS_SHOWN]
 
     def read_events(self, caller: str, args: Any) -> dict | Error:
         if (e := self._need_mm(caller, "read kernel events")) is not None:

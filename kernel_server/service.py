@@ -62,9 +62,7 @@ class KernelService:
         req_id, call, args = parsed
         if identity is None:
             return self._refuse(identity, req_id, call, Error(Errno.EPERM, "unauthenticated caller (CURVE required)"))
-        pid = self.core.by_key.get(identity)
-        if pid is not None:
-            self.last_seen[pid] = now
+        self._renew(identity, now)
         digest = self.replay.digest(data)
         cached = self.replay.lookup(identity, req_id, digest)
         if cached is not None:
@@ -75,11 +73,19 @@ class KernelService:
         return reply
 
     def call(self, identity: str, call: str, args: dict[str, Any] | None = None, now: float = 0.0) -> dict | Error:
-        """Validate and run one call in-process (no envelope, no replay cache). For tests and the simulator."""
+        """Validate and run one call in-process (no envelope, no replay cache). For tests and the simulator.
+
+        Like ``handle``, any call renews the caller's lease."""
+        self._renew(identity, now)
         model = validate(KERNEL_CALLS, call, args or {})
         if isinstance(model, Error):
             return model
         return self._run(identity, call, model, now)
+
+    def _renew(self, identity: str, now: float) -> None:
+        pid = self.core.by_key.get(identity)
+        if pid is not None:
+            self.last_seen[pid] = now
 
     def _execute(self, identity: str, req_id: int, call: str, args: dict, now: float) -> bytes:
         model = validate(KERNEL_CALLS, call, args)
@@ -104,6 +110,8 @@ class KernelService:
             elif call == "hello":
                 result["lease_seconds"] = self.lease_seconds
                 result["boot_id"] = self.boot_id
+            elif call == "stats":  # call counters, for rates in pictures
+                result.update(calls=self.calls, refused=self.refused, replayed=self.replayed)
         return result
 
     def _refuse(self, identity: str | None, req_id: int | None, call: str, err: Error) -> bytes:

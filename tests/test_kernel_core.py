@@ -1,0 +1,876 @@
+"""Every kernel call of DESIGN.md section 5 and every refusal the design names,
+through ``KernelService.call`` (in-process, no sockets) and ``handle`` (bytes).
+
+Every refused call is made through ``K.refused``, which asserts that the
+kernel state digest is byte-for-byte unchanged (I6); every call, accepted or
+refused, is followed by the invariant checker (I1-I4, I7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernel_server.arch import PAGE_SIZE
+from kernel_server.frames import KERNEL_FREE, KERNEL_SHARED, KERNEL_USED, NONE, USER
+from kernel_server.invariants import check_kernel
+from kernel_server.service import KernelService
+from protocol import runs as R
+from protocol import wire
+from protocol.calls import MAX_FRAMES_PER_CALL
+from protocol.errors import Errno, Error
+
+MM = "M" * 40
+A = "A" * 40
+B = "B" * 40
+C = "C" * 40
+READ, WRITE, EXEC = 1, 2, 4
+RW = READ | WRITE
+MiB, GiB = 1 << 20, 1 << 30
+V = 0x1000_0000  # a user virtual address (256 MiB) for small pages
+VL = 0x4000_0000  # 1 GiB: aligned for every large page size
+
+
+class K:
+    """One booted kernel service and the helpers every test uses."""
+
+    def __init__(self, arch: str = "i686", memory: int = 16 * MiB, pool: int | None = 64, lease: float = 5.0,
+                 check: bool = True) -> None:
+        self.svc = KernelService.boot(arch=arch, memory=memory, mm_key=MM, kernel_pool_frames=pool,
+                                      lease_seconds=lease)
+        self.core = self.svc.core
+        self.ft = self.core.frames
+        self.check = check
+        self.invariants()
+
+    def invariants(self) -> None:
+        if self.check:
+            assert check_kernel(self.core) == []
+
+    def ok(self, who: str, call: str, now: float = 0.0, **args) -> dict:
+        out = self.svc.call(who, call, args, now=now)
+        assert not isinstance(out, Error), f"{call} {args}: {out}"
+        self.invariants()
+        return out
+
+    def refused(self, who: str, call: str, code: Errno, now: float = 0.0, **args) -> Error:
+        """The call fails with ``code`` and changes nothing at all (I6)."""
+        before = self.core.digest()
+        counts = self.ft.counts()
+        out = self.svc.call(who, call, args, now=now)
+        assert isinstance(out, Error), f"{call} {args} succeeded: {out}"
+        assert out.code == code, f"{call} {args}: expected {code.name}, got {out}"
+        assert out.message
+        assert self.core.digest() == before, f"refused {call} changed the kernel state"
+        assert self.ft.counts() == counts
+        self.invariants()
+        return out
+
+    def proc(self, key: str) -> int:
+        return self.ok(MM, "proc_create", key=key)["pid"]
+
+    def user(self, n: int, skip: int = 0) -> list[int]:
+        """``n`` free user frames (lowest first, after skipping ``skip``)."""
+        f = np.flatnonzero((self.ft.kind == USER) & (self.ft.refs == 0))
+        assert f.size >= skip + n
+        return f[skip:skip + n].tolist()
+
+    def block(self, step: int, skip: int = 0) -> int:
+        """First frame of the (skip+1)-th aligned block of ``step`` free user frames."""
+        free = (self.ft.kind == USER) & (self.ft.refs == 0)
+        n = (self.ft.n // step) * step
+        whole = np.flatnonzero(free[:n].reshape(-1, step).all(axis=1))
+        assert whole.size > skip, f"no free aligned {step}-frame block"
+        return int(whole[skip]) * step
+
+    def of_kind(self, kind: int) -> list[int]:
+        return np.flatnonzero(self.ft.kind == kind).tolist()
+
+    def counts(self) -> dict[str, int]:
+        return self.ft.counts()
+
+    def refs(self, frames) -> list[int]:
+        return self.ft.refs[np.asarray(frames, dtype=np.int64)].tolist()
+
+
+def runs(frames) -> list[list[int]]:
+    return R.from_array(frames)
+
+
+# ---- the helpers themselves can fail -------------------------------------------
+
+def test_digest_and_invariant_checker_see_every_change():
+    k = K()
+    pid = k.proc(A)
+    d = k.core.digest()
+    k.ok(A, "thread_create")
+    assert k.core.digest() != d
+    d = k.core.digest()
+    f = k.user(1)[0]
+    k.ok(MM, "map", pid=pid, vaddr=V, frames=[[f, 1]], prot=READ)
+    assert k.core.digest() != d
+    # corrupt the state by hand: both the digest and the checker notice
+    d = k.core.digest()
+    k.ft.refs[f] += 1
+    assert k.core.digest() != d
+    assert any(v.startswith("I4") for v in check_kernel(k.core))
+    k.ft.refs[f] -= 1
+    assert check_kernel(k.core) == []
+    head = k.ft.head
+    k.ft.kind[head] = USER
+    assert any(v.startswith("I2") for v in check_kernel(k.core))
+
+
+# ---- donate ---------------------------------------------------------------------
+
+def test_donate_moves_free_user_frames_to_the_kernel_free_list():
+    k = K(pool=0)
+    before = k.counts()
+    f = k.user(8, skip=3)
+    r = k.ok(MM, "donate", frames=runs(f))
+    assert r == {"donated": 8, "kernel_free": 8}
+    after = k.counts()
+    assert after["kernel_free"] == 8 and after["user_free"] == before["user_free"] - 8
+    assert after["kernel_used"] == before["kernel_used"]  # I5: no kernel allocation
+    assert k.ft.free_list() == f  # the first donated frame is handed out first
+    info = k.ok(MM, "frame_info", frames=runs(f))
+    assert info == {"segments": [[f[0], 8, "kernel_free", 0]], "rest": []}
+
+
+def test_donate_only_the_mm():
+    k = K()
+    k.proc(A)
+    f = runs(k.user(4))
+    assert "memory manager" in k.refused(A, "donate", Errno.EPERM, frames=f).message
+    k.refused(B, "donate", Errno.EPERM, frames=f)  # no process at all
+
+
+def test_donate_of_mapped_frames_is_ebusy_naming_them():
+    k = K()
+    pid = k.proc(A)
+    f = k.user(10)
+    k.ok(MM, "map", pid=pid, vaddr=V, frames=runs(f[2:4]), prot=RW)
+    k.ok(MM, "map", pid=pid, vaddr=V + 0x10000, frames=runs(f[7:8]), prot=READ)
+    e = k.refused(MM, "donate", Errno.EBUSY, frames=runs(f))
+    assert e.details["frames"] == [[f[2], 2], [f[7], 1]]
+    assert str(f[2]) in e.message
+    # all-or-nothing: the free ones among them were not donated either
+    assert k.refs(f[:2]) == [0, 0] and all(k.ft.kind[x] == USER for x in f)
+
+
+def test_donate_of_kernel_frames_is_eexist():
+    k = K()
+    k.proc(A)
+    k.ok(A, "thread_create")
+    pool = k.of_kind(KERNEL_FREE)[:2]
+    used = [k.of_kind(KERNEL_USED)[0], k.of_kind(KERNEL_USED)[-1]]  # frame table; slab, directory or thread
+    shared = k.of_kind(KERNEL_SHARED)[:2]  # kernel image
+    for frames in (pool, used, shared):
+        e = k.refused(MM, "donate", Errno.EEXIST, frames=runs(frames))
+        assert e.details["frames"] == runs(frames)
+    f = k.user(3)
+    k.ok(MM, "donate", frames=runs(f))
+    e = k.refused(MM, "donate", Errno.EEXIST, frames=runs(k.user(2) + f[1:2]))
+    assert e.details["frames"] == [[f[1], 1]]
+
+
+def test_donate_of_non_ram_is_einval():
+    k = K()
+    e = k.refused(MM, "donate", Errno.EINVAL, frames=[[0, 1]])  # low 1 MiB: reserved
+    assert "not RAM" in e.message and e.details["frames"] == [[0, 1]]
+    n = k.ft.n
+    e = k.refused(MM, "donate", Errno.EINVAL, frames=[[n - 1, 3]])
+    assert e.details["frames"] == [[n, 2]] and "beyond physical memory" in e.message
+    # a hostile run is refused without expanding it
+    e = k.refused(MM, "donate", Errno.EINVAL, frames=[[0, MAX_FRAMES_PER_CALL]])
+    assert e.details["frames"] == [[n, MAX_FRAMES_PER_CALL - n]]
+
+
+def test_donate_duplicates_are_einval():
+    k = K()
+    f = k.user(4)
+    e = k.refused(MM, "donate", Errno.EINVAL, frames=[[f[0], 3], [f[2], 1]])
+    assert e.details["field"] == "frames"
+
+
+def test_donate_all_or_nothing_on_an_explicit_list():
+    k = K()
+    f = k.user(6)
+    for bad in ([[0, 1]], [[k.of_kind(KERNEL_FREE)[0], 1]], [[k.ft.n, 1]]):
+        k.refused(MM, "donate", _donate_code(k, bad), frames=runs(f) + bad)
+    assert all(k.ft.kind[x] == USER for x in f)
+
+
+def _donate_code(k: K, bad: list[list[int]]) -> Errno:
+    first = bad[0][0]
+    if first >= k.ft.n or k.ft.kind[first] == NONE:
+        return Errno.EINVAL
+    return Errno.EEXIST
+
+
+def test_donate_on_pae_refuses_frames_above_4_gib():
+    k = K("i686-pae", memory=4 * GiB, check=False)
+    high = 1 << 20  # frame of physical address 4 GiB: RAM remapped above the PCI hole
+    assert k.ft.kind[high] == USER
+    low = k.user(2)
+    e = k.refused(MM, "donate", Errno.EINVAL, frames=[[low[0], 2], [high, 4]])
+    assert e.details["frames"] == [[high, 4]] and "i686-pae" in e.message
+    r = k.ok(MM, "donate", frames=[[low[0], 2]])
+    assert r["donated"] == 2
+    # x86_64 has no such limit
+    k64 = K("x86_64", memory=4 * GiB, check=False)
+    assert k64.ok(MM, "donate", frames=[[high, 4]])["donated"] == 4
+
+
+def test_donate_and_reclaim_succeed_with_zero_free_kernel_frames():
+    k = K(pool=0)
+    assert k.counts()["kernel_free"] == 0
+    used = k.counts()["kernel_used"]
+    assert k.ok(MM, "reclaim", count=5) == {"frames": [], "reclaimed": 0, "kernel_free": 0}
+    f = k.user(4)
+    assert k.ok(MM, "donate", frames=runs(f))["kernel_free"] == 4
+    r = k.ok(MM, "reclaim", frames=runs(f))
+    assert r["reclaimed"] == 4 and r["kernel_free"] == 0
+    assert k.ok(MM, "donate", frames=runs(f))["donated"] == 4
+    assert sorted(R.to_array(k.ok(MM, "reclaim", count=10)["frames"]).tolist()) == f
+    assert k.counts()["kernel_used"] == used  # I5
+    # with zero free frames, anything that needs kernel memory is ENOMEM
+    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A)
+    assert (e.details["needed"], e.details["available"]) == (2, 0)
+
+
+# ---- reclaim ----------------------------------------------------------------------
+
+def test_reclaim_count_takes_up_to_that_many():
+    k = K(pool=5)
+    used = k.counts()["kernel_used"]
+    r = k.ok(MM, "reclaim", count=3)
+    got = R.to_array(r["frames"])
+    assert r["reclaimed"] == 3 == got.size and r["kernel_free"] == 2
+    assert all(k.ft.kind[x] == USER and k.ft.refs[x] == 0 for x in got)
+    r = k.ok(MM, "reclaim", count=10)
+    assert r["reclaimed"] == 2 and r["kernel_free"] == 0
+    assert k.counts()["kernel_used"] == used
+
+
+def test_reclaim_explicit_frames_from_anywhere_on_the_free_list():
+    k = K(pool=16)
+    pool = k.ft.free_list()
+    pick = [pool[0], pool[5], pool[6], pool[15]]
+    r = k.ok(MM, "reclaim", frames=runs(sorted(pick)))
+    assert r["reclaimed"] == 4 and r["kernel_free"] == 12
+    assert k.ft.free_list() == [f for f in pool if f not in pick]
+
+
+def test_reclaim_of_in_use_kernel_frames_is_ebusy_all_or_nothing():
+    k = K(pool=16)
+    k.proc(A)
+    before = set(k.of_kind(KERNEL_USED))
+    k.ok(A, "thread_create")
+    thread = (set(k.of_kind(KERNEL_USED)) - before).pop()
+    free = k.ft.free_list()[:3]
+    e = k.refused(MM, "reclaim", Errno.EBUSY, frames=runs(sorted(free + [thread])))
+    assert e.details["frames"] == [[thread, 1]]
+    image = k.of_kind(KERNEL_SHARED)[0]
+    assert k.refused(MM, "reclaim", Errno.EBUSY, frames=[[image, 1]]).details["frames"] == [[image, 1]]
+
+
+def test_reclaim_of_user_or_non_ram_frames_is_einval():
+    k = K()
+    free = k.ft.free_list()[:2]
+    u = k.user(1)[0]
+    e = k.refused(MM, "reclaim", Errno.EINVAL, frames=runs(sorted(free + [u])))
+    assert e.details["frames"] == [[u, 1]] and "not kernel-owned" in e.message
+    k.refused(MM, "reclaim", Errno.EINVAL, frames=[[0, 1]])
+    k.refused(MM, "reclaim", Errno.EINVAL, frames=[[k.ft.n - 1, 2]])
+    k.refused(MM, "reclaim", Errno.EINVAL, frames=[[free[0], 1], [free[0], 1]])
+    k.proc(A)
+    k.refused(A, "reclaim", Errno.EPERM, count=1)
+    k.refused(A, "reclaim", Errno.EPERM, frames=[[free[0], 1]])
+
+
+# ---- map ------------------------------------------------------------------------------
+
+def test_map_user_frames_counts_references_exactly():
+    k = K()
+    a, b = k.proc(A), k.proc(B)
+    f = k.user(4)
+    r = k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f), prot=RW)
+    assert r["pid"] == a and r["pages"] == 4 and r["tables_allocated"] == 1
+    assert k.refs(f) == [1, 1, 1, 1]
+    k.ok(MM, "map", pid=b, vaddr=V, frames=runs(f[:2]), prot=READ)  # shared: the refcount path
+    k.ok(MM, "map", pid=b, vaddr=V + 0x100000, frames=[[f[0], 1], [f[0], 1]], prot=READ)  # twice in one call
+    assert k.refs(f) == [4, 2, 1, 1]
+    info = k.ok(MM, "frame_info", frames=runs(f))
+    assert info["segments"] == [[f[0], 1, "user", 4], [f[1], 1, "user", 2], [f[2], 2, "user", 1]]
+    c = k.counts()
+    assert c["user_mapped"] == 4
+    r = k.ok(MM, "unmap", pid=b, vaddr=V + 0x100000, pages=2)
+    assert r["frames"] == [[f[0], 1], [f[0], 1]] and k.refs(f) == [2, 2, 1, 1]
+
+
+def test_map_needs_a_process():
+    k = K()
+    f = runs(k.user(1))
+    assert k.refused(MM, "map", Errno.EINVAL, vaddr=V, frames=f, prot=READ).details["field"] == "pid"
+    assert k.refused(MM, "map", Errno.ESRCH, pid=99, vaddr=V, frames=f, prot=READ).details["pid"] == 99
+    k.refused(A, "map", Errno.ESRCH, vaddr=V, frames=f, prot=READ)
+
+
+def test_client_maps_only_kernel_shared_frames_read_only_into_itself():
+    k = K()
+    a, b = k.proc(A), k.proc(B)
+    image = k.of_kind(KERNEL_SHARED)[:2]
+    r = k.ok(A, "map", vaddr=V, frames=runs(image), prot=READ)
+    assert r["pid"] == a and k.refs(image) == [1, 1]
+    k.ok(A, "map", pid=a, vaddr=V + 0x2000, frames=runs(image), prot=READ)
+    assert k.refs(image) == [2, 2] and k.counts()["user_mapped"] == 0
+    for prot in (RW, READ | EXEC, EXEC, WRITE):
+        e = k.refused(A, "map", Errno.EPERM, vaddr=V + 0x10000, frames=runs(image), prot=prot)
+        assert "read-only" in e.message
+    e = k.refused(A, "map", Errno.EPERM, vaddr=V + 0x10000, frames=runs(k.user(1)), prot=READ)
+    assert "kernel-shared" in e.message
+    e = k.refused(A, "map", Errno.EPERM, pid=b, vaddr=V + 0x10000, frames=runs(image), prot=READ)
+    assert "own address space" in e.message
+    k.refused(A, "map", Errno.EPERM, vaddr=V + 0x10000, frames=runs(k.of_kind(KERNEL_FREE)[:1]), prot=READ)
+    # the client unmaps its own mapping
+    assert k.ok(A, "unmap", vaddr=V, pages=2)["frames"] == runs(image)
+    assert k.refs(image) == [1, 1]
+
+
+def test_mm_maps_kernel_shared_read_only_and_never_kernel_frames():
+    k = K()
+    a = k.proc(A)
+    k.ok(A, "thread_create")
+    image = k.of_kind(KERNEL_SHARED)[:1]
+    k.ok(MM, "map", pid=a, vaddr=V, frames=runs(image), prot=READ)
+    k.refused(MM, "map", Errno.EPERM, pid=a, vaddr=V + 0x1000, frames=runs(image), prot=RW)
+    for frame in (k.of_kind(KERNEL_FREE)[0], k.of_kind(KERNEL_USED)[0], k.of_kind(KERNEL_USED)[-1]):
+        e = k.refused(MM, "map", Errno.EPERM, pid=a, vaddr=V + 0x1000, frames=runs(k.user(2) + [frame]), prot=READ)
+        assert e.details["frames"] == [[frame, 1]] and "kernel-owned" in e.message
+    k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=V + 0x1000, frames=[[0, 1]], prot=READ)
+    k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=V + 0x1000, frames=[[k.ft.n, 1]], prot=READ)
+
+
+@pytest.mark.parametrize("prot", [WRITE | EXEC, READ | WRITE | EXEC])
+def test_writable_and_executable_is_enotsup(prot):
+    k = K()
+    a = k.proc(A)
+    k.refused(MM, "map", Errno.ENOTSUP, pid=a, vaddr=V, frames=runs(k.user(1)), prot=prot)
+    k.refused(A, "map", Errno.ENOTSUP, vaddr=V, frames=runs(k.of_kind(KERNEL_SHARED)[:1]), prot=prot)
+    k.ok(MM, "map", pid=a, vaddr=V, frames=runs(k.user(1)), prot=READ | EXEC)
+
+
+@pytest.mark.parametrize("arch", ["i686", "i686-pae", "x86_64"])
+def test_map_unaligned_or_beyond_user_space_is_einval(arch):
+    k = K(arch)
+    a = k.proc(A)
+    f = runs(k.user(2))
+    top = k.core.profile.user_top
+    assert k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=V + 1, frames=f, prot=READ).details["field"] == "vaddr"
+    assert k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=top - PAGE_SIZE, frames=f, prot=READ).details["field"] == "vaddr"
+    k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=top, frames=f, prot=READ)
+    k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=(1 << 64) - PAGE_SIZE, frames=f, prot=READ)
+    r = k.ok(MM, "map", pid=a, vaddr=top - 2 * PAGE_SIZE, frames=f, prot=READ)  # the last two pages are fine
+    assert r["pages"] == 2
+
+
+def test_map_over_an_existing_mapping_is_ebusy_not_a_replace():
+    k = K()
+    a = k.proc(A)
+    f = k.user(8)
+    k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f[:4]), prot=RW)
+    e = k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=V + 3 * PAGE_SIZE, frames=runs(f[4:6]), prot=RW)
+    assert e.details["vaddr"] == V + 3 * PAGE_SIZE
+    k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=V, frames=runs(f[:4]), prot=RW)  # the same mapping again
+    # another process may map the same range of its own
+    b = k.proc(B)
+    k.ok(MM, "map", pid=b, vaddr=V, frames=runs(f[4:8]), prot=RW)
+    assert k.core.procs[a].pages[V >> 12] >> 3 == f[0]
+
+
+def test_page_tables_are_allocated_lazily_and_counted_i686():
+    k = K(pool=64)
+    free0 = k.counts()["kernel_free"]
+    r = k.ok(MM, "proc_create", key=A)
+    a = r["pid"]
+    assert r["kernel_frames"] == 2  # process slab frame + page directory
+    assert k.ok(MM, "proc_create", key=B)["kernel_frames"] == 1  # the slab frame has room
+    assert k.counts()["kernel_free"] == free0 - 3
+    f = k.user(8)
+    assert k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)["tables_allocated"] == 1
+    assert k.ok(MM, "map", pid=a, vaddr=V + PAGE_SIZE, frames=runs(f[1:2]), prot=READ)["tables_allocated"] == 0
+    assert k.ok(MM, "map", pid=a, vaddr=V + 4 * MiB, frames=runs(f[2:3]), prot=READ)["tables_allocated"] == 1
+    # straddling a 4 MiB boundary where neither table exists: two tables
+    r = k.ok(MM, "map", pid=a, vaddr=V + 12 * MiB - PAGE_SIZE, frames=runs(f[3:5]), prot=READ)
+    assert r["tables_allocated"] == 2 and r["kernel_free"] == free0 - 3 - 4
+    usage = next(p for p in k.ok(A, "stats")["per_process"] if p["pid"] == a)
+    assert usage["tables"] == 1 + 4 and usage["pages"] == 5
+    # unmap frees empty tables back to the free list
+    r = k.ok(MM, "unmap", pid=a, vaddr=V, pages=1)
+    assert r["tables_freed"] == 0
+    r = k.ok(MM, "unmap", pid=a, vaddr=V + PAGE_SIZE, pages=1)
+    assert r["tables_freed"] == 1 and r["kernel_free"] == free0 - 3 - 3
+    r = k.ok(A, "unmap", vaddr=V + 12 * MiB - PAGE_SIZE, pages=2)  # the client on its own space
+    assert r["tables_freed"] == 2
+
+
+@pytest.mark.parametrize("arch, tables, proc_cost", [("i686-pae", 2, 2), ("x86_64", 3, 2)])
+def test_page_tables_per_profile(arch, tables, proc_cost):
+    k = K(arch)
+    free0 = k.counts()["kernel_free"]
+    r = k.ok(MM, "proc_create", key=A)
+    assert r["kernel_frames"] == proc_cost
+    a = r["pid"]
+    f = k.user(4)
+    assert k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)["tables_allocated"] == tables
+    assert k.ok(MM, "map", pid=a, vaddr=V + PAGE_SIZE, frames=runs(f[1:2]), prot=READ)["tables_allocated"] == 0
+    assert k.ok(MM, "map", pid=a, vaddr=V + 2 * MiB, frames=runs(f[2:3]), prot=READ)["tables_allocated"] == 1
+    r = k.ok(MM, "unmap", pid=a, vaddr=V, pages=2)
+    assert r["tables_freed"] == 1
+    r = k.ok(MM, "unmap", pid=a, vaddr=V + 2 * MiB, pages=1)
+    assert r["tables_freed"] == tables and r["kernel_free"] == free0 - proc_cost
+
+
+def test_enomem_reports_needed_and_available_and_maps_nothing():
+    k = K(pool=2)
+    a = k.proc(A)
+    assert k.counts()["kernel_free"] == 0
+    f = k.user(4)
+    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)
+    assert (e.details["needed"], e.details["available"]) == (1, 0)
+    k.ok(MM, "donate", frames=runs(k.user(1, skip=100)))
+    # needs two tables, one free: no partial mapping (I6)
+    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V + 4 * MiB - PAGE_SIZE, frames=runs(f[:2]), prot=READ)
+    assert (e.details["needed"], e.details["available"]) == (2, 1)
+    assert not k.core.procs[a].pages and k.refs(f) == [0, 0, 0, 0]
+    k.ok(MM, "donate", frames=runs(k.user(1, skip=100)))
+    assert k.ok(MM, "map", pid=a, vaddr=V + 4 * MiB - PAGE_SIZE, frames=runs(f[:2]), prot=READ)["kernel_free"] == 0
+
+
+def test_enomem_x86_64_counts_every_level():
+    k = K("x86_64", pool=4)
+    a = k.proc(A)
+    assert k.counts()["kernel_free"] == 2
+    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V, frames=runs(k.user(1)), prot=READ)
+    assert (e.details["needed"], e.details["available"]) == (3, 2)
+
+
+# ---- large pages --------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, memory, step, tables, other", [
+    ("i686", 32 * MiB, 1024, 0, 2 * MiB),
+    ("i686-pae", 16 * MiB, 512, 1, 4 * MiB),
+    ("x86_64", 32 * MiB, 512, 2, 4 * MiB),
+])
+def test_large_pages_per_profile(arch, memory, step, tables, other):
+    k = K(arch, memory=memory)
+    a = k.proc(A)
+    size = step * PAGE_SIZE
+    assert k.ok(A, "hello")["large_page_sizes"][0] == size
+    first = k.block(step)
+    used = k.counts()["kernel_used"]
+    r = k.ok(MM, "map", pid=a, vaddr=VL, frames=[[first, step]], prot=RW, large=True)
+    assert r["pages"] == step and r["tables_allocated"] == tables
+    assert k.counts()["kernel_used"] == used + tables
+    assert set(k.refs(range(first, first + step))) == {1}
+    assert k.core.procs[a].large == {VL >> 12: (max(k.core.profile.large_levels), first, RW)}
+    # the same by page_size; another size of no such page is EINVAL
+    second = k.block(step)
+    k.ok(MM, "map", pid=a, vaddr=VL + size, frames=[[second, step]], prot=READ, page_size=size)
+    e = k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=VL + 2 * size, frames=runs(k.user(8)), prot=READ, page_size=other)
+    assert e.details["field"] == "page_size"
+    # shape errors
+    b = k.block(step)
+    e = k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=VL + 2 * size + PAGE_SIZE, frames=[[b, step]], prot=READ, large=True)
+    assert e.details["field"] == "vaddr"
+    e = k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=VL + 2 * size, frames=[[b + 1, step]], prot=READ, large=True)
+    assert e.details["field"] == "frames"
+    e = k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=VL + 2 * size, frames=[[b, step // 2]], prot=READ, large=True)
+    assert e.details["field"] == "frames"
+    e = k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=VL + 2 * size,
+                  frames=[[b, step // 2], [b + step // 2 + 1, step // 2]], prot=READ, large=True)
+    assert e.details["field"] == "frames"
+    # a client maps no large pages, not even of kernel-shared frames
+    k.refused(A, "map", Errno.EPERM, vaddr=VL + 2 * size, frames=[[b, step]], prot=READ, large=True)
+    # a kernel-owned frame inside the block
+    k.ok(MM, "donate", frames=[[b + 7, 1]])
+    e = k.refused(MM, "map", Errno.EPERM, pid=a, vaddr=VL + 2 * size, frames=[[b, step]], prot=READ, large=True)
+    assert e.details["frames"] == [[b + 7, 1]]
+    # donating a frame of a mapped large page is EBUSY, naming it
+    assert k.refused(MM, "donate", Errno.EBUSY, frames=[[first + 3, 2]]).details["frames"] == [[first + 3, 2]]
+    # unmap of part of a large page is EINVAL
+    k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=VL + PAGE_SIZE, pages=1)
+    k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=VL, pages=step - 1)
+    k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=VL + size, pages=step + 1)  # the 2nd whole, then a hole
+    r = k.ok(MM, "unmap", pid=a, vaddr=VL, pages=2 * step)
+    assert r["pages"] == 2 * step and r["frames"] == runs(np.r_[first:first + step, second:second + step])
+    assert r["tables_freed"] == tables
+    assert set(k.refs(range(first, first + step))) == {0} and k.counts()["kernel_used"] == used
+
+
+@pytest.mark.parametrize("arch, memory, step", [("i686", 32 * MiB, 1024), ("i686-pae", 16 * MiB, 512),
+                                                 ("x86_64", 32 * MiB, 512)])
+def test_large_and_small_mappings_never_overlap(arch, memory, step):
+    k = K(arch, memory=memory)
+    a = k.proc(A)
+    size = step * PAGE_SIZE
+    first = k.block(step)
+    k.ok(MM, "map", pid=a, vaddr=VL, frames=[[first, step]], prot=READ, large=True)
+    f = k.user(2)
+    e = k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=VL + size - PAGE_SIZE, frames=runs(f), prot=READ)
+    assert e.details["vaddr"] == VL
+    k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=VL, frames=[[k.block(step), step]], prot=READ, large=True)
+    # small pages next to it, then a large page over them is EBUSY
+    k.ok(MM, "map", pid=a, vaddr=VL + size + 5 * PAGE_SIZE, frames=runs(f), prot=READ)
+    e = k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=VL + size, frames=[[k.block(step), step]], prot=READ, large=True)
+    assert e.details["vaddr"] == VL + size
+    # one unmap may cover a large page and small pages, but no hole
+    k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=VL, pages=step + 7)
+    r = k.ok(MM, "unmap", pid=a, vaddr=VL + size + 5 * PAGE_SIZE, pages=2)
+    assert r["frames"] == runs(f)
+    k.ok(MM, "map", pid=a, vaddr=VL + size, frames=runs(f), prot=READ)
+    r = k.ok(MM, "unmap", pid=a, vaddr=VL, pages=step + 2)
+    assert r["pages"] == step + 2
+    assert not k.core.procs[a].pages and not k.core.procs[a].large
+
+
+def test_x86_64_one_gib_pages():
+    k = K("x86_64", memory=3 * GiB)
+    a = k.proc(A)
+    step = 1 << 18
+    first = k.block(step)
+    used = k.counts()["kernel_used"]
+    r = k.ok(MM, "map", pid=a, vaddr=GiB, frames=[[first, step]], prot=RW, page_size=GiB)
+    assert r["pages"] == step and r["tables_allocated"] == 1  # only the PDPT
+    assert k.counts()["user_mapped"] == step and k.counts()["kernel_used"] == used + 1
+    k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=GiB, pages=512)  # 2 MiB of a 1 GiB page
+    k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=GiB + 2 * MiB, pages=512)
+    two = k.block(512)
+    k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=GiB + 2 * MiB, frames=[[two, 512]], prot=READ, large=True)
+    k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=GiB + 8 * PAGE_SIZE, frames=[[two, 1]], prot=READ)
+    # a 2 MiB page in the next gigabyte blocks a 1 GiB page there
+    k.ok(MM, "map", pid=a, vaddr=2 * GiB + 2 * MiB, frames=[[two, 512]], prot=READ, large=True)
+    k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=2 * GiB, frames=[[first, step]], prot=READ, page_size=GiB)
+    r = k.ok(MM, "unmap", pid=a, vaddr=GiB, pages=step)
+    assert r["frames"] == [[first, step]] and k.counts()["user_mapped"] == 512
+
+
+# ---- unmap ---------------------------------------------------------------------------
+
+def test_unmap_rules():
+    k = K()
+    a, b = k.proc(A), k.proc(B)
+    f = k.user(4)
+    k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f), prot=RW)
+    k.refused(B, "unmap", Errno.EPERM, pid=a, vaddr=V, pages=1)
+    k.refused(C, "unmap", Errno.ESRCH, vaddr=V, pages=1)
+    k.refused(B, "unmap", Errno.EINVAL, vaddr=V, pages=1)  # nothing mapped in B
+    k.refused(MM, "unmap", Errno.EINVAL, vaddr=V, pages=1)  # mm must name the pid
+    k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=V + 1, pages=1)
+    k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=k.core.profile.user_top - PAGE_SIZE, pages=2)
+    e = k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=V, pages=5)  # all-or-nothing: a hole at the end
+    assert e.details["vaddr"] == V + 4 * PAGE_SIZE
+    r = k.ok(A, "unmap", pid=a, vaddr=V + PAGE_SIZE, pages=2)
+    assert r["frames"] == runs(f[1:3]) and k.refs(f) == [1, 0, 0, 1]
+    r = k.ok(MM, "unmap", pid=a, vaddr=V, pages=1)
+    assert r["tables_freed"] == 0
+    r = k.ok(MM, "unmap", pid=a, vaddr=V + 3 * PAGE_SIZE, pages=1)
+    assert r["tables_freed"] == 1 and k.counts()["user_mapped"] == 0
+    assert k.core.procs[b].pages == {}
+
+
+# ---- processes ------------------------------------------------------------------------
+
+def test_proc_create_rules():
+    k = K(pool=1)
+    k.refused(A, "proc_create", Errno.EPERM, key=B)
+    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A)
+    assert (e.details["needed"], e.details["available"]) == (2, 1)
+    k.ok(MM, "donate", frames=runs(k.user(8)))
+    k.refused(MM, "proc_create", Errno.EINVAL, key=MM)
+    a = k.proc(A)
+    assert k.refused(MM, "proc_create", Errno.EBUSY, key=A).details["pid"] == a
+    assert k.ok(MM, "hello")["pid"] is None and k.ok(A, "hello")["pid"] == a
+
+
+def test_pae_process_costs_slab_objects():
+    k = K("i686-pae")
+    assert k.ok(MM, "proc_create", key=A)["kernel_frames"] == 2  # process slab + PDPT slab
+    assert k.ok(MM, "proc_create", key=B)["kernel_frames"] == 0
+    assert k.ok(A, "stats")["slab_frames"] == {"process": 1, "endpoint": 0, "pdpt": 1}
+
+
+def test_proc_destroy_releases_everything():
+    k = K(pool=64)
+    free0, used0 = k.counts()["kernel_free"], k.counts()["kernel_used"]
+    a, b = k.proc(A), k.proc(B)
+    f = k.user(6)
+    k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f), prot=RW)
+    k.ok(MM, "map", pid=b, vaddr=V, frames=runs(f[:2]), prot=READ)
+    big = k.block(1024)
+    k.ok(MM, "map", pid=a, vaddr=VL, frames=[[big, 1024]], prot=READ, large=True)
+    k.ok(A, "map", vaddr=V + 4 * MiB, frames=runs(k.of_kind(KERNEL_SHARED)[:1]), prot=READ)
+    k.ok(A, "thread_create")
+    k.ok(A, "thread_create")
+    for _ in range(3):
+        k.ok(A, "endpoint_create")
+    k.refused(A, "proc_destroy", Errno.EPERM, pid=a)
+    k.refused(MM, "proc_destroy", Errno.ESRCH, pid=99)
+    r = k.ok(MM, "proc_destroy", pid=a)
+    assert r["pid"] == a and r["unmapped_pages"] == 6 + 1024 + 1
+    assert k.refs(f) == [1, 1, 0, 0, 0, 0] and set(k.refs(range(big, big + 1024))) == {0}
+    assert a not in k.core.procs and A not in k.core.by_key
+    # what is left is B's: its page directory, its page table, the process slab frame
+    assert k.counts()["kernel_used"] == used0 + 3
+    ev = k.ok(MM, "events")["events"][-1]
+    assert (ev["kind"], ev["pid"], ev["key"], ev["reason"]) == ("proc_destroyed", a, A, "proc_destroy")
+    k.ok(MM, "proc_destroy", pid=b)
+    c = k.counts()
+    assert c["kernel_free"] == free0 and c["kernel_used"] == used0 and c["user_mapped"] == 0
+    assert k.ok(MM, "stats")["slab_frames"] == {"process": 0, "endpoint": 0, "pdpt": 0}
+    k.proc(A)  # the key is free again
+
+
+# ---- threads and endpoints -----------------------------------------------------------
+
+def test_threads_cost_one_frame_each():
+    k = K(pool=4)
+    a = k.proc(A)
+    k.proc(B)
+    assert k.counts()["kernel_free"] == 1
+    used = k.counts()["kernel_used"]
+    t = k.ok(A, "thread_create")
+    assert t["kernel_frames"] == 1 and k.counts()["kernel_used"] == used + 1
+    e = k.refused(A, "thread_create", Errno.ENOMEM)
+    assert (e.details["needed"], e.details["available"]) == (1, 0)
+    k.refused(B, "thread_destroy", Errno.ESRCH, tid=t["tid"])  # not B's thread
+    k.refused(C, "thread_create", Errno.ESRCH)
+    k.refused(MM, "thread_create", Errno.ESRCH)
+    assert k.ok(A, "thread_destroy", tid=t["tid"]) == {"tid": t["tid"]}
+    assert k.counts()["kernel_used"] == used and k.counts()["kernel_free"] == 1
+    k.refused(A, "thread_destroy", Errno.ESRCH, tid=t["tid"])
+    assert k.core.procs[a].threads == {}
+
+
+def test_endpoints_are_slab_objects():
+    k = K(pool=5)
+    k.proc(A)
+    k.proc(B)
+    free = k.counts()["kernel_free"]
+    assert free == 2
+    per_frame = PAGE_SIZE // 64
+    eids = [k.ok(A, "endpoint_create")["eid"]]
+    assert k.counts()["kernel_free"] == free - 1
+    eids += [k.ok(A, "endpoint_create")["eid"] for _ in range(per_frame - 1)]
+    assert k.counts()["kernel_free"] == free - 1
+    r = k.ok(A, "endpoint_create")
+    assert r["kernel_frames"] == 1 and k.counts()["kernel_free"] == free - 2 == 0
+    eids.append(r["eid"])
+    # the second slab frame fills up with no free kernel frame left: no frame needed
+    more = [k.ok(A, "endpoint_create") for _ in range(per_frame - 1)]
+    assert {m["kernel_frames"] for m in more} == {0}
+    eids += [m["eid"] for m in more]
+    e = k.refused(A, "endpoint_create", Errno.ENOMEM)
+    assert (e.details["needed"], e.details["available"]) == (1, 0)
+    k.ok(A, "endpoint_destroy", eid=eids.pop(0))
+    r = k.ok(A, "endpoint_create")
+    assert r["kernel_frames"] == 0  # the freed slot is reused
+    eids.append(r["eid"])
+    k.refused(B, "endpoint_destroy", Errno.ESRCH, eid=eids[0])
+    for eid in eids:
+        k.ok(A, "endpoint_destroy", eid=eid)
+    assert k.counts()["kernel_free"] == free and k.ok(A, "stats")["slab_frames"]["endpoint"] == 0
+
+
+# ---- informational calls ----------------------------------------------------------------
+
+def test_frame_info_segments_and_continuation():
+    k = K()
+    a = k.proc(A)
+    f = k.user(3, skip=10)
+    k.ok(MM, "map", pid=a, vaddr=V, frames=[[f[1], 1]], prot=READ)
+    k.refused(A, "frame_info", Errno.EPERM, frames=[[0, 10]])
+    k.refused(MM, "frame_info", Errno.EINVAL, frames=[[k.ft.n - 1, 2]])
+    whole = k.ok(MM, "frame_info", frames=[[0, k.ft.n]])
+    assert whole["rest"] == []
+    segs = whole["segments"]
+    assert segs[0] == [0, 256, "none", 0]  # low 1 MiB
+    assert sum(s[1] for s in segs) == k.ft.n
+    assert [f[1], 1, "user", 1] in segs
+    # a small max_segments pages through the same answer
+    got, ask = [], [[0, k.ft.n]]
+    while ask:
+        part = k.ok(MM, "frame_info", frames=ask, max_segments=2)
+        assert len(part["segments"]) <= 2
+        got += part["segments"]
+        ask = part["rest"]
+    assert got == segs
+
+
+def test_stats_hello_ping_address_map():
+    k = K("i686", memory=64 * MiB, lease=3.0)
+    a = k.proc(A)
+    s = k.ok(C, "stats")
+    assert s["kernel_free"] + s["kernel_used"] + s["kernel_shared"] + s["user_free"] + s["user_mapped"] == s["ram"]
+    assert s["processes"] == 1 and s["per_process"][0]["pid"] == a and s["per_process"][0]["key"] == A
+    h = k.ok(A, "hello")
+    assert (h["v"], h["arch"], h["page_size"], h["identity"], h["is_mm"], h["pid"]) == (1, "i686", 4096, A, False, a)
+    assert h["lease_seconds"] == 3.0 and "boot_id" in h and h["user_top"] == 0xC000_0000
+    assert k.ok(MM, "hello")["is_mm"] is True
+    assert k.ok(A, "ping") == {"pid": a} and k.ok(C, "ping") == {"pid": None}
+    m = k.ok(C, "address_map")
+    entries = m["entries"]
+    assert entries[0]["kind"] == "reserved" and entries[0]["start"] == 0 and entries[0]["size"] == MiB
+    image = next(e for e in entries if e["kind"] == "kernel_image")
+    assert image["start"] == 16 * MiB and image["owner"] == "kernel" and image["shared"] is True
+    kinds = {e["kind"] for e in entries}
+    assert {"reserved", "user", "kernel_image", "frame_table", "kernel_pool", "ramdisk", "firmware"} <= kinds
+    ends = [(e["first"], e["first"] + e["count"]) for e in entries]
+    assert all(x[1] <= y[0] for x, y in zip(ends, ends[1:]))
+    assert sum(e["count"] for e in entries if e["kind"] != "reserved") == s["ram"]
+    for e in entries:
+        assert e["start"] == e["first"] * PAGE_SIZE and e["size"] == e["count"] * PAGE_SIZE
+
+
+@pytest.mark.parametrize("arch, sizes", [("i686", [4 * MiB]), ("i686-pae", [2 * MiB]), ("x86_64", [2 * MiB, GiB])])
+def test_hello_tells_the_profile(arch, sizes):
+    k = K(arch)
+    h = k.ok(MM, "hello")
+    assert h["arch"] == arch and h["large_page_sizes"] == sizes
+    assert h["kernel_limit"] == (1 << 20 if arch == "i686-pae" else None)
+
+
+def test_events_are_for_the_mm_only():
+    k = K()
+    pids = [k.proc(key) for key in (A, B, C)]
+    for p in pids:
+        k.ok(MM, "proc_destroy", pid=p)
+    k.refused(A, "events", Errno.EPERM)
+    ev = k.ok(MM, "events")
+    assert [e["pid"] for e in ev["events"]] == pids and ev["latest"] == 3 and ev["lost"] is False
+    part = k.ok(MM, "events", since=1, limit=1)
+    assert [e["pid"] for e in part["events"]] == [pids[1]] and part["next"] == 2
+    assert k.ok(MM, "events", since=3)["events"] == []
+
+
+def test_unknown_call_and_wrong_identity():
+    k = K()
+    a = k.proc(A)
+    k.proc(B)
+    k.refused(A, "frobnicate", Errno.ENOSYS)
+    k.refused(MM, "frobnicate", Errno.ENOSYS)
+    f = runs(k.user(1))
+    k.refused(B, "map", Errno.EPERM, pid=a, vaddr=V, frames=f, prot=READ)
+    k.refused(B, "proc_destroy", Errno.EPERM, pid=a)
+    k.refused(B, "reclaim", Errno.EPERM, count=1)
+    k.refused(B, "frame_info", Errno.EPERM, frames=f)
+    k.refused(B, "proc_create", Errno.EPERM, key=C)
+
+
+# ---- leases (I11) ------------------------------------------------------------------
+
+def test_silent_clients_lose_their_process_any_call_renews():
+    k = K(lease=1.0)
+    a = k.ok(MM, "proc_create", key=A, now=0.0)["pid"]
+    b = k.ok(MM, "proc_create", key=B, now=0.0)["pid"]
+    free0 = k.counts()["kernel_free"]
+    k.ok(A, "thread_create", now=0.5)
+    f = k.user(2)
+    k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f), prot=RW, now=0.5)  # the mm's call renews nothing of A's
+    k.refused(A, "thread_destroy", Errno.ESRCH, tid=999, now=0.9)  # a refused call renews too
+    out = k.svc.expire(1.5)
+    assert [e["pid"] for e in out] == [b] and out[0]["reason"] == "lease"
+    k.svc.handle(A, wire.request(1, "ping"), now=1.8)  # through the envelope
+    assert k.svc.expire(2.5) == []
+    out = k.svc.expire(2.9)
+    assert [e["pid"] for e in out] == [a] and out[0]["frames"] == runs(f)
+    assert k.core.procs == {} and k.refs(f) == [0, 0]
+    assert k.counts()["kernel_free"] == free0 + 3  # all is back: free0 was taken after the two processes
+    assert [e["reason"] for e in k.ok(MM, "events")["events"]] == ["lease", "lease"]
+    assert k.svc.expire(10.0) == [] and k.svc.next_deadline() is None
+    k.invariants()
+
+
+# ---- replay (I12) and malformed input (I10) through handle ---------------------------
+
+def reply_of(data: bytes) -> dict:
+    return wire.parse_reply(data)
+
+
+def test_a_retried_request_runs_once():
+    k = K()
+    k.proc(A)
+    req = wire.request(7, "thread_create")
+    r1 = k.svc.handle(A, req, now=0.0)
+    d = k.core.digest()
+    r2 = k.svc.handle(A, req, now=0.1)
+    assert r1 == r2 and reply_of(r1)["ok"] is True
+    assert len(k.core.procs[1].threads) == 1 and k.core.digest() == d and k.svc.replayed == 1
+    # the same id with other bytes is refused and changes nothing
+    bad = reply_of(k.svc.handle(A, wire.request(7, "endpoint_create"), now=0.2))
+    assert bad["ok"] is False and bad["id"] == 7
+    assert Error.from_wire(bad["error"]).code == Errno.EINVAL and k.core.digest() == d
+    # another identity's id 7 is its own
+    k.proc(B)
+    assert reply_of(k.svc.handle(B, req, now=0.3))["ok"] is True
+    # a retried donate is not refused as EEXIST: it is not run again
+    f = runs(k.user(4))
+    dreq = wire.request(1, "donate", {"frames": f})
+    first = k.svc.handle(MM, dreq, now=0.4)
+    assert reply_of(first)["ok"] is True and k.svc.handle(MM, dreq, now=0.5) == first
+    k.invariants()
+
+
+HUGE_RUNS = [[i * 2, 1] for i in range(wire.MAX_RUNS + 1)]
+
+
+@pytest.mark.parametrize("identity, data, code", [
+    (A, b"\xc1\xc1\xc1", Errno.EPROTO),
+    (A, b"", Errno.EPROTO),
+    (A, wire.encode([1, 2, 3]), Errno.EPROTO),
+    (A, wire.encode({"v": 1, "id": "7", "call": "ping", "args": {}}), Errno.EPROTO),
+    (A, wire.encode({"v": 1, "id": 7, "call": "ping", "args": {}, "x": 1}), Errno.EPROTO),
+    (MM, wire.request(7, "donate", {"frames": "all"}), Errno.EINVAL),
+    (MM, wire.request(7, "donate", {"frames": [["1", 1]]}), Errno.EINVAL),
+    (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[500, 1]], "prot": 1.0}), Errno.EINVAL),
+    (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[500, 1]], "prot": 1, "force": 1}), Errno.EINVAL),
+    (A, wire.request(7, "reboot"), Errno.ENOSYS),
+    (MM, wire.request(7, "donate", {"frames": HUGE_RUNS}), Errno.EINVAL),
+    (MM, wire.request(7, "donate", {"frames": [[0, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
+    (MM, wire.request(7, "reclaim", {"frames": [[5, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
+    (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[1, MAX_FRAMES_PER_CALL]], "prot": 1}), Errno.EINVAL),
+    (MM, wire.request(7, "frame_info", {"frames": [[0, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
+    (MM, wire.encode({"v": 1, "id": 7, "call": "ping", "args": {"pad": b"x" * wire.MAX_MESSAGE_BYTES}}), Errno.E2BIG),
+    (None, wire.request(7, "ping"), Errno.EPERM),
+])
+def test_malformed_input_gets_a_named_error_and_changes_nothing(identity, data, code):
+    k = K()
+    k.proc(A)
+    d = k.core.digest()
+    refused = k.svc.refused
+    reply = reply_of(k.svc.handle(identity, data, now=0.0))
+    assert reply["ok"] is False and reply["v"] == 1
+    err = Error.from_wire(reply["error"])
+    assert err.code == code and reply["error"]["errno"] == int(code) and err.message
+    assert reply["id"] in (None, 7)
+    assert k.core.digest() == d and k.svc.refused == refused + 1
+    k.invariants()
+
+
+# ---- boot at scale ------------------------------------------------------------------
+
+def test_boot_of_16_mi_frames_keeps_the_frame_table_small():
+    # 63.5 GiB of RAM: with the PCI hole remapped above 4 GiB it reaches exactly 64 GiB of physical space
+    k = K("i686-pae", memory=64 * GiB - 512 * MiB, pool=None, check=False)
+    n = k.ft.n
+    assert n == 16 << 20
+    assert k.ft.nbytes() <= 16 * n
+    c = k.counts()
+    assert sum(v for key, v in c.items() if key != "ram") == c["ram"]
+    # donate and reclaim need nothing more: frames below 4 GiB only
+    high = n - 1
+    k.refused(MM, "donate", Errno.EINVAL, frames=[[high - 9, 10]])
+    low = k.user(10)
+    assert k.ok(MM, "donate", frames=runs(low))["donated"] == 10
+    assert k.ok(MM, "reclaim", frames=runs(low))["reclaimed"] == 10
+    assert check_kernel(k.core) == []
