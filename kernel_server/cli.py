@@ -41,7 +41,7 @@ def kernel(
 ) -> None:
     """Start the kernel process."""
     from kernel_server.arch import PROFILES
-    from kernel_server.bootmap import parse_size
+    from kernel_server.bootmap import parse_size, pc_map
     from kernel_server.server import KernelOptions, run
     from protocol import keys
 
@@ -55,6 +55,11 @@ def kernel(
         raise typer.BadParameter(str(exc), param_hint="--memory") from None
     if mm_key is not None and len(mm_key) != 40:
         raise typer.BadParameter("a Z85 public key is 40 characters", param_hint="--mm-key")
+    try:  # a boot map that cannot be built is a usage error: say so before touching the run directory
+        pc_map(PROFILES[arch], size, kernel_pool)
+    except ValueError as exc:
+        typer.echo(f"kernel: {exc}", err=True)
+        raise typer.Exit(2) from None
     os.makedirs(run_dir, exist_ok=True)
     if mm_key is None:
         keys.init(run_dir, clients=0)  # the default set-up makes its own keys; existing ones are kept

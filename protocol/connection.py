@@ -9,13 +9,16 @@ retry safe: a request that already ran is answered from the cache, not run
 again. A refused call raises ``CallError`` carrying the error's name, number
 and details; no reply at all raises ``CallError`` with EIO.
 
-Request ids start from the wall clock in microseconds, so a client restarted
-with the same key does not reuse an id the server still remembers.
+Request ids start at a random point of a 63-bit space (fresh for every
+connection), so neither a client restarted with the same key nor two
+connections sharing a key (a keepalive thread, an operator tool using the
+mm's key) reuse an id the server's replay cache still remembers for that key.
 ``submit``/``collect`` keep several requests in flight (benchmarks, floods).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -46,7 +49,7 @@ class Connection:
         self.ctx = ctx if ctx is not None else zmq.Context()
         if self._own_ctx:
             self.ctx.linger = 0
-        self.next_id = time.time_ns() // 1000
+        self.next_id = secrets.randbits(63)  # distinct per connection (see the module docstring)
         self.sock: zmq.Socket | None = None
         self.resends = 0  # requests sent again after a timeout (Lazy Pirate)
         self._open()

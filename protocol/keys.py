@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 
 import zmq
 import zmq.auth
@@ -121,3 +122,26 @@ def connectable(endpoint: str) -> str:
         if endpoint.startswith(wild):
             return "tcp://127.0.0.1:" + endpoint[len(wild):]
     return endpoint
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """True if ``endpoint`` is an ``ipc://`` path some live process listens on.
+
+    ZeroMQ's ipc bind silently unlinks an existing socket file and takes the
+    path over, so a second kernel or mm started on the same run directory
+    would steal the address from the running one. Servers ask this first.
+    """
+    if not endpoint.startswith("ipc://"):
+        return False
+    path = endpoint[len("ipc://"):]
+    if not path or path.startswith("@") or not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except OSError:  # refused (a stale file) or not a socket
+        return False
+    finally:
+        s.close()

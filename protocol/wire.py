@@ -19,6 +19,7 @@ from protocol.errors import Errno, Error
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # a request or reply larger than this is refused (E2BIG)
 MAX_TRANSPORT_BYTES = 4 * MAX_MESSAGE_BYTES  # sockets drop a peer that sends more than this at once
+REPLY_QUEUE = 100_000  # replies a server queues for one peer that does not read them
 MAX_RUNS = 4096  # frame runs per call
 MAX_ID = (1 << 64) - 1
 MAX_CALL_NAME = 32
