@@ -55,17 +55,22 @@ def audit(
     run_dir: str = typer.Option("./mmsim-run", "--run-dir", help="Run directory of a running system."),
     endpoint: Optional[str] = typer.Option(None, "--mm", help="The mm's endpoint (default: RUN/mm.endpoint)."),
     json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait for the mm's report."),
 ) -> None:
-    """Compare the mm's view with the kernel's frame by frame; exit 1 on any divergence."""
+    """Compare the mm's view with the kernel's frame by frame; exit 1 on any divergence, 2 if no report."""
     import json
 
     from mm_service.audit import format_report, run_audit
     from protocol.errors import CallError
 
     try:
-        report = run_audit(run_dir, endpoint)
-    except (CallError, FileNotFoundError) as exc:
+        report = run_audit(run_dir, endpoint, timeout=timeout)
+    except FileNotFoundError as exc:
         typer.echo(f"audit failed: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
+    except CallError as exc:
+        hint = " (is the mm running?)" if exc.name == "EIO" else ""
+        typer.echo(f"audit failed: {exc}{hint}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(report, indent=2) if json_out else format_report(report))
     raise typer.Exit(1 if report["divergences"] else 0)

@@ -25,9 +25,10 @@ from typing import Any, Callable, Generator, NamedTuple
 
 import numpy as np
 
-from mm_service.view import FREE, KERNEL, KERNEL_TAG, PAGE, USED, USER_TAG, View
+from mm_service.view import FREE, KERNEL, KERNEL_TAG, PAGE, USED, View
 from protocol import runs as R
 from protocol.errors import Errno, Error
+from protocol.wire import MAX_RUNS
 
 ENOMEM_RETRIES = 3
 KIND_CODE = {"none": 0, "kernel_free": 1, "kernel_used": 1, "kernel_shared": 1, "user": 2}
@@ -161,6 +162,39 @@ class MMCore:
         self._later({"op": "donate", "frames": runs})
         return int(frames.size)
 
+    def _reclaim(self, want: int, most: int) -> Op:
+        """Take about ``want`` (at most ``most``) free frames back from the kernel. With the
+        pageblock policy the mm asks which of its kernel frames are free and names those that
+        give whole blocks back first; with first fit (or if the named frames were taken
+        meanwhile by a client's own call) the kernel chooses ``want`` frames."""
+        if not self.naive:
+            free = yield from self._kernel_free_frames()
+            if isinstance(free, np.ndarray):
+                frames = self.view.pick_reclaim(free, want, most)
+                if frames.size:
+                    result = yield KCall("reclaim", {"frames": R.from_array(frames)})
+                    self._note(result)
+                    if not isinstance(result, Error):
+                        return result
+        result = yield KCall("reclaim", {"count": want})
+        self._note(result)
+        return result
+
+    def _kernel_free_frames(self) -> Op:
+        """The kernel's free frames among those the view shows kernel-owned (a frame_info query)."""
+        runs = R.from_array(np.flatnonzero(self.view.state == KERNEL))
+        out = []
+        for i in range(0, len(runs), MAX_RUNS):
+            todo = runs[i:i + MAX_RUNS]
+            while todo:
+                result = yield KCall("frame_info", {"frames": todo, "max_segments": 65536})
+                if isinstance(result, Error):
+                    return result
+                out.extend(np.arange(first, first + count, dtype=np.int64)
+                           for first, count, kind, _ in result["segments"] if kind == "kernel_free")
+                todo = result["rest"]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
     def maintain(self) -> Op:
         """Keep the kernel's free pool between the watermarks."""
         cfg = self.config
@@ -171,8 +205,7 @@ class MMCore:
                 self._event(f"kernel pool {self.kernel_free - got} < low {cfg.low}: donated {got}")
         elif self.kernel_free > cfg.high:
             want = self.kernel_free - cfg.target
-            result = yield KCall("reclaim", {"count": want})
-            self._note(result)
+            result = yield from self._reclaim(want, self.kernel_free - cfg.low)
             if isinstance(result, dict) and result["reclaimed"]:
                 self.counters.reclaims += 1
                 self.counters.reclaimed_frames += result["reclaimed"]
@@ -296,6 +329,8 @@ class MMCore:
         result = yield from self._kcall("map", {"pid": c.pid, "vaddr": vaddr, "frames": runs, "prot": prot,
                                                 "large": large})
         if isinstance(result, Error):
+            if result.code == Errno.EIO:  # no answer: the kernel may have done it; the intent stays
+                return result  # pending until ``recover`` asks the kernel what happened
             yield from self._persist({"op": "undo", "n": n})
             return result
         yield from self._persist({"op": "done", "n": n})
@@ -309,11 +344,16 @@ class MMCore:
         if m.pages != args.pages:
             return Error(Errno.EINVAL, f"args.pages: the allocation at {args.vaddr:#x} has {m.pages} pages, "
                          f"not {args.pages}; free it whole", {"field": "pages"})
+        if m.pending:
+            return Error(Errno.EAGAIN, f"the allocation at {args.vaddr:#x} is still being settled with the kernel; "
+                         "try again", {"vaddr": args.vaddr})
         self.intent_no += 1
         n = self.intent_no
         yield from self._persist({"op": "intent", "n": n, "do": "unmap", "key": key, "vaddr": m.vaddr})
         result = yield from self._kcall("unmap", {"pid": c.pid, "vaddr": m.vaddr, "pages": m.pages})
         if isinstance(result, Error):
+            if result.code == Errno.EIO:  # outcome unknown: left pending for ``recover`` (see _map)
+                return result
             yield from self._persist({"op": "undo", "n": n})
             return result
         yield from self._persist({"op": "done", "n": n})

@@ -5,10 +5,30 @@ id), one ``Connection`` (DEALER) to the kernel, one SQLite journal. Requests
 are served one at a time; after each reply and every ``tick`` seconds the mm
 reads the kernel's events (client deaths) and keeps the kernel pool between
 its watermarks.
+
+The kernel going away is part of the model (DESIGN section 7). Each tick the
+mm asks the kernel's ``hello`` for its boot id:
+
+- no reply (a kernel call or the hello got EIO after its retries): the mm
+  logs "kernel unreachable" once and answers every request that needs the
+  kernel at once with EIO (no waiting on a dead peer); a non-blocking hello
+  probes the kernel, its reply picked up on a later tick;
+- the same boot id again (a pause, not a restart): it reconciles its view
+  with the kernel's frame table (``recover``) and carries on;
+- another boot id (the kernel restarted: all its processes and frames are
+  gone): the journal of the old boot is set aside, the view is rebuilt from
+  the new boot's address map and reconciled with its frame table (a call
+  resent across the restart may have reached the new kernel), and service
+  resumes. Clients' old allocations are gone with the old kernel; they see
+  EIO while it is down and fresh state afterwards.
+
+A kernel call that needed a resend makes the mm check the boot id at once,
+so it stops calling a restarted kernel with the old boot's state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -39,6 +59,7 @@ class MMOptions:
     tick: float = 0.2  # seconds between event polls / watermark checks
     kernel_timeout: float = 2.0
     connect_wait: float = 20.0  # how long to wait for the kernel at start
+    probe_timeout: float = 0.5  # seconds before a probe of a lost kernel is sent again (the mm never waits on it)
     fsync: bool = False
 
 
@@ -54,15 +75,58 @@ class MMServer:
         self.core: MMCore | None = None
         self.service: MMService | None = None
         self.journal: Journal | None = None
+        self.boot_id: str | None = None  # the kernel boot the view belongs to
+        self.kernel_lost: str | None = None  # why the kernel is considered unreachable, or None
+        self.kernel_restarts = 0
+        self.probe: tuple[int, float] | None = None  # (request id, sent at) of the hello probing a lost kernel
+        self.in_kcall = False  # waiting on the kernel: a stop signal aborts the wait (as kill -9 would)
         self.running = True
 
     # ---- effects ------------------------------------------------------------
 
     def kcall(self, call: str, args: dict[str, Any]) -> Any:
+        if self.kernel_lost is not None:  # fail fast: do not wait on a kernel known to be away
+            return Error(Errno.EIO, f"the kernel is unreachable ({self.kernel_lost}); the mm retries every "
+                         f"{self.opts.tick:g}s", {"endpoint": self.opts.kernel})
+        resends = self.kernel.resends
         try:
-            return self.kernel.call(call, args)
+            result: Any = self._kernel_call(call, args)
         except CallError as exc:
-            return exc.error
+            if exc.code == Errno.EIO:
+                self._kernel_lost(f"no reply to {call}")
+                return exc.error
+            result = exc.error
+        if self.kernel.resends != resends:
+            self._verify_boot()  # the resend may have reached a kernel that restarted meanwhile
+        return result
+
+    def _verify_boot(self) -> None:
+        """After a resend: if the answer came from another boot, stop calling the kernel until the
+        next tick rebuilds the view for that boot (and reconciles whatever the resent call did)."""
+        try:
+            boot = str(self._kernel_call("hello", timeout=self.opts.kernel_timeout, retries=0).get("boot_id", "0"))
+        except CallError:
+            self._kernel_lost("no reply to hello after a resend")
+            return
+        if boot != self.boot_id:
+            self._kernel_lost(f"it restarted: boot {str(self.boot_id)[:12]} -> {boot[:12]}")
+
+    def _kernel_call(self, call: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        """``Connection.call`` to the kernel, marked so a stop signal may abort the wait."""
+        self.in_kcall = True
+        try:
+            return self.kernel.call(call, args, **kw)
+        finally:
+            self.in_kcall = False
+
+    def _kernel_lost(self, why: str) -> None:
+        if self.kernel_lost is None:
+            self.kernel_lost = why
+            self.probe = None
+            msg = (f"mm: kernel unreachable at {self.opts.kernel} ({why}): answering EIO to requests that need "
+                   "it and checking on it every tick")
+            log.warning(msg)
+            print(msg, flush=True)
 
     def persist(self, ops: list[dict[str, Any]]) -> None:
         assert self.journal is not None
@@ -81,37 +145,125 @@ class MMServer:
                 amap = self.kernel.call("address_map")
                 return hello, amap
             except CallError as exc:
-                if exc.code != Errno.EIO or time.monotonic() > deadline:
-                    raise
+                if exc.code != Errno.EIO:
+                    raise SystemExit(f"mm: the kernel at {self.opts.kernel} refused {exc}") from None
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"mm: no kernel answered at {self.opts.kernel} within "
+                                     f"{self.opts.connect_wait:g}s") from None
                 log.info("waiting for the kernel at %s", self.opts.kernel)
 
     def start(self) -> None:
         hello, amap = self.connect_kernel()
         if not hello.get("is_mm"):
             raise SystemExit("the kernel does not know this mm key as its memory manager (keys from another run?)")
+        self._open_boot(hello, amap)
+
+    def _open_boot(self, hello: dict, amap: dict) -> None:
+        """(Re)build the view for the kernel boot ``hello`` describes: from the journal if it belongs to
+        that boot, else from the address map (a journal of an earlier boot is set aside)."""
         path = os.path.join(self.opts.run_dir, "mm.db")
-        self.journal, moved = Journal.open_for_boot(path, str(hello.get("boot_id", "0")), self.opts.fsync)
+        self.boot_id = str(hello.get("boot_id", "0"))
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        self.journal, moved = Journal.open_for_boot(path, self.boot_id, self.opts.fsync)
         if moved:
-            print(f"mm: the kernel restarted (new boot); the old journal was set aside as {moved}", flush=True)
-        self.core = MMCore(amap, hello, self.opts.config)
+            print(f"mm: the kernel restarted (new boot {self.boot_id[:12]}); the old journal was set aside as {moved}",
+                  flush=True)
+        self.core = MMCore(amap, hello, dataclasses.replace(self.opts.config))
         self.service = MMService(self.core, self.mm_pub.decode())
-        replayed = 0
-        for op in self.journal.replay():
+        ops = list(self.journal.replay())
+        for op in ops:
             self.core.view.apply(op)
-            replayed += 1
+        replayed = len(ops)
+        self.service.restore(ops)
         self.core.intent_no = max([0] + list(self.core.view.pending))
-        if replayed:
-            self.service.recovery = self.run_op(self.core.recover())
-            rec = self.service.recovery
-            if isinstance(rec, Error):
+        # always settle with the kernel, even with an empty journal: a donation made before the first
+        # journal write (donate ops ride with the next batch) is known to the kernel only
+        rec = self.run_op(self.core.recover())
+        if isinstance(rec, Error):
+            if replayed:
                 raise SystemExit(f"mm: recovery failed: {rec.message}")
+            log.warning("mm: could not settle with the kernel yet: %s", rec.message)
+        else:
+            self.service.recovery = rec
             found = rec["found"]["divergences"]
             left = rec["remaining"]["divergences"]
-            print(f"mm: rebuilt the view from {replayed} journal ops; settled {rec['settled_intents']} "
-                  f"pending intent(s); {found} divergent frame(s) found, {left} left after repair", flush=True)
-        else:
-            self.run_op(self.core.refresh())
+            if replayed or found:
+                print(f"mm: rebuilt the view from {replayed} journal ops; settled {rec['settled_intents']} "
+                      f"pending intent(s); {found} divergent frame(s) found, {left} left after repair", flush=True)
         self.run_op(self.core.maintain())
+
+    # ---- the kernel's health ---------------------------------------------------
+
+    def check_kernel(self) -> bool:
+        """Once per tick: is the kernel there, and is it still the boot our view belongs to?
+        Returns True when the mm may go on with its housekeeping."""
+        lost = self.kernel_lost is not None
+        if lost:
+            hello = self._probe()
+            if hello is None:
+                return False
+        else:
+            try:
+                hello = self._kernel_call("hello", timeout=self.opts.kernel_timeout, retries=0)
+            except CallError as exc:
+                if exc.code == Errno.EIO:
+                    self._kernel_lost("no reply to hello")
+                else:
+                    log.error("kernel refused hello: %s", exc)
+                return False
+        boot = str(hello.get("boot_id", "0"))
+        self.kernel_lost = None
+        if boot != self.boot_id:
+            try:
+                amap = self._kernel_call("address_map")
+            except CallError as exc:
+                if exc.code == Errno.EIO:
+                    self._kernel_lost("no reply to address_map")
+                return False
+            if not hello.get("is_mm"):
+                raise SystemExit("mm: the restarted kernel does not know this mm key as its memory manager")
+            self.kernel_restarts += 1
+            print(f"mm: the kernel restarted (boot {str(self.boot_id)[:12]} -> {boot[:12]}): its processes and "
+                  "frames are gone; rebuilding the view from the new boot's address map", flush=True)
+            self._open_boot(hello, amap)  # settles with the new kernel's frame table too (``recover``): a
+            assert self.core is not None  # call resent across the restart may have reached it
+            c = self.core.view.counts()
+            print(f"mm: serving the new boot: view free {c['free']}, used {c['used']}, kernel {c['kernel']} "
+                  f"of {c['ram']} RAM frames", flush=True)
+            return True
+        if lost:  # the same boot: calls may have happened whose replies we lost; settle with the kernel
+            assert self.core is not None
+            rec = self.run_op(self.core.recover())
+            if isinstance(rec, Error):
+                return False
+            assert self.service is not None
+            self.service.recovery = rec
+            print(f"mm: the kernel is back (same boot {boot[:12]}); reconciled: "
+                  f"{rec['found']['divergences']} divergent frame(s) found, "
+                  f"{rec['remaining']['divergences']} left", flush=True)
+        return True
+
+    def _probe(self) -> dict | None:
+        """While the kernel is lost: a ``hello`` that never blocks the mm (clients keep getting quick
+        answers). Sends one, and on later ticks picks up its reply; resends after ``probe_timeout``.
+        The kernel's hello result once it answers, else None."""
+        now = time.monotonic()
+        if self.probe is not None:
+            rid, sent = self.probe
+            while True:
+                got, result = self.kernel.collect(timeout=0)
+                if got is None and isinstance(result, Error) and result.code == Errno.EIO:
+                    break  # nothing (more) has arrived
+                if got == rid:
+                    self.probe = None
+                    return result if isinstance(result, dict) else None
+            if now - sent < self.opts.probe_timeout:
+                return None
+            self.kernel.reset()  # drop the socket queued towards a dead peer
+        self.probe = (self.kernel.submit("hello"), now)
+        return None
 
     # ---- serving ---------------------------------------------------------------
 
@@ -124,9 +276,14 @@ class MMServer:
         sock.curve_publickey = self.mm_pub
         sock.curve_secretkey = self.mm_sec
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
+        sock.sndhwm = wire.REPLY_QUEUE  # as the kernel: no reply dropped for a client with many in flight
         try:
+            if keys.ipc_in_use(self.opts.bind):
+                raise zmq.ZMQError(zmq.EADDRINUSE, "Address already in use (another process listens there)")
             sock.bind(self.opts.bind)
         except zmq.ZMQError as exc:
+            sock.close(0)
+            auth.stop()
             raise SystemExit(f"mm: cannot bind {self.opts.bind}: {exc}") from None
         endpoint = keys.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         keys.write_endpoint(self.opts.run_dir, "mm", endpoint)
@@ -154,8 +311,9 @@ class MMServer:
                         self._handle(sock, frames)
                         self.run_op(self.core.maintain())
                 if time.monotonic() >= next_tick:
-                    self.run_op(self.core.poll_events())
-                    self.run_op(self.core.maintain())
+                    if self.check_kernel():
+                        self.run_op(self.core.poll_events())
+                        self.run_op(self.core.maintain())
                     next_tick = time.monotonic() + self.opts.tick
         finally:
             sock.close(0)
@@ -167,6 +325,8 @@ class MMServer:
 
     def _stop(self, *_: Any) -> None:
         self.running = False
+        if self.in_kcall:  # do not sit out a dead kernel's timeouts; the journal makes this safe
+            raise SystemExit("mm: stopped by a signal while waiting on the kernel")
 
     def _handle(self, sock: zmq.Socket, frames: list) -> None:
         rid = frames[0].bytes
@@ -182,7 +342,31 @@ class MMServer:
         return self.run_op(self.service.handle(identity, data))
 
 
+def lock_run_dir(run_dir: str) -> int:
+    """Hold RUN/mm.lock for the life of this process: one mm per run directory (one journal, one
+    donor). The OS drops the lock when the process dies, even by ``kill -9``. Returns the fd."""
+    import fcntl
+
+    path = os.path.join(run_dir, "mm.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SystemExit(f"mm: another mm (pid {other}) is running with the run directory {run_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def run(opts: MMOptions) -> None:
-    server = MMServer(opts)
-    server.start()
-    server.serve()
+    lock = lock_run_dir(opts.run_dir)
+    try:
+        if keys.ipc_in_use(opts.bind):
+            raise SystemExit(f"mm: cannot bind {opts.bind}: another process listens there")
+        server = MMServer(opts)
+        server.start()
+        server.serve()
+    finally:
+        os.close(lock)

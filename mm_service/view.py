@@ -3,14 +3,16 @@
 Rules for this file: no sockets, clocks, randomness or I/O. The view is built
 from the kernel's boot ``address_map`` and then changed only by ``apply(op)``,
 with ``op`` a plain dict (the same dicts the journal stores), so replaying the
-journal rebuilds exactly the view the mm had. Frame placement lives here too:
-small requests and donations come from large-page blocks that are already
-broken before whole blocks are touched (Linux's pageblock idea), so aligned
-runs for large pages survive churn.
+journal rebuilds exactly the view the mm had. Frame placement lives here too
+(``pick``, ``pick_reclaim``; pure): each large-page-aligned block has an owner,
+an owner's small pages and the kernel's donations gather in their own blocks,
+and settled (long-lived) owners keep theirs, so aligned runs for large pages
+survive churn (Linux's pageblock idea; the rules are in docs/large-pages.md).
 
 Per frame (numpy): ``state`` (NONE / KERNEL / FREE / USED) and ``refs`` (the
-mappings the mm made of that frame). Per client: its pid and its mappings,
-keyed by virtual address.
+mappings the mm made of that frame). Per block (numpy): ``bfree`` (free frames),
+``bowner`` (owner tag) and ``never_whole``. Per client: its pid, its owner tag
+and its mappings, keyed by virtual address.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from protocol import runs as R
+from protocol.wire import MAX_RUNS
 
 NONE, KERNEL, FREE, USED = 0, 1, 2, 3
 STATE_NAMES = {NONE: "none", KERNEL: "kernel", FREE: "free", USED: "used"}
 PAGE = 4096
-KERNEL_TAG, USER_TAG = 0, 1  # block classes: kernel (pinned, donated) and user frames
+KERNEL_TAG = 0  # the kernel's owner tag for blocks (donations); clients get 1, 2, ... in arrival order
 VA_START = 0x40_0000  # first virtual address the mm hands out (4 MiB: keep page 0 unmapped)
 
 
@@ -80,14 +83,16 @@ class View:
         padded[:n] = self.state
         self.bfree = np.count_nonzero(padded.reshape(nblocks, self.block) == FREE, axis=1).astype(np.int32)
         # blocks that hold something else at boot (holes, the kernel image, ...) can never be
-        # a large page: small requests and donations use them first
+        # a large page (unless the kernel gives all their frames back): small requests and
+        # donations use them first
         self.never_whole = self.bfree < self.block
         self.clients: dict[str, ClientState] = {}
         self.by_pid: dict[int, str] = {}
         self.pending: dict[int, dict[str, Any]] = {}  # intent number -> op
         self.event_seq = 0
-        self.bowner = np.full(nblocks, -1, dtype=np.int32)  # tag of whoever broke each block
+        self.bowner = np.full(nblocks, -1, dtype=np.int32)  # owner tag of each block (-1: none yet)
         self.next_tag = KERNEL_TAG + 1
+        self.alive: set[int] = {KERNEL_TAG}  # tags of the owners that exist (the kernel and live clients)
         self.ram = int(np.count_nonzero(self.state))
 
     # ---- queries ----------------------------------------------------------
@@ -109,52 +114,103 @@ class View:
 
     def pick(self, n: int, *, below: int | None = None, large: bool = False, naive: bool = False,
              owner: int = -1) -> np.ndarray | None:
-        """Choose ``n`` free frames (ascending within a block), or None if there are not enough.
+        """Choose ``n`` free frames, or None if there are not enough. Pure: changes nothing.
 
-        ``large``: n is a multiple of the block and whole aligned free blocks are taken.
-        ``naive``: plain first fit, for comparison with the anti-fragmentation policy.
-        ``below``: only frames below this frame number (kernel-eligible ones for donations).
+        ``large``: n is a multiple of the block and whole aligned free blocks are taken, lowest first.
+        ``naive``: plain first fit (the lowest free frames), for comparison with the block policy.
+        ``below``: only frames below this frame number (kernel-eligible ones, for donations).
         ``owner``: the tag of who gets them (a client's tag, or KERNEL_TAG for donations).
+
+        Small requests and donations take blocks in this order (docs/large-pages.md):
+        1. blocks that can never be a large page (a hole or boot data in them), fullest first;
+        2. the owner's own blocks, fullest first, so an owner's pages gather in few blocks;
+        3. whole free blocks, lowest first (a block broken becomes the owner's);
+        4. other blocks, except those of settled owners, most free first (the owner takes a
+           block over if its owner is gone or younger: see ``_may_take``);
+        5. blocks of other settled owners (``_settled``), fullest first.
         """
         B = self.block
-        limit_block = (self.n if below is None else min(below, self.n)) // B if below is not None else None
+        top = self.n if below is None else min(below, self.n)
         if large:
-            whole = np.flatnonzero(self.bfree == B)
-            if limit_block is not None:
-                whole = whole[whole < limit_block]
+            whole = np.flatnonzero(self.bfree[: top // B] == B)
             need = n // B
             if whole.size < need:
                 return None
             return (whole[:need, None] * B + np.arange(B)).reshape(-1)
         if naive:
-            free = np.flatnonzero(self.state[: below or self.n] == FREE)
+            free = np.flatnonzero(self.state[:top] == FREE)
             return free[:n] if free.size >= n else None
+        bfree = self.bfree[: -(-top // B)]
+        if int(bfree.sum()) < n:  # (the last block may reach beyond ``top``: the walk below checks)
+            return None
+        some = np.flatnonzero(bfree > 0)
+        whole = bfree[some] == B
+        spoilt = self.never_whole[some] & ~whole
+        broken = some[~spoilt & ~whole]
+        bo = self.bowner[broken]
+        mine = bo == owner
+        settled = ~mine & self._settled(bo)
+        fullest = lambda blocks: blocks[np.argsort(bfree[blocks], kind="stable")]
+        tiers = (fullest(some[spoilt]), fullest(broken[mine]), some[whole],
+                 fullest(broken[~mine & ~settled])[::-1], fullest(broken[settled]))
         out: list[np.ndarray] = []
         got = 0
-        partial = np.flatnonzero((self.bfree > 0) & (self.bfree < B))
-        whole = np.flatnonzero(self.bfree == B)
-        if limit_block is not None:
-            partial, whole = partial[partial < limit_block], whole[whole < limit_block]
-        # fewest free frames first: fill broken blocks before breaking whole ones, and
-        # keep each owner's frames together so that blocks free up whole when it lets go
-        partial = partial[np.argsort(self.bfree[partial], kind="stable")]
-        spoilt = self.never_whole[partial]
-        mine = ~spoilt & (self.bowner[partial] == owner)
-        order = [partial[spoilt], partial[mine], whole, partial[~spoilt & ~mine]]
-        seen = set()
-        for blocks in order:
+        for blocks in tiers:
             for b in blocks.tolist():
-                if b in seen:
-                    continue
-                seen.add(b)
                 lo = b * B
-                hi = min(lo + B, self.n if below is None else min(below, self.n))
-                f = np.flatnonzero(self.state[lo:hi] == FREE)[: n - got] + lo
+                f = np.flatnonzero(self.state[lo:min(lo + B, top)] == FREE)[: n - got] + lo
                 out.append(f)
                 got += f.size
                 if got >= n:
                     return np.concatenate(out)
         return None
+
+    def _alive(self, owners: np.ndarray) -> np.ndarray:
+        return np.isin(owners, np.fromiter(self.alive, dtype=np.int64, count=len(self.alive)))
+
+    def _settled(self, owners: np.ndarray) -> np.ndarray:
+        """Which owners are settled, that is likely to live long: the kernel, and live clients
+        that have seen more clients arrive since they came than there are clients now. By
+        Little's law that means they have outlived the mean client lifetime; a process that has
+        lived long is likely to live long still (Harchol-Balter and Downey, 1997)."""
+        young_limit = self.next_tag - (len(self.alive) - 1)  # tags at or above this are young
+        return (owners == KERNEL_TAG) | (self._alive(owners) & (owners > KERNEL_TAG) & (owners < young_limit))
+
+    def _may_take(self, owners: np.ndarray, owner: int) -> np.ndarray:
+        """Which of these block owners a request by ``owner`` takes a block over from: owners
+        that are gone, and owners younger than it (a larger tag; the kernel, tag 0, is the oldest
+        owner of all). A block so ends up with the longest-lived owner that uses it."""
+        return ~self._alive(owners) | ((owners > owner) & (owner >= 0))
+
+    def pick_reclaim(self, kernel_free: np.ndarray, n: int, most: int | None = None) -> np.ndarray:
+        """Of the kernel's free frames (as the kernel just reported them), the ones to take back:
+        ``n`` of them, or up to ``most`` when that empties one more block of kernel frames.
+        Sorted; pure. Blocks are taken in this order: those that are then entirely free (a
+        large page again), then those left with the fewest frames not free; blocks that can
+        never be a large page last."""
+        B = self.block
+        most = n if most is None else max(n, most)
+        kf = np.unique(kernel_free)
+        if kf.size == 0 or n <= 0:
+            return kf[:0]
+        blocks = kf // B
+        ub, first, counts = np.unique(blocks, return_index=True, return_counts=True)
+        left = B - self.bfree[ub] - counts  # frames still not free in each block afterwards
+        left = np.where(self.never_whole[ub], B + 1, left)
+        order = np.lexsort((counts, left))  # fewest left first; among equals, fewest frames to move
+        parts = []
+        total = 0
+        for i in order.tolist():
+            if total >= n:
+                break
+            k = int(counts[i]) if total + int(counts[i]) <= most else n - total
+            parts.append(kf[first[i]:first[i] + k])
+            total += k
+        take = np.sort(np.concatenate(parts))
+        runs = R.from_array(take)
+        if len(runs) > MAX_RUNS:  # keep the request within the wire's run limit
+            take = R.to_array(runs[:MAX_RUNS])
+        return take
 
     # ---- changes (only through ops) -----------------------------------------
 
@@ -164,12 +220,18 @@ class View:
         old = self.state[frames]
         blocks = frames // self.block
         leaving = blocks[old == FREE]
-        if leaving.size and new != FREE:
+        if leaving.size and new != FREE and owner >= 0:
+            # who breaks a whole block owns it; an older owner (or anyone, once the owner is
+            # gone) takes a broken block over by taking frames from it
             ub = np.unique(leaving)
-            self.bowner[ub[self.bfree[ub] == self.block]] = owner  # who breaks a whole block owns it
-        np.add.at(self.bfree, leaving, -1)
-        if new == FREE:
-            np.add.at(self.bfree, blocks, 1)
+            bo = self.bowner[ub]
+            whole = self.bfree[ub] == self.block
+            take = whole | (~self.never_whole[ub] & (bo != owner) & self._may_take(bo, owner))
+            self.bowner[ub[take]] = owner
+        if new != FREE:
+            np.add.at(self.bfree, leaving, -1)
+        else:
+            np.add.at(self.bfree, blocks[old != FREE], 1)
         self.state[frames] = new
 
     def _refs(self, frames: np.ndarray, delta: int, owner: int = -1) -> None:
@@ -200,12 +262,17 @@ class View:
     def apply(self, op: dict[str, Any]) -> None:
         kind = op["op"]
         if kind == "client":
+            old = self.clients.get(op["key"])
+            if old is not None:
+                self.alive.discard(old.tag)
             self.clients[op["key"]] = ClientState(op["key"], op["pid"], tag=self.next_tag)
+            self.alive.add(self.next_tag)
             self.next_tag += 1
             self.by_pid[op["pid"]] = op["key"]
         elif kind == "client_gone":
             c = self.clients.pop(op["key"], None)
             if c is not None:
+                self.alive.discard(c.tag)
                 self.by_pid.pop(c.pid, None)
                 for v in list(c.maps):
                     self._drop_mapping(c, v)
@@ -243,6 +310,8 @@ class View:
             self._set(R.to_array(op["frames"]), FREE)
         elif kind == "events":
             self.event_seq = max(self.event_seq, op["seq"])
+        elif kind == "reply":
+            pass  # a journaled reply: the service's replay cache, not the view (MMService.restore)
         elif kind == "repair":
             # set frames to a state after a reconciliation found the kernel disagreeing
             a = R.to_array(op["frames"])
