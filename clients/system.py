@@ -213,23 +213,26 @@ class System:
         return self.parts[name].proc.wait(timeout)
 
     def stop(self, timeout: float = 5.0) -> dict[str, int | None]:
-        """Clients first, then the mm, then the kernel: SIGTERM, then SIGKILL after ``timeout``."""
-        order = sorted(self.parts.values(), key=lambda p: {"kernel": 2, "mm": 1}.get(p.role, 0))
-        for p in order:
-            if p.alive():
-                try:
-                    os.kill(p.pid, signal.SIGCONT)
-                    os.kill(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        """Clients first, then the mm, then the kernel (so no part waits on a peer that is already gone):
+        each group gets SIGTERM, then SIGKILL after ``timeout`` seconds. The exit statuses by name."""
         codes: dict[str, int | None] = {}
-        deadline = time.monotonic() + timeout
-        for p in order:
-            try:
-                codes[p.name] = p.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                codes[p.name] = p.proc.wait()
+        rank = {"kernel": 2, "mm": 1}
+        for level in (0, 1, 2):
+            group = [p for p in self.parts.values() if rank.get(p.role, 0) == level]
+            for p in group:
+                if p.alive():
+                    try:
+                        os.kill(p.pid, signal.SIGCONT)  # a paused process cannot act on SIGTERM
+                        os.kill(p.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + timeout
+            for p in group:
+                try:
+                    codes[p.name] = p.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.proc.kill()
+                    codes[p.name] = p.proc.wait()
         return codes
 
     def __enter__(self) -> "System":

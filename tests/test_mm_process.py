@@ -1,0 +1,440 @@
+"""The memory manager as a real process between a real kernel and real clients: alloc/free/share over
+the wire, donations when the kernel runs short, kill -9 of the mm mid-request and its recovery from
+the journal, client death, the `mmsim audit` command, a lying holder of the mm's key, and large pages.
+
+Run directories come from ``tempfile.mkdtemp(prefix="mmt-", dir="/tmp")`` so ipc paths stay short;
+every process a test starts is stopped by a fixture finalizer, also when the test fails. Waiting is
+done by polling with a deadline, never by fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import pytest
+
+from clients.client import Client
+from clients.system import System, _die_with_parent
+from kernel_server.cli import default_ipc_dir
+from protocol import PROT_READ, PROT_WRITE, keys
+from protocol.connection import Connection
+from protocol.errors import CallError
+from protocol.runs import to_array
+
+LEASE = 1.0
+COUNTERS = ("calls", "refused", "replayed")  # kernel stats fields that count calls, not state
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def new_run_dir() -> str:
+    return tempfile.mkdtemp(prefix="mmt-", dir="/tmp")
+
+
+def remove_run_dir(run_dir: str) -> None:
+    shutil.rmtree(default_ipc_dir(run_dir), ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def state(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stats.items() if k not in COUNTERS}
+
+
+def conserved(st: dict[str, Any]) -> bool:
+    """I7 on the kernel's own figures."""
+    return st["kernel_free"] + st["kernel_used"] + st["kernel_shared"] + st["user_free"] + st["user_mapped"] == st["ram"]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def log_of(s: System, name: str) -> str:
+    with open(s.parts[name].log_path, errors="replace") as f:
+        return f.read()
+
+
+def mm_stats(s: System) -> dict[str, Any]:
+    with s.connection("mm") as conn:
+        return conn.call("stats")
+
+
+def mmsim(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+@pytest.fixture
+def make_system():
+    """Make Systems (kernel and mm as real processes); all are stopped and their directories removed."""
+    made: list[System] = []
+
+    def make(**kw: Any) -> System:
+        kw.setdefault("lease", LEASE)
+        kw.setdefault("clients", 2)
+        s = System(new_run_dir(), **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop(timeout=3.0)
+        remove_run_dir(s.run_dir)
+
+
+@pytest.fixture
+def spawn():
+    """Start helper processes (python -c clients); each is killed at the end."""
+    procs: list[subprocess.Popen] = []
+
+    def start(argv: list[str], **kw: Any) -> subprocess.Popen:
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return [ln for ln in f.read().split("\n")[:-1]]  # whole lines only
+    except FileNotFoundError:
+        return []
+
+
+# ---- the basics over the wire ----------------------------------------------------------------------
+
+def test_alloc_free_share_and_stats_over_the_wire(make_system):
+    s = make_system()
+    s.start()
+    base = s.kernel_stats()
+    with Client.from_run_dir(s.run_dir, "client-0") as a, Client.from_run_dir(s.run_dir, "client-1") as b:
+        a.start_keepalive()
+        b.start_keepalive()
+        got = a.alloc(8, PROT_READ | PROT_WRITE)
+        frames = to_array(got["frames"])
+        assert frames.size == 8 and got["pages"] == 8 and got["vaddr"] % 4096 == 0
+        st = s.kernel_stats()
+        assert st["user_mapped"] == base["user_mapped"] + 8 and st["processes"] == 1 and conserved(st)
+
+        shared = a.share(got["vaddr"], 8, b.identity, 0x1000_0000, prot=PROT_READ)
+        assert shared["peer"] == b.identity and to_array(shared["frames"]).tolist() == frames.tolist()
+        with pytest.raises(CallError) as ei:  # more access than the allocation has: refused
+            a.share(got["vaddr"], 8, b.identity, 0x2000_0000, prot=PROT_READ | PROT_WRITE | 4)
+        assert ei.value.name in ("EPERM", "ENOTSUP")
+        with s.connection("kernel", identity="mm") as k:
+            seg = k.call("frame_info", {"frames": got["frames"]})["segments"]
+        assert all(kind == "user" and refs == 2 for _, _, kind, refs in seg)  # the refcount path
+        st = s.kernel_stats()
+        pages = {p["key"]: p["pages"] for p in st["per_process"]}
+        assert pages == {a.identity: 8, b.identity: 8} and st["user_mapped"] == base["user_mapped"] + 8
+
+        you = a.mm_stats()
+        assert you["you"]["charged"] == 8 and you["you"]["mappings"] == 1 and you["clients"] == 2
+        assert b.mm_stats()["you"]["charged"] == 0  # a share is charged to its owner only
+
+        freed = a.free(got["vaddr"], 8)
+        assert to_array(freed["frames"]).tolist() == frames.tolist()
+        with pytest.raises(CallError) as ei:
+            a.free(got["vaddr"], 8)
+        assert ei.value.name == "EINVAL"
+        st = s.kernel_stats()
+        assert st["user_mapped"] == base["user_mapped"] + 8  # still mapped by the peer
+        b.free(0x1000_0000, 8)
+        st = s.kernel_stats()
+        assert st["user_mapped"] == base["user_mapped"] and conserved(st)
+        view = mm_stats(s)["view"]
+        assert view["used"] == 0 and view["free"] + view["kernel"] == view["ram"]
+    report = s.audit()
+    assert report["divergences"] == 0, report
+
+
+def test_sparse_allocs_make_the_mm_donate_page_table_memory(make_system):
+    # a kernel pool of 2 frames (one process costs both) and no proactive donation: every page table
+    # must come from the mm answering the kernel's ENOMEM, invisibly to the client
+    s = make_system(kernel_pool=2, mm_args=["--low", "0", "--target", "0", "--high", "100000"])
+    s.start()
+    start = s.kernel_stats()
+    assert start["kernel_free"] == 2
+    n = 40
+    with Client.from_run_dir(s.run_dir, "client-0") as c:
+        c.start_keepalive()
+        for i in range(n):  # 4 MiB apart: each needs its own page table on i686
+            got = c.alloc(1, vaddr=(i + 1) * 0x40_0000)
+            assert got["vaddr"] == (i + 1) * 0x40_0000
+        st = s.kernel_stats()
+        proc = st["per_process"][0]
+        assert proc["pages"] == n and proc["tables"] == n + 1  # the page directory and one table per alloc
+        assert conserved(st)
+        ms = c.mm_stats()
+        assert ms["counters"]["enomem_retries"] >= 2 and ms["counters"]["donations"] >= 2
+        assert ms["counters"]["donated_frames"] >= n
+        assert ms["counters"]["refused"] == 0
+    report = s.audit()
+    assert report["divergences"] == 0, report
+
+
+# ---- kill -9 of the mm ------------------------------------------------------------------------------
+
+LOOP_SRC = """
+import json, os, sys, time
+from clients.client import Client
+from protocol.errors import CallError
+run, name, out, stop = sys.argv[1:5]
+c = Client.from_run_dir(run, name, timeout=0.4, retries=1)
+c.start_keepalive(0.2)
+held, i = [], 0
+with open(out, "a", buffering=1) as f:
+    while not os.path.exists(stop):
+        i += 1
+        t = time.monotonic()
+        try:
+            if len(held) >= 6:
+                v, n = held.pop(0)
+                c.free(v, n)
+                rec = {"call": "free", "ok": True}
+            else:
+                n = 1 + i % 5
+                got = c.alloc(n)
+                held.append((got["vaddr"], n))
+                rec = {"call": "alloc", "ok": True}
+        except CallError as e:
+            rec = {"ok": False, "code": e.name}
+        rec["t"] = time.monotonic() - t
+        f.write(json.dumps(rec) + "\\n")
+c.close()
+"""
+
+
+def test_kill_9_of_the_mm_mid_request_then_recovery_from_the_journal(make_system, spawn):
+    s = make_system(lease=1.5)
+    s.start()
+    out = os.path.join(s.run_dir, "loop.jsonl")
+    stop = os.path.join(s.run_dir, "loop.stop")
+    loop = spawn([sys.executable, "-c", LOOP_SRC, s.run_dir, "client-0", out, stop])
+
+    def oks() -> int:
+        return sum(1 for ln in lines(out) if json.loads(ln)["ok"])
+
+    wait_for(lambda: oks() >= 30, 20, "the looping client to get going")
+    with Client.from_run_dir(s.run_dir, "client-1", timeout=0.3, retries=1) as probe:
+        for cycle in range(3):
+            s.kill("mm", signal.SIGKILL)  # the loop has a request in flight nearly all the time
+            t0 = time.monotonic()
+            with pytest.raises(CallError) as ei:  # while the mm is down: a quick EIO, not a hang
+                probe.alloc(1)
+            assert ei.value.name == "EIO" and time.monotonic() - t0 < 3
+            seen = oks()
+            s.start_mm()
+            log = log_of(s, "mm")
+            assert log.count("rebuilt the view from") == cycle + 1, log
+            assert " 0 left after repair" in log.split("rebuilt the view")[-1], log
+            wait_for(lambda seen=seen: oks() >= seen + 10, 20, "the looping client to be served again")
+        # the loop nearly always has a request in flight: its intent was journaled, the kernel's answer not
+        settled = [int(n) for n in re.findall(r"settled (\d+) pending intent", log)]
+        assert len(settled) == 3 and sum(settled) >= 1, log
+        report = s.audit()
+        assert report["divergences"] == 0 and report["pending"] == 0, report
+        assert report["recovery"]["remaining"]["divergences"] == 0
+
+    open(stop, "w").close()
+    assert loop.wait(20) == 0
+    recs = [json.loads(ln) for ln in lines(out)]
+    failed = [r for r in recs if not r["ok"]]
+    assert all(r["code"] == "EIO" for r in failed), failed[:5]
+    assert max(r["t"] for r in recs) < 0.4 * 2 + 2.0  # every call ended within its attempts: nothing hung
+    st = s.kernel_stats()
+    assert conserved(st)
+    report = s.audit()  # the loop's process is still alive (lease): views agree on its mappings too
+    assert report["divergences"] == 0, report
+    report = s.wait_quiet(timeout=10)
+    assert report["divergences"] == 0, report
+    st = s.kernel_stats()
+    assert st["processes"] == 0 and st["user_mapped"] == 0 and conserved(st)
+    wait_for(lambda: mm_stats(s)["view"]["used"] == 0, 5, "the mm to forget the loop client")
+
+
+# ---- client death -------------------------------------------------------------------------------------
+
+HOLDER_SRC = """
+import sys, time
+from clients.client import Client
+c = Client.from_run_dir(sys.argv[1], sys.argv[2])
+c.start_keepalive()
+c.alloc(int(sys.argv[3]))
+c.alloc(int(sys.argv[3]))
+open(sys.argv[4], "w").close()
+time.sleep(120)
+"""
+
+
+def test_kill_9_of_a_client_returns_its_frames_to_the_mm(make_system, spawn):
+    s = make_system()
+    s.start()
+    base = mm_stats(s)
+    ready = os.path.join(s.run_dir, "holder.ready")
+    holder = spawn([sys.executable, "-c", HOLDER_SRC, s.run_dir, "client-0", "20", ready])
+    wait_for(lambda: os.path.exists(ready), 20, "the client to allocate")
+    during = mm_stats(s)
+    assert during["view"]["used"] == 40 and during["view"]["free"] <= base["view"]["free"] - 40
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(10)
+    killed = time.monotonic()
+    after = wait_for(lambda: (x := mm_stats(s))["view"]["used"] == 0 and x, LEASE + 0.2 + 5,
+                     "the frames to return to the mm's free view")
+    assert time.monotonic() - killed < LEASE + 0.2 + 5
+    assert after["counters"]["deaths"] == 1 and after["clients"] == 0
+    assert after["view"]["free"] + after["view"]["kernel"] == base["view"]["free"] + base["view"]["kernel"]
+    report = s.audit()
+    assert report["divergences"] == 0, report
+
+
+# ---- the audit command ----------------------------------------------------------------------------------
+
+def test_the_audit_command_and_one_mm_per_run_directory(make_system):
+    s = make_system()
+    s.start()
+    # a second mm on the same run directory (same journal) is refused before it touches anything
+    r = mmsim("mm", "--run-dir", s.run_dir, "--bind", f"ipc://{s.run_dir}/mm2.sock")
+    assert r.returncode != 0 and f"another mm (pid {s.parts['mm'].pid})" in r.stderr, r.stderr
+    with Client.from_run_dir(s.run_dir, "client-0") as c:
+        c.start_keepalive()
+        c.alloc(5)
+        r = mmsim("audit", "--run-dir", s.run_dir)
+        assert r.returncode == 0, r.stderr
+        assert "divergences: 0" in r.stdout and "user mapped" in r.stdout
+        r = mmsim("audit", "--run-dir", s.run_dir, "--json")
+        assert r.returncode == 0
+        report = json.loads(r.stdout)
+        assert report["divergences"] == 0 and report["mm_view"]["used"] == 5 and report["kernel_view"]["user_mapped"] == 5
+
+    # no mm has ever run in this run directory: a clear message and exit 2
+    bare = make_system()
+    bare.start_kernel()
+    r = mmsim("audit", "--run-dir", bare.run_dir)
+    assert r.returncode == 2 and "audit failed" in r.stderr and "mm.endpoint" in r.stderr
+    assert "is the mm running" in r.stderr
+    # an mm that died (its endpoint file is left behind): exit 2 after the timeout, not a hang
+    s.kill("mm", signal.SIGKILL)
+    t0 = time.monotonic()
+    r = mmsim("audit", "--run-dir", s.run_dir, "--timeout", "0.5")
+    assert r.returncode == 2 and "EIO" in r.stderr and "is the mm running?" in r.stderr
+    assert time.monotonic() - t0 < 20
+
+
+# ---- a lying mm ---------------------------------------------------------------------------------------------
+
+def test_a_lying_holder_of_the_mm_key_is_refused_and_changes_nothing(make_system):
+    s = make_system()
+    s.start()
+    with Client.from_run_dir(s.run_dir, "client-0") as c:
+        c.start_keepalive()
+        got = c.alloc(4)
+        in_use = to_array(got["frames"])
+        pid = c.hello()["pid"]
+        mm_pub, mm_sec = keys.load_keypair(s.run_dir, "mm")
+        endpoint = keys.read_endpoint(s.run_dir, "kernel")
+        with Connection(endpoint, keys.public_key(s.run_dir, "kernel"), mm_pub, mm_sec, timeout=2) as liar:
+            amap = liar.call("address_map")
+            region = {e["kind"]: e for e in amap["entries"]}
+            pool = region["kernel_pool"]
+            table = region["frame_table"]
+            image = region["kernel_image"]
+            seg = liar.call("frame_info", {"frames": [[pool["first"], pool["count"]]]})["segments"]
+            kfree = next(first for first, _, kind, _ in seg if kind == "kernel_free")
+            user = [e for e in amap["entries"] if e["kind"] == "user"][-1]
+            free_user = user["first"] + user["count"] - 8  # the top of RAM: never handed out this early
+            seg = liar.call("frame_info", {"frames": [[free_user, 8]]})["segments"]
+            assert seg == [[free_user, 8, "user", 0]]
+            before = s.kernel_stats()
+            lies = [
+                ("donate", {"frames": [[int(in_use[0]), 1], [free_user, 2]]}, "EBUSY"),
+                ("donate", {"frames": [[kfree, 1]]}, "EEXIST"),
+                ("donate", {"frames": [[free_user, 2], [free_user + 1, 2]]}, "EINVAL"),  # a frame twice
+                ("reclaim", {"frames": [[table["first"], 2]]}, "EBUSY"),
+                ("reclaim", {"frames": [[image["first"], 1]]}, "EBUSY"),
+                ("reclaim", {"frames": [[int(in_use[0]), 1]]}, "EINVAL"),
+                ("reclaim", {"frames": [[free_user, 4]]}, "EINVAL"),
+                ("map", {"pid": pid, "vaddr": 0x3000_0000, "frames": [[kfree, 1]], "prot": PROT_READ | PROT_WRITE},
+                 "EPERM"),
+                ("map", {"pid": pid, "vaddr": 0x3000_0000, "frames": [[image["first"], 1]],
+                         "prot": PROT_READ | PROT_WRITE}, "EPERM"),
+                ("map", {"pid": 9999, "vaddr": 0x3000_0000, "frames": [[free_user, 1]], "prot": PROT_READ}, "ESRCH"),
+                ("map", {"pid": pid, "vaddr": 0x3000_0000, "frames": [[free_user, 1]], "prot": 6}, "ENOTSUP"),
+                ("proc_destroy", {"pid": 9999}, "ESRCH"),
+                ("proc_create", {"key": mm_pub.decode()}, "EINVAL"),
+            ]
+            for call, args, code in lies:
+                with pytest.raises(CallError) as ei:
+                    liar.call(call, args)
+                assert ei.value.name == code, (call, args, ei.value)
+            with pytest.raises(CallError) as ei:
+                liar.call("donate", {"frames": [[int(in_use[0]), 1], [free_user, 2]]})
+            named = to_array(ei.value.details["frames"]).tolist()
+            assert named == [int(in_use[0])]  # EBUSY names exactly the frame in use
+            after = s.kernel_stats()
+            assert state(after) == state(before)
+            seg = liar.call("frame_info", {"frames": got["frames"]})["segments"]
+            assert all(kind == "user" and refs == 1 for _, _, kind, refs in seg)
+        report = s.audit()
+        assert report["divergences"] == 0, report
+        c.free(got["vaddr"], 4)  # the real mm still works with the frames the liar tried to take
+
+
+# ---- large pages -------------------------------------------------------------------------------------------
+
+def test_a_large_page_through_the_mm_on_i686_pae(make_system):
+    s = make_system(arch="i686-pae")
+    s.start()
+    with Client.from_run_dir(s.run_dir, "client-0") as c:
+        c.start_keepalive()
+        assert c.hello()["large_page_sizes"] == [2 << 20]
+        small = c.alloc(1)
+        got = c.alloc(512, large=True)
+        frames = to_array(got["frames"])
+        assert got["frames"] == [[int(frames[0]), 512]] and frames[0] % 512 == 0
+        assert got["vaddr"] % (2 << 20) == 0
+        st = s.kernel_stats()
+        proc = st["per_process"][0]
+        assert proc["large_pages"] == 1 and proc["pages"] == 1
+        # the page directory for each 1 GiB, and one leaf table: the small page's, none for the large page
+        small_pd = small["vaddr"] >> 30
+        large_pd = got["vaddr"] >> 30
+        assert proc["tables"] == len({small_pd, large_pd}) + 1
+        assert st["user_mapped"] == 513 and conserved(st)
+        with s.connection("kernel", identity="mm") as k:
+            with pytest.raises(CallError) as ei:  # donation stays per frame: any frame of it is busy
+                k.call("donate", {"frames": [[int(frames[100]), 1]]})
+            assert ei.value.name == "EBUSY"
+        c.free(got["vaddr"], 512)
+        st = s.kernel_stats()
+        proc = st["per_process"][0]
+        assert proc["large_pages"] == 0 and proc["pages"] == 1 and st["user_mapped"] == 1
+        c.free(small["vaddr"], 1)
+    report = s.audit()
+    assert report["divergences"] == 0 and report["mm_view"]["used"] == 0, report
