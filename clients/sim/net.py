@@ -1,0 +1,105 @@
+"""The simulated message layer: every message between simulated processes goes through here.
+
+A message carries the sender's identity (what CURVE would authenticate) and
+the exact request or reply bytes of the real wire protocol. ``send`` either
+loses it, or schedules its delivery after a latency; a seeded fault may delay
+it further or deliver it twice. A partition loses every message between the
+mm and the kernel for a while (replies to requests the kernel did execute
+included). Randomness comes only from the ``Random``
+given (one child of the seed), so the same seed gives the same losses,
+duplicates and delays.
+
+Transport assumption: a message is delivered within ``NetPlan.max_delay``
+of being sent, or never. The mm waits at least that long after its last
+resend before it gives up, and a restarted mm comes back later than that, so
+no request of the mm is executed after the mm decided it got no answer or
+after its successor reconciled with the kernel. (Nothing in the protocol
+fences such a "zombie" request; on ZeroMQ it would need a kernel stalled
+for longer than the mm's whole Lazy Pirate window.)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from clients.sim.clock import Clock
+
+
+@dataclass(frozen=True)
+class NetPlan:
+    """Fault rates of the message layer (per message) and its latencies (microseconds)."""
+
+    loss: float = 0.0
+    dup: float = 0.0
+    delay: float = 0.0
+    latency: tuple[int, int] = (100, 800)
+    delay_range: tuple[int, int] = (2_000, 20_000)  # kept below the Lazy Pirate windows (see faults.py)
+
+    @property
+    def max_delay(self) -> int:
+        """The longest a message can take (a duplicate counts from its original's send)."""
+        return self.latency[1] + self.delay_range[1] + 4 * self.latency[1]
+
+
+class Msg:
+    """One message in flight. ``dst`` is an endpoint name; ``inc`` the receiver's incarnation when sent."""
+
+    __slots__ = ("data", "dst", "identity", "inc", "reply", "src")
+
+    def __init__(self, dst: Any, src: Any, identity: str, data: bytes, reply: bool, inc: int) -> None:
+        self.dst = dst
+        self.src = src
+        self.identity = identity
+        self.data = data
+        self.reply = reply
+        self.inc = inc
+
+
+def _mm_kernel(msg: Msg) -> bool:
+    ends = (msg.dst[0], msg.src[0])
+    return "mm" in ends and "kernel" in ends
+
+
+class Net:
+    def __init__(self, clock: Clock, rng: random.Random, plan: NetPlan,
+                 on_fault: Callable[[str, Msg], None]) -> None:
+        self.clock = clock
+        self.rng = rng
+        self.plan = plan
+        self.on_fault = on_fault
+        self.in_flight = 0
+        self.sent = 0
+        self.partition_until = 0  # until then every message between the mm and the kernel is lost
+
+    def partition(self, until: int) -> None:
+        """Cut the mm off from the kernel (both ways) until ``until``: a stalled kernel, a broken link."""
+        self.partition_until = max(self.partition_until, until)
+
+    def send(self, msg: Msg) -> None:
+        p, rng = self.plan, self.rng
+        self.sent += 1
+        if self.clock.now < self.partition_until and _mm_kernel(msg):
+            self.on_fault("partitioned", msg)
+            return
+        if p.loss and rng.random() < p.loss:
+            self.on_fault("lost", msg)
+            return
+        lo, hi = p.latency
+        delay = rng.randint(lo, hi)
+        if p.delay and rng.random() < p.delay:
+            delay += rng.randint(*p.delay_range)
+            self.on_fault("delayed", msg)
+        self._schedule(msg, delay)
+        if p.dup and rng.random() < p.dup:
+            self.on_fault("duplicated", msg)
+            self._schedule(msg, delay + rng.randint(lo, 4 * hi))
+
+    def _schedule(self, msg: Msg, delay: int) -> None:
+        self.in_flight += 1
+        self.clock.after(delay, "deliver", msg)
+
+    def delivered(self) -> None:
+        self.in_flight -= 1
