@@ -1,83 +1,168 @@
 """The floor: a bare pyzmq ROUTER/DEALER echo with msgpack, on the same transport and security.
 
-``python -m bench.floor BIND RUN_DIR`` serves an echo that decodes each request
-and encodes a reply of the kernel's shape, with CURVE like the kernel. The
-client side (``measure``) times round trips one at a time and pipelined.
+``python -m bench.floor --bind ENDPOINT --run-dir RUN`` serves an echo with
+the kernel's key pair and CURVE, as the kernel does (ZAP handler, User-Id read
+from every frame, the same socket options). Each request is decoded and
+answered with a reply of a kernel reply's shape and size; no validation, no
+state. The server publishes its endpoint as ``RUN/floor.endpoint``.
+
+``Floor(run_dir, transport)`` starts it as a child process (killed with the
+benchmark, even on failure) and waits until it answers. The client side is
+``bench.roundtrip``: the same loop, socket options and requests time the
+floor and the server being measured.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
 import sys
 import time
+from typing import Any
 
 import msgpack
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from protocol import keys
+from protocol import keys, wire
+
+# What the floor answers: the size and shape of the kernel's unmap reply for one page.
+REPLY_RESULT = {"pid": 1, "pages": 1, "frames": [[5000, 1]], "tables_freed": 0, "kernel_free": 256}
 
 
-def serve(bind: str, run_dir: str) -> None:
+def serve(bind: str, run_dir: str, server: str = "kernel") -> None:
     ctx = zmq.Context()
     ctx.linger = 0
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-    pub, sec = keys.load_keypair(run_dir, "kernel")
+    pub, sec = keys.load_keypair(run_dir, server)
     sock = ctx.socket(zmq.ROUTER)
     sock.curve_server = True
     sock.curve_publickey = pub
     sock.curve_secretkey = sec
+    sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
     sock.bind(bind)
+    keys.write_endpoint(run_dir, "floor", keys.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT)))
     print("ready", flush=True)
     packb, unpackb = msgpack.packb, msgpack.unpackb
-    while True:
-        rid, payload = sock.recv_multipart(copy=False)
-        _ = payload.get("User-Id")  # the kernel reads it too
-        req = unpackb(payload.bytes)
-        sock.send_multipart([rid.bytes, packb({"v": 1, "id": req["id"], "ok": True, "result": {"pages": 1}})])
+    result = REPLY_RESULT
+    try:
+        while True:
+            rid, payload = sock.recv_multipart(copy=False)
+            _ = payload.get("User-Id")  # the kernel reads it too
+            req = unpackb(payload.bytes, raw=False, strict_map_key=False)
+            sock.send_multipart([rid.bytes, packb({"v": 1, "id": req["id"], "ok": True, "result": result})])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close(0)
+        auth.stop()
+        ctx.term()
 
 
-def dealer(ctx: zmq.Context, endpoint: str, run_dir: str, name: str = "client-0") -> zmq.Socket:
-    pub, sec = keys.load_keypair(run_dir, name)
-    s = ctx.socket(zmq.DEALER)
-    s.curve_serverkey = keys.public_key(run_dir, "kernel")
-    s.curve_publickey = pub
-    s.curve_secretkey = sec
-    s.connect(endpoint)
-    return s
+def remove_ipc_dir(run_dir: str) -> None:
+    """Remove the ipc socket directory of ``run_dir`` (under /tmp), once its servers have stopped."""
+    import shutil
+
+    from kernel_server.cli import default_ipc_dir
+
+    shutil.rmtree(default_ipc_dir(run_dir), ignore_errors=True)
 
 
-def measure(endpoint: str, run_dir: str, seconds: float, window: int = 1) -> float:
-    """Round trips per second of a map-shaped request, ``window`` in flight."""
-    ctx = zmq.Context()
-    ctx.linger = 0
-    s = dealer(ctx, endpoint, run_dir)
-    packb, unpackb = msgpack.packb, msgpack.unpackb
-    args = {"pid": 1, "vaddr": 0x1000_0000, "frames": [[5000, 1]], "prot": 3}
-    s.send(packb({"v": 1, "id": 0, "call": "map", "args": args}))
-    s.recv()  # connected and authenticated
-    n = 0
-    for i in range(window):
-        s.send(packb({"v": 1, "id": i + 1, "call": "map", "args": args}))
-    t0 = time.perf_counter()
-    end = t0 + seconds
-    i = window
-    while True:
-        unpackb(s.recv())
-        n += 1
-        if time.perf_counter() >= end:
-            break
-        i += 1
-        s.send(packb({"v": 1, "id": i, "call": "map", "args": args}))
-    rate = n / (time.perf_counter() - t0)
-    for _ in range(window - 1):
-        s.recv()
-    s.close(0)
-    ctx.term()
-    return rate
+def bind_for(run_dir: str, transport: str) -> str:
+    if transport == "tcp":
+        return "tcp://127.0.0.1:*"
+    from kernel_server.cli import default_ipc_dir
+
+    return f"ipc://{default_ipc_dir(run_dir)}/floor.sock"
+
+
+class Floor:
+    """The floor echo as a child process of this one (``with Floor(run_dir, "ipc") as f: f.endpoint``)."""
+
+    def __init__(self, run_dir: str, transport: str = "ipc", timeout: float = 20.0) -> None:
+        from clients.system import _die_with_parent  # the children of a benchmark die with it
+
+        self.run_dir = os.path.abspath(run_dir)
+        keys.init(self.run_dir, clients=0)
+        path = os.path.join(self.run_dir, "floor.endpoint")
+        if os.path.exists(path):
+            os.remove(path)
+        os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
+        self.log_path = os.path.join(self.run_dir, "logs", "floor.log")
+        with open(self.log_path, "ab", buffering=0) as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.floor", "--bind", bind_for(self.run_dir, transport),
+                 "--run-dir", self.run_dir],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent, close_fds=True)
+        try:
+            self.endpoint = self._wait(timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.server_key = keys.public_key(self.run_dir, "kernel")
+
+    def _wait(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the floor echo exited with status {self.proc.returncode}: {self._tail()}")
+            try:
+                endpoint = keys.read_endpoint(self.run_dir, "floor")
+            except FileNotFoundError:
+                time.sleep(0.02)
+                continue
+            if self._answers(endpoint, max(0.1, deadline - time.monotonic())):
+                return endpoint
+        raise RuntimeError(f"the floor echo did not start within {timeout:g}s: {self._tail()}")
+
+    def _answers(self, endpoint: str, timeout: float) -> bool:
+        ctx = zmq.Context()
+        ctx.linger = 0
+        s = ctx.socket(zmq.DEALER)
+        try:
+            s.curve_serverkey = keys.public_key(self.run_dir, "kernel")
+            s.curve_publickey, s.curve_secretkey = keys.fresh_keypair()
+            s.connect(endpoint)
+            s.send(wire.request(0, "ping"))
+            return bool(s.poll(timeout * 1000, zmq.POLLIN))
+        finally:
+            s.close(0)
+            ctx.term()
+
+    def _tail(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-10:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        remove_ipc_dir(self.run_dir)
+
+    def __enter__(self) -> "Floor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.floor", description="The benchmarks' floor: a bare "
+                                 "CURVE ROUTER msgpack echo with the kernel's key pair.")
+    ap.add_argument("--bind", required=True, help="ipc://PATH or tcp://HOST:PORT (port * for any)")
+    ap.add_argument("--run-dir", required=True, help="run directory with keys/ (the kernel's key pair)")
+    ap.add_argument("--server", default="kernel", help="whose key pair to serve with (default: kernel)")
+    a = ap.parse_args(argv)
+    serve(a.bind, a.run_dir, a.server)
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2])
+    main()

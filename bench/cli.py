@@ -1,0 +1,300 @@
+"""The ``mmsim bench`` commands: kernel, mm, largepages, all.
+
+Each starts what it measures as real processes in a fresh run directory
+(a temporary one unless ``--run-dir`` is given), shows progress on stderr,
+and prints a table of figures (or JSON with ``--json``): each figure, the
+floor it is compared with (measured in the same run), the ratio and the
+target. Targets are DESIGN.md section 6; a MISS does not fail the command
+unless ``--strict`` is given (machines are noisy; benchmarks report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+import typer
+
+BENCH_HELP = ("Benchmarks (DESIGN.md section 6): each figure is a ratio against a floor (a bare pyzmq CURVE "
+              "echo on the same transport) measured in the same run, with its target and PASS/MISS.")
+
+bench_app = typer.Typer(help=BENCH_HELP, no_args_is_help=True)
+
+_SECONDS = "Seconds per measurement (one side, one round); smaller is quicker and noisier."
+_ROUNDS = "Rounds: the floor and the measured server are timed in turn this many times; each keeps its best."
+_TRANSPORT = "Transport for every socket: ipc or tcp (loopback)."
+_JSON = "Print the report as JSON on stdout (progress still goes to stderr)."
+_RUN_DIR = "Run directory for keys, endpoints and logs (default: a temporary directory, removed afterwards)."
+_KEEP = "Keep the run directory (logs of every process) instead of removing it."
+_STRICT = "Exit with status 1 when a figure misses its target."
+
+
+def _check_transport(transport: str) -> str:
+    if transport not in ("ipc", "tcp"):
+        raise typer.BadParameter(f"{transport!r} is not a transport; use ipc or tcp", param_hint="--transport")
+    return transport
+
+
+def _check_size(text: str, hint: str) -> str:
+    from kernel_server.bootmap import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
+    return text
+
+
+@contextmanager
+def _run_dir(given: Optional[str], keep: bool) -> Iterator[str]:
+    """The run directory; a temporary one is removed afterwards unless ``keep``."""
+    path = os.path.abspath(given) if given else tempfile.mkdtemp(prefix="mmsim-bench-")
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    finally:
+        if keep or given:
+            typer.echo(f"run directory: {path}", err=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _progress(total: int, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A step callback driving a rich progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if not enabled:
+        yield lambda s: None
+        return
+    console = Console(stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=console.is_terminal) as prog:
+        task = prog.add_task("starting", total=total)
+        first = [True]
+
+        def step(text: str) -> None:
+            if not first[0]:
+                prog.advance(task)
+            first[0] = False
+            prog.update(task, description=text)
+            if not console.is_terminal:
+                console.print(f"[dim]{text}[/dim]")
+
+        yield step
+        prog.update(task, completed=total)
+
+
+def _emit(report, json_out: bool, strict: bool, title: str) -> None:
+    from rich.console import Console
+
+    if json_out:
+        typer.echo(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=150)
+        report.render(console, title=title)
+    if strict and any(f.passed is False for f in report.figures):
+        raise typer.Exit(1)
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"benchmark failed: {exc}", err=True)
+    raise typer.Exit(3)
+
+
+# ---- the pieces ----------------------------------------------------------------------------
+
+def _kernel(run_dir: str, step: Callable[[str], None], opts):
+    from bench import kernel as kb
+
+    return kb.run(opts, os.path.join(run_dir, "kernel-bench"), step)
+
+
+def _mm(run_dir: str, step: Callable[[str], None], opts):
+    from bench import mm as mb
+
+    return mb.run(opts, os.path.join(run_dir, "mm-bench"), step)
+
+
+def _largepages(seed: int, steps: int, step: Callable[[str], None]):
+    from bench.largepages import compare
+    from bench.report import Figure, Report
+
+    step(f"anti-fragmentation churn, {steps} requests, pageblock then first fit")
+    r = compare(seed, steps)
+    a, b = r["pageblock"], r["first_fit"]
+    rep = Report()
+    rep.add(Figure("largepages.ratio", "large pages allocatable after churn (pageblock)", a["large_pages"],
+                   "pages", b["large_pages"], "pages", "first fit", r["ratio"], target="info (higher is better)",
+                   note=f"seed {seed}, {steps} requests; {a['possible']} possible by free frames"))
+    rep.details["largepages"] = r
+    return rep
+
+
+def _kernel_opts(seconds: float, rounds: int, transport: str, window: int, batch: int, scale: bool):
+    from bench.kernel import KernelBenchOptions
+
+    opts = KernelBenchOptions(seconds=seconds, rounds=rounds, window=window, transport=transport, batch=batch,
+                              scale=scale)
+    opts.check()
+    return opts
+
+
+def _mm_opts(seconds: float, rounds: int, transport: str, storm: str):
+    from bench.mm import MMBenchOptions
+
+    opts = MMBenchOptions(seconds=seconds, rounds=rounds, transport=transport, storm=storm)
+    opts.check()
+    return opts
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+@bench_app.command("kernel")
+def kernel_cmd(
+    seconds: float = typer.Option(0.5, "--seconds", min=0.01, help=_SECONDS),
+    rounds: int = typer.Option(5, "--rounds", min=1, help=_ROUNDS),
+    transport: str = typer.Option("ipc", "--transport", help=_TRANSPORT),
+    window: int = typer.Option(16, "--window", min=2, max=1024, help="Requests in flight when pipelined."),
+    batch: int = typer.Option(4096, "--batch", min=1, max=1 << 16, help="Frames in the batch run "
+                              "(donate/reclaim/map/unmap)."),
+    scale: bool = typer.Option(True, "--scale/--no-scale", help="Also boot a 16 Mi-frame (63.5 GiB i686-pae) "
+                               "and a 1 Ki-frame kernel and compare their rates."),
+    profile: bool = typer.Option(False, "--profile", help="Also time KernelService.handle in-process, stage by "
+                                 "stage, and print cProfile's top functions (no sockets)."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR),
+    keep: bool = typer.Option(False, "--keep", help=_KEEP),
+    strict: bool = typer.Option(False, "--strict", help=_STRICT),
+) -> None:
+    """Kernel map/unmap against the floor (one at a time and pipelined), 4096-frame batches, scale with RAM."""
+    from bench.roundtrip import BenchError
+
+    _check_transport(transport)
+    opts = _kernel_opts(seconds, rounds, transport, window, batch, scale)
+    with _run_dir(run_dir, keep) as rd:
+        try:
+            with _progress(opts.steps() + (1 if profile else 0)) as step:
+                rep = _kernel(rd, step, opts)
+                if profile:
+                    step("profiling KernelService.handle in-process")
+                    _add_profile(rep)
+        except (BenchError, RuntimeError, OSError) as exc:
+            _fail(exc)
+    if profile and not json_out:
+        _print_profile(rep.details["profile"])
+    _emit(rep, json_out, strict, "mmsim bench kernel")
+
+
+def _add_profile(rep) -> None:
+    from bench.kernel import profile_handle
+
+    rep.details["profile"] = profile_handle(cprofile=True)
+
+
+def _print_profile(p: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    t = Table(title=f"KernelService.handle in-process: {p['handle_us_per_call']} us per map/unmap call",
+              title_justify="left")
+    t.add_column("stage")
+    t.add_column("us/call", justify="right")
+    for k, v in p["stages_us_per_call"].items():
+        t.add_row(k, f"{v:.2f}")
+    console.print(t)
+    typer.echo(p.get("cprofile", ""))
+
+
+@bench_app.command("mm")
+def mm_cmd(
+    seconds: float = typer.Option(0.5, "--seconds", min=0.01, help=_SECONDS),
+    rounds: int = typer.Option(5, "--rounds", min=1, help=_ROUNDS),
+    transport: str = typer.Option("ipc", "--transport", help=_TRANSPORT),
+    storm: str = typer.Option("64MiB", "--storm", help="Memory one client allocates in 4 KiB pages for the "
+                              "donation storm, e.g. 64MiB or 1GiB (1 GiB takes minutes)."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR),
+    keep: bool = typer.Option(False, "--keep", help=_KEEP),
+    strict: bool = typer.Option(False, "--strict", help=_STRICT),
+) -> None:
+    """Client alloc+free of one page through the mm against the floor, and a donation storm."""
+    from bench.roundtrip import BenchError
+
+    _check_transport(transport)
+    _check_size(storm, "--storm")
+    opts = _mm_opts(seconds, rounds, transport, storm)
+    with _run_dir(run_dir, keep) as rd:
+        try:
+            with _progress(opts.steps()) as step:
+                rep = _mm(rd, step, opts)
+        except (BenchError, RuntimeError, OSError) as exc:
+            _fail(exc)
+    _emit(rep, json_out, strict, "mmsim bench mm")
+
+
+@bench_app.command("largepages")
+def largepages_cmd(
+    seed: int = typer.Option(1, "--seed", help="Seed of the churn workload (both policies see the same requests)."),
+    steps: int = typer.Option(6000, "--steps", min=10, help="Client requests in the churn."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+) -> None:
+    """Large pages still allocatable after a seeded churn: the mm's pageblock placement against first fit."""
+    with _progress(1) as step:
+        rep = _largepages(seed, steps, step)
+    _emit(rep, json_out, False, "mmsim bench largepages")
+
+
+@bench_app.command("all")
+def all_cmd(
+    seconds: float = typer.Option(0.5, "--seconds", min=0.01, help=_SECONDS),
+    rounds: int = typer.Option(5, "--rounds", min=1, help=_ROUNDS),
+    transport: str = typer.Option("ipc", "--transport", help=_TRANSPORT),
+    window: int = typer.Option(16, "--window", min=2, max=1024, help="Requests in flight when pipelined."),
+    storm: str = typer.Option("64MiB", "--storm", help="Memory the donation-storm client allocates in 4 KiB pages."),
+    steps: int = typer.Option(6000, "--steps", min=10, help="Client requests in the large-page churn."),
+    seed: int = typer.Option(1, "--seed", help="Seed of the large-page churn."),
+    quick: bool = typer.Option(False, "--quick", help="About 15 s: --seconds 0.3 --rounds 2 --storm 8MiB "
+                               "--steps 1500 (noisier)."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR),
+    keep: bool = typer.Option(False, "--keep", help=_KEEP),
+    strict: bool = typer.Option(False, "--strict", help=_STRICT),
+) -> None:
+    """Every benchmark (kernel, mm, largepages) in one report: about a minute and a half by default."""
+    from bench.report import Report
+    from bench.roundtrip import BenchError
+
+    if quick:
+        seconds, rounds, storm, steps = 0.3, 2, "8MiB", 1500
+    _check_transport(transport)
+    _check_size(storm, "--storm")
+    kopts = _kernel_opts(seconds, rounds, transport, window, 4096, True)
+    mopts = _mm_opts(seconds, rounds, transport, storm)
+    rep = Report()
+    with _run_dir(run_dir, keep) as rd:
+        try:
+            with _progress(kopts.steps() + mopts.steps() + 1) as step:
+                rep.extend(_kernel(rd, step, kopts))
+                rep.extend(_mm(rd, step, mopts))
+                rep.extend(_largepages(seed, steps, step))
+        except (BenchError, RuntimeError, OSError) as exc:
+            _fail(exc)
+    _emit(rep, json_out, strict, "mmsim bench all")
+
+
+def main() -> None:  # pragma: no cover - ``python -m bench.cli``
+    bench_app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Kernel benchmarks: map+unmap against the floor, batches of 4096 frames, scale with RAM size.
+
+The kernel runs alone (``clients.system.System.start_kernel``): the benchmark
+acts as the memory manager with the mm's key pair, creates one process for a
+client key and maps/unmaps user frames into it, so nothing else hands those
+frames out. Every figure is compared with the floor echo (``bench.floor``)
+on the same transport, in the same run: the floor and the kernel are timed in
+turn, round after round, by the same client loop (``bench.roundtrip``), and
+each side's figure is its best round (the least disturbed one).
+
+Figures (DESIGN.md section 6):
+
+- ``kernel.map_unmap``: one-page ``map`` and ``unmap`` calls per second, one
+  at a time, as a ratio to the floor's echoes per second (target >= 0.80);
+  ``kernel.map_unmap_pipelined``: the same with ``window`` calls in flight.
+  A second page stays mapped in the same page table throughout, so the
+  figures time the mappings, not page-table churn.
+- ``kernel.batch.<call>``: the median time of ``donate``/``reclaim`` (explicit
+  frames) and ``map``/``unmap`` of one 4096-frame run, as a ratio to the
+  floor's median round trip (target <= 2: "about one round trip").
+- ``kernel.scale``: pipelined map+unmap rate of a 16 Mi-frame kernel (63.5 GiB
+  of RAM on i686-pae: the frame table spans exactly 2^24 frames, the PCI hole
+  included) over that of the smallest boot (4 MiB: 1 Ki frames); target >= 0.90.
+  ``kernel.frame_table_bytes``: frame-table bytes per frame (<= 16), with the
+  process's resident-memory growth per frame as a cross-check;
+  ``kernel.boot_16mi``: start of the kernel process until it answers (<= 10 s).
+
+``profile_handle`` times ``KernelService.handle`` in-process, stage by stage,
+and can run it under cProfile: where a call's time goes, without sockets.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+
+from bench.floor import Floor, remove_ipc_dir
+from bench.report import Figure, Report
+from bench.roundtrip import BenchError, Sample, Stream, alternate, dealer
+from clients.system import System
+from kernel_server.bootmap import parse_size
+from protocol import keys
+
+Step = Callable[[str], None]
+VADDR = 0x1000_0000  # where the one-page mapping comes and goes
+ANCHOR = VADDR + 0x1000  # stays mapped: the page table is not allocated and freed on every call
+BATCH_VADDR = 0x2000_0000
+
+
+@dataclass
+class KernelBenchOptions:
+    seconds: float = 0.5  # per measurement (one side, one round)
+    rounds: int = 5  # more, shorter rounds: the best of them is less often one a neighbour disturbed
+    window: int = 16  # calls in flight when pipelined
+    transport: str = "ipc"
+    arch: str = "i686"
+    memory: str = "256MiB"
+    batch: int = 4096  # frames in a batch run
+    scale: bool = True
+    scale_arch: str = "i686-pae"
+    scale_small: str = "4MiB"
+    scale_big: str = "63.5GiB"  # 2^24 frames spanned on i686-pae (RAM above 3.5 GiB moves above 4 GiB)
+
+    def check(self) -> None:
+        if self.seconds <= 0 or self.rounds < 1 or self.window < 1 or self.batch < 1:
+            raise ValueError("seconds must be positive; rounds, window and batch at least 1")
+        if self.transport not in ("ipc", "tcp"):
+            raise ValueError(f"transport must be 'ipc' or 'tcp', not {self.transport!r}")
+        for m in (self.memory, self.scale_small, self.scale_big):
+            parse_size(m)
+
+    def steps(self) -> int:
+        """Progress steps ``run`` reports (for a progress bar)."""
+        main = 2 + self.rounds * 6
+        return main + (3 + self.rounds * 2 if self.scale else 0)
+
+
+class KernelAsMM:
+    """A running kernel (alone) and a socket to it with the mm's identity; one client process in it."""
+
+    def __init__(self, run_dir: str, arch: str, memory: str, transport: str, ctx: zmq.Context) -> None:
+        self.system = System(run_dir, arch=arch, memory=memory, lease=3600.0, transport=transport, clients=1)
+        t0 = time.perf_counter()
+        try:
+            self.part = self.system.start_kernel(timeout=120.0)
+            self.boot_seconds = time.perf_counter() - t0
+            self.stream = Stream(dealer(ctx, keys.read_endpoint(self.system.run_dir, "kernel"),
+                                        keys.public_key(self.system.run_dir, "kernel"), self.system.run_dir, "mm"),
+                                 [self.part.pid])
+            self.hello = self.stream.call("hello")
+            if not self.hello.get("is_mm"):
+                raise BenchError("the kernel does not take the benchmark's key as the mm's")
+            self.amap = self.stream.call("address_map")
+            client_key = keys.public_key(self.system.run_dir, "client-0").decode()
+            self.pid = self.stream.call("proc_create", {"key": client_key})["pid"]
+        except BaseException:
+            self.system.stop()
+            remove_ipc_dir(self.system.run_dir)
+            raise
+
+    def user_run(self, count: int, avoid: list[tuple[int, int]] = ()) -> int:
+        """The first frame of ``count`` user frames in one region, kernel-eligible, clear of ``avoid``."""
+        limit = self.amap.get("kernel_limit") or self.amap["frames"]
+        for e in self.amap["entries"]:
+            if e["kind"] != "user":
+                continue
+            first, end = e["first"], min(e["first"] + e["count"], limit)
+            for lo, n in sorted(avoid):
+                if lo < first + count and first < lo + n:
+                    first = max(first, lo + n)
+            if end - first >= count:
+                return first
+        raise BenchError(f"no run of {count} free user frames below frame {limit} in the boot map "
+                         "(more --memory?)")
+
+    def rss_bytes(self) -> int:
+        try:
+            with open(f"/proc/{self.part.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            self.system.stop()
+            remove_ipc_dir(self.system.run_dir)
+
+
+def map_unmap_cycle(pid: int, frame: int) -> list[tuple[str, dict[str, Any]]]:
+    return [("map", {"pid": pid, "vaddr": VADDR, "frames": [[frame, 1]], "prot": 3}),
+            ("unmap", {"pid": pid, "vaddr": VADDR, "pages": 1})]
+
+
+def run(opts: KernelBenchOptions, run_dir: str, step: Step = lambda s: None) -> Report:
+    """All kernel figures; the kernel(s) and the floor are started under ``run_dir`` and stopped after."""
+    opts.check()
+    rep = Report()
+    ctx = zmq.Context()
+    ctx.linger = 0
+    try:
+        step("starting the floor echo and the kernel")
+        with Floor(os.path.join(run_dir, "floor"), opts.transport) as floor:
+            floor_stream = Stream(dealer(ctx, floor.endpoint, floor.server_key, floor.run_dir, "mm"),
+                                  [floor.proc.pid])
+            try:
+                k = KernelAsMM(os.path.join(run_dir, "kernel"), opts.arch, opts.memory, opts.transport, ctx)
+                try:
+                    _main(opts, rep, k, floor_stream, step)
+                finally:
+                    k.close()
+            finally:
+                floor_stream.close()
+        if opts.scale:
+            _scale(opts, rep, run_dir, ctx, step)
+    finally:
+        ctx.term()
+    rep.meta.setdefault("transport", opts.transport)
+    rep.meta.setdefault("rounds", opts.rounds)
+    rep.meta.setdefault("seconds", opts.seconds)
+    rep.meta.setdefault("notes", []).append(
+        "Rates: the best of the rounds on each side (floor and measured alternate every round). "
+        "Latencies: the smallest per-round median.")
+    return rep
+
+
+def _main(opts: KernelBenchOptions, rep: Report, k: KernelAsMM, floor: Stream, step: Step) -> None:
+    n = opts.batch
+    single = k.user_run(2)
+    batch = k.user_run(n, avoid=[(single, 2)])
+    k.stream.call("map", {"pid": k.pid, "vaddr": ANCHOR, "frames": [[single + 1, 1]], "prot": 3})
+    cycle = map_unmap_cycle(k.pid, single)
+    donate = [("donate", {"frames": [[batch, n]]}), ("reclaim", {"frames": [[batch, n]]})]
+    bmap = [("map", {"pid": k.pid, "vaddr": BATCH_VADDR, "frames": [[batch, n]], "prot": 3}),
+            ("unmap", {"pid": k.pid, "vaddr": BATCH_VADDR, "pages": n})]
+    step("warming up")
+    warm = min(0.2, opts.seconds)
+    for s in (floor, k.stream):
+        s.run(cycle, warm, 1)
+        s.run(cycle, warm, opts.window)
+    k.stream.run(donate, warm, 1)
+    k.stream.run(bmap, warm, 1)
+    w = opts.window
+    sides: dict[str, Callable[[], Sample]] = {
+        "floor": lambda: floor.run(cycle, opts.seconds, 1),
+        "kernel map+unmap": lambda: k.stream.run(cycle, opts.seconds, 1),
+        f"floor, {w} in flight": lambda: floor.run(cycle, opts.seconds, w),
+        f"kernel map+unmap, {w} in flight": lambda: k.stream.run(cycle, opts.seconds, w),
+        f"donate+reclaim of {n} frames": lambda: k.stream.run(donate, opts.seconds / 2, 1),
+        f"map+unmap of {n} frames": lambda: k.stream.run(bmap, opts.seconds / 2, 1),
+    }
+    res = alternate(opts.rounds, sides, lambda s: step(f"timing {s}"))
+    f1, k1 = res["floor"], res["kernel map+unmap"]
+    fw, kw = res[f"floor, {w} in flight"], res[f"kernel map+unmap, {w} in flight"]
+    rep.add(Figure("kernel.map_unmap", "kernel map/unmap calls, one at a time", k1.best.rate, "calls/s",
+                   f1.best.rate, "echoes/s", "floor", k1.best.rate / f1.best.rate, ">=", 0.80, ">= 0.80 x floor"))
+    rep.add(Figure("kernel.map_unmap_pipelined", f"kernel map/unmap calls, {w} in flight", kw.best.rate,
+                   "calls/s", fw.best.rate, "echoes/s", "floor", kw.best.rate / fw.best.rate, ">=", 0.80,
+                   ">= 0.80 x floor"))
+    kcpu, fcpu = kw.cpu_per_call, fw.cpu_per_call
+    if kcpu and fcpu:
+        rep.add(Figure("kernel.cpu_per_call", f"kernel CPU per map/unmap call ({w} in flight)", kcpu * 1e6, "us",
+                       fcpu * 1e6, "us", "floor CPU per echo", fcpu / kcpu, target="info: the pipelined ratio "
+                       "on idle cores", note="all threads of the server process; noise-proof"))
+    floor_rt = f1.best_latency()
+    batches = {"donate": res[f"donate+reclaim of {n} frames"], "reclaim": res[f"donate+reclaim of {n} frames"],
+               "map": res[f"map+unmap of {n} frames"], "unmap": res[f"map+unmap of {n} frames"]}
+    for call, rounds in batches.items():
+        t = rounds.best_latency(call)
+        rep.add(Figure(f"kernel.batch.{call}", f"{call} of a {n}-frame run", t * 1e6, "us", floor_rt * 1e6, "us",
+                       "floor round trip", t / floor_rt, "<=", 2.0, "<= 2 x floor round trip"))
+    rep.details["kernel"] = {
+        "arch": opts.arch, "memory": opts.memory, "window": w, "batch_frames": n,
+        "floor_round_trip_us": round(floor_rt * 1e6, 2),
+        "kernel_round_trip_us": {c: round(k1.best_latency(c) * 1e6, 2) for c in ("map", "unmap")},
+        "boot_seconds": round(k.boot_seconds, 3),
+        "rounds": {name: r.to_json() for name, r in res.items()},
+    }
+
+
+def _scale(opts: KernelBenchOptions, rep: Report, run_dir: str, ctx: zmq.Context, step: Step) -> None:
+    from kernel_server.service import KernelService
+
+    step(f"booting a {opts.scale_small} kernel ({opts.scale_arch})")
+    small = KernelAsMM(os.path.join(run_dir, "small"), opts.scale_arch, opts.scale_small, opts.transport, ctx)
+    try:
+        step(f"booting a {opts.scale_big} kernel ({opts.scale_arch})")
+        big = KernelAsMM(os.path.join(run_dir, "big"), opts.scale_arch, opts.scale_big, opts.transport, ctx)
+        try:
+            cycles = {}
+            for name, k in (("small", small), ("big", big)):
+                f = k.user_run(2)
+                k.stream.call("map", {"pid": k.pid, "vaddr": ANCHOR, "frames": [[f + 1, 1]], "prot": 3})
+                cycles[name] = map_unmap_cycle(k.pid, f)
+                k.stream.run(cycles[name], min(0.2, opts.seconds), opts.window)
+            w = opts.window
+            n_small, n_big = small.hello["frames"], big.hello["frames"]
+            res = alternate(opts.rounds, {
+                f"{n_small} frames": lambda: small.stream.run(cycles["small"], opts.seconds, w),
+                f"{n_big} frames": lambda: big.stream.run(cycles["big"], opts.seconds, w),
+            }, lambda s: step(f"timing map+unmap at {s}"))
+            rs, rb = res[f"{n_small} frames"], res[f"{n_big} frames"]
+            rss_small, rss_big = small.rss_bytes(), big.rss_bytes()
+            boot_big = big.boot_seconds
+        finally:
+            big.close()
+    finally:
+        small.close()
+    cpu_b, cpu_s = rb.cpu_per_call, rs.cpu_per_call
+    rep.add(Figure("kernel.scale", f"map/unmap at {_frames(n_big)} frames ({opts.scale_big}), {w} in flight",
+                   rb.best.rate, "calls/s", rs.best.rate, "calls/s", f"at {_frames(n_small)} frames",
+                   rb.best.rate / rs.best.rate, ">=", 0.90, ">= 0.90 x small",
+                   note=(f"server CPU per call {cpu_b * 1e6:.1f} us vs {cpu_s * 1e6:.1f} us"
+                         if cpu_b and cpu_s else "")))
+    step(f"frame table of {_frames(n_big)} frames (in-process boot)")
+    t0 = time.perf_counter()
+    svc = KernelService.boot(arch=opts.scale_arch, memory=parse_size(opts.scale_big), mm_key="M" * 40)
+    boot_in_process = time.perf_counter() - t0
+    ft = svc.core.frames
+    per_frame = ft.nbytes() / ft.n
+    del svc, ft
+    rss_per_frame = (rss_big - rss_small) / (n_big - n_small) if rss_big and rss_small else None
+    rep.add(Figure("kernel.frame_table_bytes", "kernel frame table per frame", per_frame, "B", ratio=per_frame,
+                   op="<=", threshold=16.0, target="<= 16 B",
+                   note=(f"process RSS grew {rss_per_frame:.1f} B/frame" if rss_per_frame is not None else "")))
+    rep.add(Figure("kernel.boot_16mi", f"kernel boot, {_frames(n_big)} frames", boot_big, "s", ratio=boot_big,
+                   op="<=", threshold=10.0, target="<= 10 s",
+                   note=f"process start to first reply; the frame table alone: {boot_in_process:.2f} s"))
+    rep.details["scale"] = {
+        "arch": opts.scale_arch, "small": {"memory": opts.scale_small, "frames": n_small, "rss_bytes": rss_small},
+        "big": {"memory": opts.scale_big, "frames": n_big, "rss_bytes": rss_big, "boot_seconds": round(boot_big, 3)},
+        "frame_table_bytes_per_frame": per_frame, "rss_bytes_per_frame": rss_per_frame,
+        "boot_in_process_seconds": round(boot_in_process, 3), "window": w,
+        "rounds": {name: r.to_json() for name, r in res.items()},
+    }
+
+
+def _frames(n: int) -> str:
+    for unit, size in (("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return str(n)
+
+
+# ---- in-process: where a call's time goes --------------------------------------------------
+
+def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB",
+                   cprofile: bool = False, top: int = 20, passes: int = 3) -> dict[str, Any]:
+    """Time ``KernelService.handle`` on the benchmark's map/unmap cycle, stage by stage, in-process
+    (each the best of ``passes`` passes over ``calls`` calls; "rest" is what the stages leave of
+    the whole)."""
+    from kernel_server.service import KernelService
+    from protocol import wire
+    from protocol.calls import KERNEL_CALLS, validate
+
+    mm = "M" * 40
+    svc = KernelService.boot(arch=arch, memory=parse_size(memory), mm_key=mm)
+    pid = svc.call(mm, "proc_create", {"key": "C" * 40})["pid"]
+    amap = svc.call(mm, "address_map")
+    first = next(e["first"] for e in amap["entries"] if e["kind"] == "user")
+    svc.call(mm, "map", {"pid": pid, "vaddr": ANCHOR, "frames": [[first + 1, 1]], "prot": 3})
+    cycle = map_unmap_cycle(pid, first)
+    calls += calls % 2  # whole map+unmap pairs: each pass leaves the page unmapped
+    next_id = 1
+    clock = time.perf_counter
+
+    def fresh() -> list[bytes]:  # new ids: the replay cache must not answer them
+        nonlocal next_id
+        out = [wire.request(next_id + i, *cycle[i % 2]) for i in range(calls)]
+        next_id += calls
+        return out
+
+    def loop(reqs: list[bytes]) -> float:
+        t0 = clock()
+        for data in reqs:
+            svc.handle(mm, data, 0.0)
+        return clock() - t0
+
+    def best(fn: Callable[[], float]) -> float:  # the least disturbed of a few passes
+        return min(fn() for _ in range(passes))
+
+    loop(fresh())  # warm
+    total = best(lambda: loop(fresh()))
+    # the stages, each timed over the same requests
+    reqs = fresh()
+    parsed = [wire.parse_request(d) for d in reqs]
+    models = [validate(KERNEL_CALLS, call, args) for _, call, args in parsed]
+    results: list[Any] = []
+
+    def timed(fn: Callable[[], object]) -> float:
+        t0 = clock()
+        fn()
+        return clock() - t0
+
+    def core_pass() -> float:
+        results.clear()
+        t0 = clock()
+        for (_, call, _), m in zip(parsed, models):
+            results.append(svc.core.call(mm, call, m))
+        return clock() - t0
+
+    stages: dict[str, float] = {
+        "decode envelope": best(lambda: timed(lambda: [wire.parse_request(d) for d in reqs])),
+        "replay digest": best(lambda: timed(lambda: [svc.replay.digest(d) for d in reqs])),
+        "validate (pydantic)": best(lambda: timed(lambda: [validate(KERNEL_CALLS, c, a) for _, c, a in parsed])),
+        "core (check+commit)": best(core_pass),
+    }
+    stages["encode reply"] = best(lambda: timed(lambda: [wire.ok_reply(p[0], r) for p, r in zip(parsed, results)]))
+    out: dict[str, Any] = {
+        "calls": calls,
+        "handle_us_per_call": round(total / calls * 1e6, 2),
+        "stages_us_per_call": {k: round(v / calls * 1e6, 2) for k, v in stages.items()},
+    }
+    out["stages_us_per_call"]["rest (replay cache, leases, dispatch)"] = round(
+        max(0.0, total - sum(stages.values())) / calls * 1e6, 2)
+    if cprofile:
+        reqs = fresh()
+        prof = cProfile.Profile()
+        prof.enable()
+        loop(reqs)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+        out["cprofile"] = buf.getvalue()
+    return out
+

@@ -1,0 +1,151 @@
+"""Smoke tests of the benchmarks: each runs for a fraction of a second with tiny sizes.
+
+They check the report a user reads (every figure has a floor, a positive finite
+ratio and a verdict; the JSON has the documented keys), that the processes a
+benchmark starts are gone afterwards, and that bad options are usage errors.
+They never check that a target is met: machines are noisy, and targets live in
+the benchmark's report, not in timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from bench import kernel as kb
+from bench import mm as mb
+from bench.floor import Floor
+from bench.report import Figure, Report
+from bench.roundtrip import Stream, dealer
+from clients.cli import app
+
+FIGURE_KEYS = {"key", "name", "value", "unit", "floor", "ratio", "target", "passed", "verdict"}
+
+
+def _check_figures(figures: list[dict], expected: set[str]) -> None:
+    keys = {f["key"] for f in figures}
+    assert expected <= keys, f"missing figures: {expected - keys}"
+    for f in figures:
+        assert FIGURE_KEYS <= set(f), f
+        assert f["verdict"] in ("PASS", "MISS", "info")
+        assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]) and f["value"] > 0, f
+        if f["key"] != "largepages.ratio":  # the churn may leave first fit with no large page at all
+            assert isinstance(f["ratio"], (int, float)) and math.isfinite(f["ratio"]) and f["ratio"] > 0, f
+        assert (f["verdict"] == "info") == (f["passed"] is None)
+
+
+def _children() -> list[int]:
+    """Pids of this process's live (non-zombie) children."""
+    me = os.getpid()
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            out.append(int(pid))
+    return out
+
+
+def test_kernel_bench_reports_every_figure_and_stops_its_processes(tmp_path):
+    before = _children()
+    opts = kb.KernelBenchOptions(seconds=0.05, rounds=1, window=4, batch=64, scale_big="128MiB")
+    steps: list[str] = []
+    rep = kb.run(opts, str(tmp_path), steps.append)
+    data = rep.to_json()
+    _check_figures(data["figures"], {"kernel.map_unmap", "kernel.map_unmap_pipelined", "kernel.batch.donate",
+                                     "kernel.batch.reclaim", "kernel.batch.map", "kernel.batch.unmap",
+                                     "kernel.scale", "kernel.frame_table_bytes", "kernel.boot_16mi"})
+    assert rep.figure("kernel.frame_table_bytes").value <= 16  # a property of the code, not of timing
+    assert rep.figure("kernel.map_unmap").floor_name == "floor"
+    assert data["details"]["kernel"]["batch_frames"] == 64
+    assert len(steps) <= opts.steps() and steps[0].startswith("starting")
+    json.dumps(data)  # serialisable as is
+    assert _children() == before
+
+
+def test_mm_bench_runs_a_storm_and_counts_it(tmp_path):
+    before = _children()
+    opts = mb.MMBenchOptions(seconds=0.05, rounds=1, storm="256KiB", chunks=2)
+    rep = mb.run(opts, str(tmp_path))
+    data = rep.to_json()
+    _check_figures(data["figures"], {"mm.alloc_free", "mm.storm"})
+    storm = data["details"]["storm"]
+    assert storm["pages"] == 64 and storm["seconds"] > 0
+    assert storm["mm_counters"]["requests"] >= 64 and storm["mm_counters"]["refused"] == 0
+    assert _children() == before
+
+
+def test_floor_answers_the_shared_loop_in_order(tmp_path):
+    import zmq
+
+    ctx = zmq.Context()
+    ctx.linger = 0
+    try:
+        with Floor(str(tmp_path), "tcp") as floor:
+            assert floor.endpoint.startswith("tcp://127.0.0.1:")
+            s = Stream(dealer(ctx, floor.endpoint, floor.server_key, floor.run_dir, "mm"))
+            try:
+                one = s.run([("ping", {}), ("stats", {})], 0.05, 1)
+                many = s.run([("ping", {})], 0.05, 8)
+            finally:
+                s.close()
+        assert one.calls % 2 == 0 and one.calls >= 2  # whole cycles only
+        assert set(one.latencies) == {"ping", "stats"} and many.latencies == {}
+        assert one.rate > 0 and many.rate > 0
+    finally:
+        ctx.term()
+
+
+def test_report_verdicts_and_table():
+    from rich.console import Console
+
+    rep = Report()
+    rep.add(Figure("a", "rate", 90.0, "calls/s", 100.0, "echoes/s", "floor", 0.9, ">=", 0.8, ">= 0.8"))
+    rep.add(Figure("b", "latency", 300.0, "us", 100.0, "us", "floor", 3.0, "<=", 2.0, "<= 2"))
+    rep.add(Figure("c", "storm", 5.0, "us", ratio=float("inf"), op=">=", threshold=1.0))
+    rep.add(Figure("d", "info", 5.0, "us"))
+    assert [f.verdict for f in rep.figures] == ["PASS", "MISS", "MISS", "info"]
+    assert rep.to_json()["missed"] == ["b", "c"]
+    with open(os.devnull, "w") as sink:
+        console = Console(width=160, record=True, file=sink)
+        rep.render(console)
+    text = console.export_text()
+    assert "PASS" in text and "MISS" in text and "echoes/s" in text
+
+
+runner = CliRunner()
+
+
+def test_cli_kernel_json_and_largepages_table(tmp_path):
+    r = runner.invoke(app, ["bench", "kernel", "--seconds", "0.05", "--rounds", "1", "--window", "4",
+                            "--no-scale", "--json", "--run-dir", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert {"meta", "figures", "details", "missed"} <= set(data)
+    assert data["meta"]["transport"] == "ipc"
+    _check_figures(data["figures"], {"kernel.map_unmap", "kernel.batch.map"})
+    assert not any(f["key"] == "kernel.scale" for f in data["figures"])
+
+    r = runner.invoke(app, ["bench", "largepages", "--steps", "200", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert "pageblock" in r.stdout and "first fit" in r.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "kernel", "--transport", "udp"],
+    ["bench", "mm", "--storm", "lots"],
+    ["bench", "all", "--seconds", "0"],
+    ["bench", "kernel", "--rounds", "0"],
+])
+def test_cli_bad_options_are_usage_errors(args):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
