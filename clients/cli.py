@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import typer
 
+from bench.cli import bench_app
+from clients.attacks import ATTACK_HELP, attack_cmd
+from clients.chaos import CHAOS_HELP, chaos
+from clients.launcher import STATUS_HELP, UP_HELP, status, up
+from clients.runner import RUN_HELP, run_cmd
+from clients.sim.cli import SIM_HELP, sim
 from kernel_server.cli import KERNEL_HELP, kernel
 from mm_service.cli import MM_HELP, audit, mm
 
@@ -19,6 +25,7 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Key pairs (CURVE identities) in a run directory.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(bench_app, name="bench")
 
 
 @keys_app.command("init")
@@ -37,9 +44,18 @@ def keys_init(
     typer.echo(f"{len(made)} key pair(s) in {keys.keys_dir(run_dir)}")
 
 
+client_app = typer.Typer(help="Client processes: workload runners and lying clients.", no_args_is_help=True)
+app.add_typer(client_app, name="client")
+client_app.command("run", help=RUN_HELP)(run_cmd)
+client_app.command("attack", help=ATTACK_HELP)(attack_cmd)
+
 app.command("kernel", help=KERNEL_HELP)(kernel)
 app.command("mm", help=MM_HELP)(mm)
 app.command("audit")(audit)
+app.command("up", help=UP_HELP)(up)
+app.command("status", help=STATUS_HELP)(status)
+app.command("chaos", help=CHAOS_HELP)(chaos)
+app.command("sim", help=SIM_HELP)(sim)
 
 
 def main() -> None:
