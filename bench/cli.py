@@ -166,7 +166,7 @@ def kernel_cmd(
     window: int = typer.Option(16, "--window", min=2, max=1024, help="Requests in flight when pipelined."),
     batch: int = typer.Option(4096, "--batch", min=1, max=1 << 16, help="Frames in the batch run "
                               "(donate/reclaim/map/unmap)."),
-    scale: bool = typer.Option(True, "--scale/--no-scale", help="Also boot a 16 Mi-frame (63.5 GiB i686-pae) "
+    scale: bool = typer.Option(True, "--scale/--no-scale", help="Also boot a 16 Mi-frame (64 GiB i686-pae) "
                                "and a 1 Ki-frame kernel and compare their rates."),
     profile: bool = typer.Option(False, "--profile", help="Also time KernelService.handle in-process, stage by "
                                  "stage, and print cProfile's top functions (no sockets)."),

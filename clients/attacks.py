@@ -610,6 +610,14 @@ def foreign_vaddr_unmap(ctx: Ctx, c: Check) -> None:
     c.refused("victim's vaddr", ctx.ask("kernel", "unmap", {"vaddr": v.vaddr, "pages": v.pages}), Errno.EINVAL)
 
 
+@attack("unmap-mm-memory", "kernel", "EPERM", needs=("process",))
+def unmap_mm_memory(ctx: Ctx, c: Check) -> None:
+    """Unmap, in its own address space, pages the mm mapped there (they are freed through the mm only)."""
+    ctx.need_process()
+    c.refused("own RW page", ctx.ask("kernel", "unmap", {"vaddr": OWN_RW, "pages": 1}), Errno.EPERM)
+    c.refused("own RO page", ctx.ask("kernel", "unmap", {"vaddr": OWN_RO, "pages": 1}), Errno.EPERM)
+
+
 @attack("foreign-objects", "kernel", "ESRCH", needs=("process", "victim"))
 def foreign_objects(ctx: Ctx, c: Check) -> None:
     """Destroy the victim's thread and endpoint by id."""

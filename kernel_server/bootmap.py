@@ -13,7 +13,9 @@ A ``BootMap`` is a list of non-overlapping page-aligned regions, each with a
 | firmware      | kernel | in use | read-only (shared)  |
 | user          | user   | free   | when mapped by mm   |
 
-Addresses not covered by any region are holes (not RAM).
+Addresses not covered by any region are holes (not RAM). RAM a profile cannot
+address (above its ``max_phys``) is left out of the map, as a real kernel
+leaves it unused; ``unaddressable`` says how much.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class Region:
 @dataclass(frozen=True)
 class BootMap:
     regions: tuple[Region, ...]  # sorted by first frame
+    unaddressable: int = 0  # bytes of RAM left out: beyond what the profile addresses
+    max_phys: int | None = None  # the profile's limit, when RAM was left out because of it
 
     @property
     def span(self) -> int:
@@ -78,6 +82,18 @@ class BootMap:
     def to_wire(self) -> list[dict]:
         return [r.to_wire() for r in self.regions]
 
+    def unaddressable_note(self, arch: str) -> str:
+        """``"0.5 GiB of RAM above 64 GiB not addressable on i686-pae"``, or "" when all RAM is used."""
+        if not self.unaddressable or self.max_phys is None:
+            return ""
+        return f"{human_size(self.unaddressable)} of RAM above {human_size(self.max_phys)} not addressable on {arch}"
+
+
+def human_size(nbytes: int) -> str:
+    """Bytes in GiB (at least half a GiB) or MiB, with up to two decimals: ``0.5 GiB``, ``96 MiB``."""
+    unit, size = ("GiB", GiB) if nbytes >= GiB // 2 else ("MiB", MiB)
+    return f"{round(nbytes / size, 2):g} {unit}"
+
 
 def frames(nbytes: int) -> int:
     return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
@@ -89,20 +105,22 @@ def pc_map(profile: Profile, memory: int, kernel_pool_frames: int | None = None)
     Low 1 MiB reserved (BIOS, VGA, ROMs); RAM above 3.5 GiB is remapped above
     4 GiB (PCI hole); ACPI tables at the top of low RAM; the kernel image at
     16 MiB as in Jinue (at 1 MiB when RAM is too small for that), followed by
-    the frame table, the initial kernel pool and the RAM disk.
+    the frame table, the initial kernel pool and the RAM disk. RAM that lands
+    at or above the profile's ``max_phys`` is left out (counted in
+    ``unaddressable``): 64 GiB on i686-pae uses the 63.5 GiB below 64 GiB.
     """
     if memory % PAGE_SIZE:
         raise ValueError(f"memory size {memory} is not a multiple of the {PAGE_SIZE}-byte page")
     if memory < MIN_MEMORY:
         raise ValueError(f"memory size {memory} is below the minimum of {MIN_MEMORY // MiB} MiB")
-    low_top = min(memory, PCI_HOLE[0])
-    high = memory - low_top  # bytes remapped above 4 GiB
+    low_top = min(memory, PCI_HOLE[0], profile.max_phys)
+    high = min(memory - min(memory, PCI_HOLE[0]), max(0, profile.max_phys - PCI_HOLE[1]))  # remapped above 4 GiB
+    unaddressable = memory - low_top - high
+    if low_top < MIN_MEMORY:
+        raise ValueError(f"{profile.name} addresses physical memory below {human_size(profile.max_phys)} only: "
+                         f"no usable RAM is left of {human_size(memory)}")
+    memory = low_top + high  # what the kernel uses
     top = PCI_HOLE[1] + high if high else low_top
-    if top > profile.max_phys:
-        raise ValueError(
-            f"{profile.name} addresses physical memory below {profile.max_phys // GiB} GiB only; "
-            f"{memory // MiB} MiB of RAM reaches {top / GiB:.1f} GiB"
-        )
     span = frames(top)
     if span > MAX_FRAMES:
         raise ValueError(f"{span} frames exceed the frame-table limit of {MAX_FRAMES} frames")
@@ -138,7 +156,7 @@ def pc_map(profile: Profile, memory: int, kernel_pool_frames: int | None = None)
     regions.append(Region("firmware", fw_first, firmware))
     if high:
         regions.append(Region("user", frames(PCI_HOLE[1]), frames(high)))
-    return BootMap(tuple(regions))
+    return BootMap(tuple(regions), unaddressable, profile.max_phys if unaddressable else None)
 
 
 _UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,

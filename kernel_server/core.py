@@ -8,6 +8,15 @@ and returns a result dict or an ``Error``. Every call is written as
 everything, computes every kernel frame it will take and may return an Error
 without having changed anything; ``_commit_<call>`` applies the plan and cannot
 fail. Donate and reclaim take no kernel memory at all.
+
+Mappings are kept as a page table tree keeps them: every table of a process
+is ``tables[(level, tag)] = [frame, used]``, and each leaf table (the last
+level: 4 KiB mappings) also has its entries in ``leaves[tag]``, a flat int32
+array of ``table_entries`` slots, ``EMPTY`` or ``frame << ENTRY_SHIFT |
+CLIENT_MADE? | prot``. A mapping belongs to whoever made it: the mm's are
+freed through the mm, a client may unmap only the ones it made itself (the
+``CLIENT_MADE`` bit: read-only maps of kernel-shared frames). Large mappings
+are few and live in a dict. Calls on a run of frames work on slices.
 """
 
 from __future__ import annotations
@@ -37,6 +46,11 @@ from protocol.errors import Errno, Error
 EVENT_LOG = 10_000  # events kept for the mm to read
 ROOT = (0, 0)  # the key of a process's root table in Process.tables
 LARGE_RUNS_SHOWN = 256  # stats lists at most this many runs of frames under large mappings
+EMPTY = -1  # a leaf table entry that maps nothing
+ENTRY_SHIFT = 4  # a leaf entry is frame << ENTRY_SHIFT | CLIENT_MADE? | prot (prot: 3 bits)
+CLIENT_MADE = 8  # leaf entry bit: the client made this mapping itself (not the mm)
+PROT_MASK = 7
+SPARE_LEAVES = 64  # emptied leaf entry arrays kept for reuse (making one costs as much as filling it)
 
 
 def _err(code: Errno, message: str, **details: Any) -> Error:
@@ -48,6 +62,33 @@ def _runs_of(frames: np.ndarray, limit: int = 64) -> list[list[int]]:
     return R.from_array(np.unique(frames))[:limit]
 
 
+def _runs_overlap(runs: list[list[int]]) -> bool:
+    """Do any two runs share a frame? (Sorted by first frame, each must end before the next begins.)"""
+    if len(runs) < 2:
+        return False
+    if len(runs) <= 32:
+        end = -1
+        for first, count in sorted(runs):
+            if first < end:
+                return True
+            end = first + count
+        return False
+    r = np.asarray(runs, dtype=np.int64)
+    r = r[np.argsort(r[:, 0], kind="stable")]
+    return bool(np.any(r[1:, 0] < r[:-1, 0] + r[:-1, 1]))
+
+
+def _merged(runs: list[list[int]]) -> list[list[int]]:
+    """``R.from_array(R.to_array(runs))`` without expanding the runs: adjacent runs merge."""
+    out: list[list[int]] = []
+    for first, count in runs:
+        if out and out[-1][0] + out[-1][1] == first:
+            out[-1][1] += count
+        else:
+            out.append([first, count])
+    return out
+
+
 @dataclass
 class Process:
     pid: int
@@ -55,17 +96,38 @@ class Process:
     obj: tuple[int, int]  # process slab object (frame, slot)
     root_frame: int  # page directory / PML4 frame, or -1 when the root is a slab PDPT
     pdpt: tuple[int, int] | None  # PAE: the PDPT slab object
+    leaf_bits: int  # log2 of the entries of a leaf table: vpage = tag << leaf_bits | index
     tables: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # (level, tag) -> [frame, used]
-    pages: dict[int, int] = field(default_factory=dict)  # vpage -> frame << 3 | prot (4 KiB mappings)
+    leaves: dict[int, np.ndarray] = field(default_factory=dict)  # leaf table tag -> its entries (int32)
+    small_pages: int = 0  # 4 KiB mappings: non-empty leaf entries
     large: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # base vpage -> (level, frame, prot)
     threads: dict[int, int] = field(default_factory=dict)  # tid -> frame
     endpoints: dict[int, tuple[int, int]] = field(default_factory=dict)  # eid -> slab object
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(vpages, leaf entries) of every 4 KiB mapping, in virtual address order (int64 arrays)."""
+        vps: list[np.ndarray] = []
+        ents: list[np.ndarray] = []
+        for tag in sorted(self.leaves):
+            e = self.leaves[tag]
+            idx = np.flatnonzero(e != EMPTY)
+            vps.append((tag << self.leaf_bits) + idx)
+            ents.append(e[idx].astype(np.int64))
+        if not vps:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(vps), np.concatenate(ents)
+
+    @property
+    def pages(self) -> dict[int, int]:
+        """vpage -> frame << 3 | prot of every 4 KiB mapping (built on demand: for tests and debugging)."""
+        vps, ents = self.entries()
+        return dict(zip(vps.tolist(), (((ents >> ENTRY_SHIFT) << 3) | (ents & PROT_MASK)).tolist()))
 
     def usage(self) -> dict[str, int]:
         return {
             "pid": self.pid,
             "key": self.key,
-            "pages": len(self.pages),
+            "pages": self.small_pages,
             "large_pages": len(self.large),
             "tables": len(self.tables) - 1 + (1 if self.root_frame >= 0 else 0),
             "threads": len(self.threads),
@@ -88,6 +150,10 @@ class KernelCore:
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_LOG)
         self.event_seq = 0
         self.user_top_page = profile.user_top >> PAGE_SHIFT
+        self.leaf = profile.levels - 1  # the level of the tables that map 4 KiB pages
+        self.leaf_bits = profile.entry_shifts[self.leaf - 1] - PAGE_SHIFT  # vpage >> leaf_bits: leaf table tag
+        self.leaf_entries = 1 << self.leaf_bits
+        self._spare_leaves: list[np.ndarray] = []  # all EMPTY: from leaf tables unmap freed
         self._calls: dict[str, Callable[[str, Any], dict | Error]] = {
             "hello": self.hello,
             "address_map": self.address_map,
@@ -149,6 +215,9 @@ class KernelCore:
         """The frames of ``runs`` as an array; runs reaching beyond the frame table are
         refused before anything is expanded (a hostile run costs nothing)."""
         n = self.frames.n
+        if len(runs) == 1 and runs[0][0] + runs[0][1] <= n:
+            first, count = runs[0]
+            return np.arange(first, first + count, dtype=np.int64)
         beyond = sorted([max(f, n), f + c] for f, c in runs if f + c > n)
         if beyond:
             merged: list[list[int]] = []
@@ -209,6 +278,7 @@ class KernelCore:
             "frames": self.frames.n,
             "kernel_limit": self.profile.kernel_limit,
             "entries": self.bootmap.to_wire(),
+            "unaddressable": self.bootmap.unaddressable,  # bytes of RAM beyond what the profile addresses
         }
 
     def ping(self, caller: str, args: Any) -> dict:
@@ -247,6 +317,7 @@ class KernelCore:
             "next": out[-1]["seq"] if out else max(args.since, 0),
             "lost": bool(self.events) and args.since + 1 < oldest,
             "latest": self.event_seq,
+            "kernel_free": self.frames.free_count,  # the mm's figure of the pool stays fresh after deaths
         }
 
     def frame_info(self, caller: str, args: Any) -> dict | Error:
@@ -304,7 +375,7 @@ class KernelCore:
         else:
             pdpt, root = None, take()
         pid = self._new_id("pid")
-        proc = Process(pid=pid, key=args.key, obj=obj, root_frame=root, pdpt=pdpt)
+        proc = Process(pid=pid, key=args.key, obj=obj, root_frame=root, pdpt=pdpt, leaf_bits=self.leaf_bits)
         proc.tables[ROOT] = [root, 0]
         self.procs[pid] = proc
         self.by_key[args.key] = pid
@@ -318,15 +389,16 @@ class KernelCore:
         return self.proc_destroy(args.pid, "proc_destroy")
 
     def proc_destroy(self, pid: int, reason: str) -> dict:
-        """Release everything a process holds (commit only: cannot fail). Also used for leases."""
+        """Release everything a process holds (commit only: cannot fail). Also used for leases.
+
+        The event and the reply list the user frames released (the mm's business), not the
+        kernel-shared frames mapped read-only (counted as ``shared_unmapped``)."""
         proc = self.procs.pop(pid)
         del self.by_key[proc.key]
-        user = [f >> 3 for f in proc.pages.values()]
-        for level, frame, _prot in proc.large.values():
-            n = self.profile.pages_at(level)
-            user.extend(range(frame, frame + n))
-        released = np.asarray(user, dtype=np.int64)
+        released = self._mapped_frames(proc)
         self.frames.add_refs(released, -1)
+        user = released[self.frames.kind[released] == USER]
+        shared_unmapped = int(released.size - user.size)
         kfree = [t[0] for k, t in proc.tables.items() if t[0] >= 0]
         kfree.extend(proc.threads.values())
         for eid, (frame, slot) in proc.endpoints.items():
@@ -337,12 +409,19 @@ class KernelCore:
         if proc.pdpt is not None and (empty := self.slabs["pdpt"].free(*proc.pdpt)) is not None:
             kfree.append(empty)
         self._kfree(kfree)
-        frames = R.normalize(R.from_array(released)) if released.size else []
+        frames = R.from_array(np.unique(user)) if user.size else []
         self.event_seq += 1
         self.events.append({"seq": self.event_seq, "kind": "proc_destroyed", "pid": pid, "key": proc.key,
-                            "reason": reason, "frames": frames})
+                            "reason": reason, "frames": frames, "shared_unmapped": shared_unmapped})
         return {"pid": pid, "unmapped_pages": int(released.size), "kernel_frames_freed": len(kfree),
-                "frames": frames}
+                "frames": frames, "shared_unmapped": shared_unmapped}
+
+    def _mapped_frames(self, proc: Process) -> np.ndarray:
+        """The frame of every mapping of ``proc``, once per 4 KiB page (a large mapping: each frame)."""
+        parts = [e[e != EMPTY].astype(np.int64) >> ENTRY_SHIFT for e in proc.leaves.values()]
+        pages_at = self.profile.pages_at
+        parts.extend(np.arange(f, f + pages_at(lv), dtype=np.int64) for lv, f, _prot in proc.large.values())
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     # ---- donate / reclaim (no kernel allocation, ever) ----------------------
 
@@ -352,16 +431,21 @@ class KernelCore:
         a = self._frames_arg(args.frames)
         if isinstance(a, Error):
             return a
-        if np.unique(a).size != a.size:
+        if _runs_overlap(args.frames):
             return _err(Errno.EINVAL, "args.frames: a frame appears twice", field="frames")
-        kinds = self.frames.kind[a]
+        ix = self._index(args.frames, a)
+        kinds = self.frames.kind[ix]
+        refs = self.frames.refs[ix]
+        top = int(a[-1]) if isinstance(ix, slice) else int(a.max())
+        if bool((kinds == USER).all()) and not refs.any() and top < self.frames.kernel_limit:
+            return a  # the usual case, in three passes; otherwise find the first rule broken, and where
         bad = a[kinds == NONE]
         if bad.size:
             return _err(Errno.EINVAL, f"frame {int(bad[0])} is not RAM", frames=_runs_of(bad))
         bad = a[kinds != USER]
         if bad.size:
             return _err(Errno.EEXIST, f"frame {int(bad[0])} is already kernel-owned", frames=_runs_of(bad))
-        bad = a[self.frames.refs[a] > 0]
+        bad = a[refs > 0]
         if bad.size:
             return _err(Errno.EBUSY, f"frame {int(bad[0])} is mapped in user space", frames=_runs_of(bad))
         bad = a[a >= self.frames.kernel_limit]
@@ -374,9 +458,18 @@ class KernelCore:
         a = self._check_donate(caller, args)
         if isinstance(a, Error):
             return a
-        self.frames.set_kind(a, USER, KERNEL_FREE)
-        self.frames.push_free(a)  # the first donated frame is handed out first
+        run = len(args.frames) == 1
+        self.frames.set_kind(a, USER, KERNEL_FREE, run)
+        self.frames.push_free(a, run)  # the first donated frame is handed out first
         return {"donated": int(a.size), "kernel_free": self.frames.free_count}
+
+    @staticmethod
+    def _index(runs: list[list[int]], a: np.ndarray) -> slice | np.ndarray:
+        """How to index the frame table for the frames ``a`` of ``runs``: a slice when it is one run."""
+        if len(runs) == 1:
+            first, count = runs[0]
+            return slice(first, first + count)
+        return a
 
     def _check_reclaim(self, caller: str, args: Any) -> np.ndarray | int | Error:
         if (e := self._need_mm(caller, "reclaim frames")) is not None:
@@ -386,9 +479,11 @@ class KernelCore:
         a = self._frames_arg(args.frames)
         if isinstance(a, Error):
             return a
-        if np.unique(a).size != a.size:
+        if _runs_overlap(args.frames):
             return _err(Errno.EINVAL, "args.frames: a frame appears twice", field="frames")
-        kinds = self.frames.kind[a]
+        kinds = self.frames.kind[self._index(args.frames, a)]
+        if bool((kinds == KERNEL_FREE).all()):
+            return a
         bad = a[kinds == NONE]
         if bad.size:
             return _err(Errno.EINVAL, f"frame {int(bad[0])} is not RAM", frames=_runs_of(bad))
@@ -406,11 +501,15 @@ class KernelCore:
             return plan
         if isinstance(plan, int):
             a = self.frames.pop_free(plan)
+            self.frames.set_kind(a, KERNEL_FREE, USER)
+            frames = R.from_array(a)
         else:
             a = plan
-            self.frames.unlink_free(a)
-        self.frames.set_kind(a, KERNEL_FREE, USER)
-        return {"frames": R.from_array(a), "reclaimed": int(a.size), "kernel_free": self.frames.free_count}
+            run = len(args.frames) == 1
+            self.frames.unlink_free(a, run)
+            self.frames.set_kind(a, KERNEL_FREE, USER, run)
+            frames = _merged(args.frames)
+        return {"frames": frames, "reclaimed": int(a.size), "kernel_free": self.frames.free_count}
 
     # ---- map / unmap ----------------------------------------------------------
 
@@ -424,15 +523,54 @@ class KernelCore:
                 return base, m[0], m[1], m[2]
         return None
 
-    def _missing_tables(self, proc: Process, vps: np.ndarray, down_to: int) -> list[tuple[int, int]]:
-        """Table keys (level, tag) for levels 1..down_to that pages ``vps`` need and lack."""
+    def _parent(self, key: tuple[int, int]) -> tuple[int, int]:
+        """The key of the table holding the entry that points to table ``key``."""
+        lv, tag = key
+        if lv == 1:
+            return ROOT
+        s = self.profile.entry_shifts
+        return lv - 1, tag >> (s[lv - 2] - s[lv - 1])
+
+    def _missing_tables(self, proc: Process, lo: int, hi: int, down_to: int) -> list[tuple[int, int]]:
+        """Table keys (level, tag) for levels 1..down_to that pages lo..hi-1 need and lack, parents first."""
         out = []
         for lv in range(1, down_to + 1):
             shift = self.profile.entry_shifts[lv - 1] - PAGE_SHIFT
-            for tag in np.unique(vps >> shift).tolist():
+            for tag in range(lo >> shift, ((hi - 1) >> shift) + 1):
                 if (lv, tag) not in proc.tables:
                     out.append((lv, tag))
         return out
+
+    def _leaf_spans(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(tag, first index, end index) in each leaf table that pages lo..hi-1 fall in, in order."""
+        bits, size = self.leaf_bits, self.leaf_entries
+        out = []
+        for tag in range(lo >> bits, ((hi - 1) >> bits) + 1):
+            base = tag << bits
+            out.append((tag, max(lo, base) - base, min(hi, base + size) - base))
+        return out
+
+    def _first_small(self, proc: Process, lo: int, hi: int) -> int | None:
+        """The first page in lo..hi-1 with a 4 KiB mapping, or None."""
+        leaves = proc.leaves
+        if not leaves:
+            return None
+        bits = self.leaf_bits
+        if hi - lo == 1:
+            e = leaves.get(lo >> bits)
+            return lo if e is not None and e[lo & (self.leaf_entries - 1)] != EMPTY else None
+        t0, t1 = lo >> bits, (hi - 1) >> bits
+        for tag in (range(t0, t1 + 1) if t1 - t0 < len(leaves) else sorted(t for t in leaves if t0 <= t <= t1)):
+            e = leaves.get(tag)
+            if e is None:
+                continue
+            base = tag << bits
+            i = max(lo, base) - base
+            mapped = e[i:min(hi, base + self.leaf_entries) - base] != EMPTY
+            k = int(mapped.argmax())  # the first True, or 0 when there is none
+            if mapped[k]:
+                return base + i + k
+        return None
 
     def _check_map(self, caller: str, args: Any) -> tuple | Error:
         proc = self._target(caller, args.pid)
@@ -442,7 +580,7 @@ class KernelCore:
         if prot & PROT_WRITE and prot & PROT_EXEC:
             return _err(Errno.ENOTSUP, "writable and executable at once (W+X) is not supported")
         p = self.profile
-        level = p.levels - 1
+        level = self.leaf
         step = 1
         large = args.large or (args.page_size is not None and args.page_size != PAGE_SIZE)
         if large:
@@ -464,7 +602,8 @@ class KernelCore:
             return a
         npages = int(a.size)
         vp0 = args.vaddr >> PAGE_SHIFT
-        if vp0 + npages > self.user_top_page:
+        vp1 = vp0 + npages
+        if vp1 > self.user_top_page:
             return _err(Errno.EINVAL, f"args.vaddr: {args.vaddr:#x} + {npages} pages goes beyond user space "
                         f"({p.user_top:#x})", field="vaddr")
         if large:
@@ -475,7 +614,39 @@ class KernelCore:
             if np.any(groups[:, 0] % step) or np.any(groups - groups[:, :1] != np.arange(step)):
                 return _err(Errno.EINVAL, f"args.frames: a large page needs {step} contiguous frames "
                             f"aligned to {step}", field="frames")
-        kinds = self.frames.kind[a]
+        is_mm = caller == self.mm_key
+        kinds = self.frames.kind[self._index(args.frames, a)]
+        if not (is_mm and (kinds[0] == USER if npages == 1 else bool((kinds == USER).all()))):
+            e = self._check_map_frames(a, kinds, large, is_mm, prot)  # (the mm mapping user frames: all fine)
+            if e is not None:
+                return e
+        # the virtual range must be empty
+        if large:
+            for b in range(vp0, vp1, step):
+                if self._large_at(proc, b) is not None or (level + 1, b // step) in proc.tables:
+                    return _err(Errno.EBUSY, f"virtual address {b << PAGE_SHIFT:#x} is already mapped",
+                                vaddr=b << PAGE_SHIFT)
+        else:
+            busy = self._first_small(proc, vp0, vp1)
+            if busy is not None:
+                return _err(Errno.EBUSY, f"virtual address {busy << PAGE_SHIFT:#x} is already mapped",
+                            vaddr=busy << PAGE_SHIFT)
+            if proc.large:
+                for lv in p.large_levels:
+                    n = p.pages_at(lv)
+                    for b in range(vp0 - vp0 % n, vp1, n):
+                        hit = self._large_at(proc, max(b, vp0))
+                        if hit is not None:
+                            return _err(Errno.EBUSY, f"virtual address {hit[0] << PAGE_SHIFT:#x} is already "
+                                        "mapped by a large page", vaddr=hit[0] << PAGE_SHIFT)
+        missing = self._missing_tables(proc, vp0, vp1, level)
+        if (e := self._enomem(len(missing), "map")) is not None:
+            return e
+        return proc, a, vp0, level, step, missing, is_mm
+
+    def _check_map_frames(self, a: np.ndarray, kinds: np.ndarray, large: bool, is_mm: bool,
+                          prot: int) -> Error | None:
+        """The frame rules of map, in order; the first one broken names every frame that breaks it."""
         bad = a[kinds == NONE]
         if bad.size:
             return _err(Errno.EINVAL, f"frame {int(bad[0])} is not RAM", frames=_runs_of(bad))
@@ -484,7 +655,7 @@ class KernelCore:
             if bad.size:
                 return _err(Errno.EPERM, f"frame {int(bad[0])}: a large page needs every frame user-owned",
                             frames=_runs_of(bad))
-        if caller != self.mm_key:
+        if not is_mm:
             bad = a[kinds != KERNEL_SHARED]
             if bad.size:
                 return _err(Errno.EPERM, f"frame {int(bad[0])}: a client may map only kernel-shared frames "
@@ -497,63 +668,56 @@ class KernelCore:
             if bad.size:
                 return _err(Errno.EPERM, f"frame {int(bad[0])} is kernel-shared: read-only mappings only",
                             frames=_runs_of(bad))
-        # the virtual range must be empty
-        if large:
-            bases = vp0 + np.arange(0, npages, step)
-            for b in bases.tolist():
-                if self._large_at(proc, b) is not None or (level + 1, b // step) in proc.tables:
-                    return _err(Errno.EBUSY, f"virtual address {b << PAGE_SHIFT:#x} is already mapped",
-                                vaddr=b << PAGE_SHIFT)
-            vps = bases
-            down_to = level
-        else:
-            rng = range(vp0, vp0 + npages)
-            if not proc.pages.keys().isdisjoint(rng):
-                busy = next(v for v in rng if v in proc.pages)
-                return _err(Errno.EBUSY, f"virtual address {busy << PAGE_SHIFT:#x} is already mapped",
-                            vaddr=busy << PAGE_SHIFT)
-            vps = np.arange(vp0, vp0 + npages, dtype=np.int64)
-            if proc.large:
-                for lv in p.large_levels:
-                    n = p.pages_at(lv)
-                    for b in np.unique(vps - vps % n).tolist():
-                        hit = self._large_at(proc, max(b, vp0))
-                        if hit is not None:
-                            return _err(Errno.EBUSY, f"virtual address {hit[0] << PAGE_SHIFT:#x} is already "
-                                        "mapped by a large page", vaddr=hit[0] << PAGE_SHIFT)
-            down_to = level
-        missing = self._missing_tables(proc, vps, down_to)
-        if (e := self._enomem(len(missing), "map")) is not None:
-            return e
-        return proc, a, vps, level, step, missing
+        return None
 
     def map(self, caller: str, args: Any) -> dict | Error:
         plan = self._check_map(caller, args)
         if isinstance(plan, Error):
             return plan
-        proc, a, vps, level, step, missing = plan
-        p = self.profile
+        proc, a, vp0, level, step, missing, is_mm = plan
         # commit: tables first (parents before children: missing is ordered by level)
-        for key, frame in zip(missing, self._kalloc(len(missing))):
-            lv, tag = key
-            proc.tables[key] = [frame, 0]
-            parent = ROOT if lv == 1 else (lv - 1, tag >> (p.entry_shifts[lv - 2] - p.entry_shifts[lv - 1]))
-            proc.tables[parent][1] += 1
-        shift = p.entry_shifts[level - 1] - PAGE_SHIFT if level > 0 else None
+        if missing:
+            self._add_tables(proc, missing)
         if step > 1:
-            for b, f in zip(vps.tolist(), a[::step].tolist()):
-                proc.large[b] = (level, f, args.prot)
+            shift = self.profile.entry_shifts[level - 1] - PAGE_SHIFT if level > 0 else None
+            for i, b in enumerate(range(vp0, vp0 + int(a.size), step)):
+                proc.large[b] = (level, int(a[i * step]), args.prot)
+                proc.tables[ROOT if shift is None else (level, b >> shift)][1] += 1
         else:
-            proc.pages.update(zip(vps.tolist(), ((a << 3) | args.prot).tolist()))
-        if shift is None:
-            proc.tables[ROOT][1] += int(vps.size)
-        else:
-            tags, counts = np.unique(vps >> shift, return_counts=True)
-            for tag, c in zip(tags.tolist(), counts.tolist()):
-                proc.tables[(level, tag)][1] += c
-        self.frames.add_refs(a, +1)
+            self._write_small(proc, vp0, a, args.prot if is_mm else args.prot | CLIENT_MADE, len(args.frames) == 1)
+        self.frames.add_refs(a, +1, run=len(args.frames) == 1)
         return {"pid": proc.pid, "pages": int(a.size), "tables_allocated": len(missing),
                 "kernel_free": self.frames.free_count}
+
+    def _add_tables(self, proc: Process, keys: list[tuple[int, int]]) -> None:
+        """Allocate the tables ``keys`` (parents first) and hang each in its parent (commit)."""
+        for key, frame in zip(keys, self._kalloc(len(keys))):
+            proc.tables[key] = [frame, 0]
+            if key[0] == self.leaf:
+                spare = self._spare_leaves
+                proc.leaves[key[1]] = spare.pop() if spare else np.full(self.leaf_entries, EMPTY, dtype=np.int32)
+            proc.tables[self._parent(key)][1] += 1
+
+    def _write_small(self, proc: Process, vp0: int, frames: np.ndarray, bits: int, run: bool = False) -> None:
+        """Map ``frames`` (``run``: one ascending run) at pages vp0.. as 4 KiB pages with entry bits
+        ``bits`` (commit: the tables exist)."""
+        if frames.size == 1:
+            tag = vp0 >> self.leaf_bits
+            proc.leaves[tag][vp0 & (self.leaf_entries - 1)] = (int(frames[0]) << ENTRY_SHIFT) | bits
+            proc.tables[(self.leaf, tag)][1] += 1
+        else:
+            if run:  # the entries of a run, in one pass
+                f = int(frames[0])
+                entries = np.arange((f << ENTRY_SHIFT) | bits, ((f + frames.size) << ENTRY_SHIFT) | bits,
+                                    1 << ENTRY_SHIFT, dtype=np.int32)
+            else:
+                entries = (frames << ENTRY_SHIFT) | bits
+            i = 0
+            for tag, lo, hi in self._leaf_spans(vp0, vp0 + int(frames.size)):
+                proc.leaves[tag][lo:hi] = entries[i:i + hi - lo]
+                proc.tables[(self.leaf, tag)][1] += hi - lo
+                i += hi - lo
+        proc.small_pages += int(frames.size)
 
     def _check_unmap(self, caller: str, args: Any) -> tuple | Error:
         proc = self._target(caller, args.pid)
@@ -566,15 +730,27 @@ class KernelCore:
         if vp1 > self.user_top_page:
             return _err(Errno.EINVAL, f"args.vaddr: the range goes beyond user space ({self.profile.user_top:#x})",
                         field="vaddr")
-        small: list[int] = []
+        spans: list[tuple[int, int, int]] = []  # (tag, first, end): mapped stretches of leaf tables
         large: list[int] = []
-        pages = proc.pages
+        leaves = proc.leaves
+        bits, mask = self.leaf_bits, self.leaf_entries - 1
         vp = vp0
         while vp < vp1:
-            if vp in pages:
-                small.append(vp)
-                vp += 1
-                continue
+            e = leaves.get(vp >> bits)
+            if e is not None:
+                i = vp & mask
+                j = min(mask + 1, i + vp1 - vp)
+                if j - i == 1:
+                    k = 1 if e[i] != EMPTY else 0
+                else:
+                    seg = e[i:j]
+                    k = int(seg.argmin())  # EMPTY (-1) is the least entry: the first hole, if any
+                    if seg[k] != EMPTY:
+                        k = j - i
+                if k:
+                    spans.append((vp >> bits, i, i + k))
+                    vp += k
+                    continue
             hit = self._large_at(proc, vp) if proc.large else None
             if hit is None:
                 return _err(Errno.EINVAL, f"nothing is mapped at {vp << PAGE_SHIFT:#x}", vaddr=vp << PAGE_SHIFT)
@@ -585,31 +761,69 @@ class KernelCore:
                             "a large page is unmapped whole", vaddr=base << PAGE_SHIFT)
             large.append(base)
             vp = end
-        return proc, small, large
+        if caller != self.mm_key:
+            theirs = self._first_made_by_mm(proc, spans, large)
+            if theirs is not None:
+                return _err(Errno.EPERM, f"virtual address {theirs << PAGE_SHIFT:#x} is mapped by the memory "
+                            "manager: free it through the mm", vaddr=theirs << PAGE_SHIFT)
+        return proc, spans, large
+
+    def _first_made_by_mm(self, proc: Process, spans: list[tuple[int, int, int]], large: list[int]) -> int | None:
+        """The first page of the stretches ``spans`` and large pages ``large`` that the mm mapped, or None.
+        (A client makes only 4 KiB read-only maps of kernel-shared frames; every large page is the mm's.)"""
+        for tag, i, j in spans:
+            theirs = (proc.leaves[tag][i:j] & CLIENT_MADE) == 0
+            k = int(theirs.argmax())
+            if theirs[k]:
+                first = (tag << self.leaf_bits) + i + k
+                return min([first] + large[:1])
+        return large[0] if large else None
 
     def unmap(self, caller: str, args: Any) -> dict | Error:
         plan = self._check_unmap(caller, args)
         if isinstance(plan, Error):
             return plan
-        proc, small, large = plan
+        proc, spans, large = plan
+        if not large and len(spans) == 1 and spans[0][2] - spans[0][1] == 1:  # one page: no arrays
+            tag, i, _ = spans[0]
+            e = proc.leaves[tag]
+            f = int(e[i]) >> ENTRY_SHIFT
+            e[i] = EMPTY
+            proc.small_pages -= 1
+            freed = self._drop_entries(proc, {(self.leaf, tag): 1})
+            self.frames.add_ref(f, -1)
+            return {"pid": proc.pid, "pages": 1, "frames": [[f, 1]], "tables_freed": freed,
+                    "kernel_free": self.frames.free_count}
         p = self.profile
-        frames: list[int] = []
-        entries: dict[tuple[int, int], int] = {}
-        leaf = p.levels - 1
-        leaf_shift = p.entry_shifts[leaf - 1] - PAGE_SHIFT
-        for vp in small:
-            frames.append(proc.pages.pop(vp) >> 3)
-            key = (leaf, vp >> leaf_shift)
-            entries[key] = entries.get(key, 0) + 1
+        parts: list[np.ndarray] = []
+        drops: dict[tuple[int, int], int] = {}  # table -> entries cleared in it
+        small = 0
+        for tag, i, j in spans:
+            e = proc.leaves[tag]
+            parts.append(e[i:j] >> ENTRY_SHIFT)  # (int32 throughout: frame numbers are below 2^25)
+            e[i:j] = EMPTY
+            key = (self.leaf, tag)
+            drops[key] = drops.get(key, 0) + j - i
+            small += j - i
+        proc.small_pages -= small
         for base in large:
             lv, f, _ = proc.large.pop(base)
-            frames.extend(range(f, f + p.pages_at(lv)))
+            parts.append(np.arange(f, f + p.pages_at(lv), dtype=np.int32))
             key = ROOT if lv == 0 else (lv, base >> (p.entry_shifts[lv - 1] - PAGE_SHIFT))
-            entries[key] = entries.get(key, 0) + 1
-        freed = self._drop_entries(proc, entries)
-        a = np.asarray(frames, dtype=np.int64)
-        self.frames.add_refs(a, -1)
-        return {"pid": proc.pid, "pages": int(a.size), "frames": R.from_array(a), "tables_freed": freed,
+            drops[key] = drops.get(key, 0) + 1
+        freed = self._drop_entries(proc, drops)
+        a = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # the reply's runs (as R.from_array makes them), and one diff tells add_refs whether it is one run
+        cut = np.diff(a) != 1
+        run = not cut.any()
+        self.frames.add_refs(a, -1, run=run)
+        if not run:
+            breaks = np.flatnonzero(cut) + 1
+            starts, ends = np.concatenate(([0], breaks)), np.concatenate((breaks, [a.size]))
+            frames = [[f, e - s] for f, s, e in zip(a[starts].tolist(), starts.tolist(), ends.tolist())]
+        else:
+            frames = [[int(a[0]), int(a.size)]]
+        return {"pid": proc.pid, "pages": int(a.size), "frames": frames, "tables_freed": freed,
                 "kernel_free": self.frames.free_count}
 
     def _drop_entries(self, proc: Process, entries: dict[tuple[int, int], int]) -> int:
@@ -622,12 +836,17 @@ class KernelCore:
                 t[1] -= entries.pop(key)
                 if t[1] == 0:
                     del proc.tables[key]
+                    if lv == self.leaf:
+                        emptied = proc.leaves.pop(key[1])
+                        if len(self._spare_leaves) < SPARE_LEAVES:
+                            self._spare_leaves.append(emptied)
                     to_free.append(t[0])
-                    parent = ROOT if lv == 1 else (lv - 1, key[1] >> (p.entry_shifts[lv - 2] - p.entry_shifts[lv - 1]))
+                    parent = self._parent(key)
                     entries[parent] = entries.get(parent, 0) + 1
         if ROOT in entries:
             proc.tables[ROOT][1] -= entries.pop(ROOT)
-        self._kfree(to_free)
+        if to_free:
+            self._kfree(to_free)
         return len(to_free)
 
     # ---- threads and endpoints (the client's own kernel objects) ------------
@@ -685,8 +904,10 @@ class KernelCore:
         for pid in sorted(self.procs):
             pr = self.procs[pid]
             h.update(repr((pid, pr.key, pr.obj, pr.root_frame, pr.pdpt, sorted(pr.tables.items()),
-                           sorted(pr.pages.items()), sorted(pr.large.items()), sorted(pr.threads.items()),
-                           sorted(pr.endpoints.items()))).encode())
+                           pr.small_pages, sorted(pr.large.items()), sorted(pr.threads.items()),
+                           sorted(pr.endpoints.items()), sorted(pr.leaves))).encode())
+            for tag in sorted(pr.leaves):
+                h.update(pr.leaves[tag].tobytes())
         for k, s in sorted(self.slabs.items()):
             h.update(repr((k, sorted(s.used.items()), sorted((f, sorted(v)) for f, v in s.free_slots.items()))).encode())
         h.update(repr((self.next_id, self.event_seq)).encode())

@@ -96,16 +96,30 @@ class FrameTable:
         return self.kind.nbytes + self.refs.nbytes + self.next.nbytes + self.prev.nbytes
 
     # ---- commits (cannot fail; callers checked everything) -------------
+    #
+    # ``run=True`` tells a commit that ``frames`` is one ascending run (frames[0], frames[0] + 1, ...):
+    # it then works on slices of the table, not on gathered copies (the check phase knows, for free,
+    # when a call named a single run).
 
-    def push_free(self, frames: np.ndarray) -> None:
+    @staticmethod
+    def _index(frames: np.ndarray, run: bool) -> slice | np.ndarray:
+        return slice(int(frames[0]), int(frames[0]) + frames.size) if run else frames
+
+    def push_free(self, frames: np.ndarray, run: bool = False) -> None:
         """Link ``frames`` (distinct, not on the list) at the head, in order, as KERNEL_FREE."""
         m = frames.size
         if m == 0:
             return
-        self.kind[frames] = KERNEL_FREE
+        ix = self._index(frames, run)
+        self.kind[ix] = KERNEL_FREE
         if m > 1:
-            self.next[frames[:-1]] = frames[1:]
-            self.prev[frames[1:]] = frames[:-1]
+            if run:
+                f = int(frames[0])
+                self.next[f:f + m - 1] = frames[1:]
+                self.prev[f + 1:f + m] = frames[:-1]
+            else:
+                self.next[frames[:-1]] = frames[1:]
+                self.prev[frames[1:]] = frames[:-1]
         last, first = int(frames[-1]), int(frames[0])
         self.next[last] = self.head
         if self.head != NIL:
@@ -116,13 +130,31 @@ class FrameTable:
 
     def pop_free(self, count: int) -> np.ndarray:
         """Take ``count`` frames from the head (count <= free_count); they stay KERNEL_FREE
-        until the caller sets their kind."""
+        until the caller sets their kind.
+
+        Walks the list frame by frame, except along stretches where it links ascending
+        neighbours (f -> f + 1 -> ..., what a donated run leaves): those are taken a
+        stretch at a time with one vectorised comparison."""
         out = np.empty(count, dtype=np.int64)
         f = self.head
         nxt = self.next
-        for i in range(count):
+        i = 0
+        probe = 16  # frames a stretch is probed for; doubles while stretches go on (no quadratic cost)
+        while i < count:
+            g = int(nxt[f])
+            if g == f + 1 and count - i > 32:
+                want = min(count - i, probe)  # frames f .. f + want - 1, if the list runs straight on
+                seg = nxt[f:f + want - 1]
+                off = np.flatnonzero(seg != np.arange(f + 1, f + 1 + seg.size, dtype=np.int64))
+                k = int(off[0]) + 1 if off.size else seg.size + 1  # frames taken in this stretch
+                out[i:i + k] = np.arange(f, f + k, dtype=np.int64)
+                i += k
+                f = int(nxt[f + k - 1])
+                probe = probe * 2 if k == want else 16
+                continue
             out[i] = f
-            f = int(nxt[f])
+            i += 1
+            f = g
         if count:
             self.next[out] = NIL
             self.prev[out] = NIL
@@ -132,17 +164,21 @@ class FrameTable:
             self.free_count -= count
         return out
 
-    def unlink_free(self, frames: np.ndarray) -> None:
+    def unlink_free(self, frames: np.ndarray, run: bool = False) -> None:
         """Remove the given distinct KERNEL_FREE frames from the list, wherever they are.
 
-        Vectorised: each removed frame's nearest surviving successor is found by
-        pointer jumping (O(log n) numpy passes), then each chain of removed
-        frames is cut out with one splice.
+        When they lie on the list one after the other (in the given order or the
+        reverse: the usual case right after a donation) the chain is spliced out
+        directly. Otherwise each removed frame's nearest surviving successor is
+        found by pointer jumping (O(log n) numpy passes), then each chain of
+        removed frames is cut out with one splice.
         """
-        s = np.sort(frames.astype(np.int64))
-        m = s.size
+        m = frames.size
         if m == 0:
             return
+        if self._unlink_chain(frames, run):
+            return
+        s = np.sort(frames.astype(np.int64))
         nxt = self.next[s].astype(np.int64)
         prv = self.prev[s].astype(np.int64)
 
@@ -163,19 +199,53 @@ class FrameTable:
             idx = np.where(jumping, idx[np.maximum(idx, 0)], idx)
         starts = removed_index(prv) < 0  # predecessor survives or is NIL: a chain begins here
         for p, q in zip(prv[starts].tolist(), succ[starts].tolist()):
-            if p == NIL:
-                self.head = q
-            else:
-                self.next[p] = q
-            if q != NIL:
-                self.prev[q] = p
+            self._link(p, q)
         self.next[s] = NIL
         self.prev[s] = NIL
         self.free_count -= m
 
-    def set_kind(self, frames: np.ndarray, old: int, new: int) -> None:
+    def _unlink_chain(self, frames: np.ndarray, run: bool) -> bool:
+        """Splice ``frames`` out if they follow each other on the list (either way round)."""
+        m = frames.size
+        nxt = self.next
+        if m == 1:
+            head = tail = int(frames[0])
+        elif run:
+            f = int(frames[0])
+            if int(nxt[f]) == f + 1:
+                head, tail = f, f + m - 1
+                if not np.array_equal(nxt[f:f + m - 1], frames[1:]):
+                    return False
+            else:
+                head, tail = f + m - 1, f
+                if not np.array_equal(nxt[f + 1:f + m], frames[:-1]):
+                    return False
+        elif np.array_equal(nxt[frames[:-1]], frames[1:]):
+            head, tail = int(frames[0]), int(frames[-1])
+        elif np.array_equal(nxt[frames[1:]], frames[:-1]):
+            head, tail = int(frames[-1]), int(frames[0])
+        else:
+            return False
+        # (the list has no cycle, so a chain of m links names m distinct frames)
+        self._link(int(self.prev[head]), int(nxt[tail]))
+        ix = self._index(frames, run)
+        nxt[ix] = NIL
+        self.prev[ix] = NIL
+        self.free_count -= m
+        return True
+
+    def _link(self, p: int, q: int) -> None:
+        """Make ``q`` follow ``p`` on the list (either may be NIL: the head, the end)."""
+        if p == NIL:
+            self.head = q
+        else:
+            self.next[p] = q
+        if q != NIL:
+            self.prev[q] = p
+
+    def set_kind(self, frames: np.ndarray, old: int, new: int, run: bool = False) -> None:
         """Move frames of kind ``old`` to ``new`` and keep the counters right."""
-        self.kind[frames] = new
+        self.kind[self._index(frames, run) if frames.size else frames] = new
         m = int(frames.size)
         if old == USER:
             self.user_free -= m
@@ -186,10 +256,22 @@ class FrameTable:
         elif new == KERNEL_USED:
             self.kernel_used += m
 
-    def add_refs(self, frames: np.ndarray, delta: int) -> None:
+    def add_refs(self, frames: np.ndarray, delta: int, run: bool = False) -> None:
         """Add ``delta`` (+1/-1) to each frame's refcount (frames may repeat); keeps
-        the user free/mapped counters right for USER frames."""
-        if frames.size == 0:
+        the user free/mapped counters right for USER frames.
+
+        One frame: scalar arithmetic. One run (``run``, or frames that turn out to
+        be one ascending run): arithmetic on a slice. Otherwise repeats are counted
+        with ``np.unique``."""
+        m = frames.size
+        if m == 0:
+            return
+        if m == 1:
+            self.add_ref(int(frames[0]), delta)
+            return
+        first = int(frames[0])
+        if run or (int(frames[-1]) - first == m - 1 and bool((np.diff(frames) == 1).all())):
+            self._add_refs_run(first, m, delta)
             return
         uniq, times = np.unique(frames, return_counts=True)
         before = self.refs[uniq]
@@ -200,3 +282,25 @@ class FrameTable:
         became_free = int(np.count_nonzero(user & (before > 0) & (after == 0)))
         self.user_mapped += became_mapped - became_free
         self.user_free += became_free - became_mapped
+
+    def add_ref(self, f: int, delta: int) -> None:
+        """``add_refs`` for the one frame ``f``."""
+        before = int(self.refs[f])
+        after = before + delta
+        self.refs[f] = after
+        if self.kind[f] == USER and (before == 0) != (after == 0):
+            moved = 1 if after else -1  # free -> mapped, or mapped -> free
+            self.user_mapped += moved
+            self.user_free -= moved
+
+    def _add_refs_run(self, first: int, m: int, delta: int) -> None:
+        refs = self.refs[first:first + m]  # a view: updated in place
+        user = self.kind[first:first + m] == USER
+        if delta > 0:  # frames at 0 become mapped
+            moved = int(np.count_nonzero(user & (refs == 0)))
+            refs += delta
+        else:  # frames at -delta become free
+            moved = -int(np.count_nonzero(user & (refs == -delta)))
+            refs -= -delta
+        self.user_mapped += moved
+        self.user_free -= moved

@@ -1,4 +1,5 @@
-"""Invariant checks I1-I4 and I7 on a ``KernelCore``, recomputed from scratch.
+"""Invariant checks I1-I4 and I7 on a ``KernelCore``, recomputed from scratch (and the page
+tables' own accounting: entry counts, leaf entries, who made each mapping).
 
 Used by the property-based tests, the simulator and debugging sessions. Each
 check derives what must hold from the raw state (frame table arrays,
@@ -13,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-from kernel_server.core import ROOT, KernelCore
+from kernel_server.core import CLIENT_MADE, EMPTY, ENTRY_SHIFT, PROT_MASK, ROOT, KernelCore
 from kernel_server.frames import KERNEL_FREE, KERNEL_SHARED, KERNEL_USED, NIL, NONE, USER
 from protocol import PROT_READ
 
@@ -24,9 +25,9 @@ def _mapped_frames(core: KernelCore) -> tuple[np.ndarray, list[str]]:
     bad: list[str] = []
     kind = core.frames.kind
     for proc in core.procs.values():
-        if proc.pages:
-            packed = np.fromiter(proc.pages.values(), dtype=np.int64, count=len(proc.pages))
-            frames, prots = packed >> 3, packed & 7
+        _vps, ents = proc.entries()
+        if ents.size:
+            frames, prots = ents >> ENTRY_SHIFT, ents & PROT_MASK
             np.add.at(counts, frames, 1)
             k = kind[frames]
             own = (k == KERNEL_FREE) | (k == KERNEL_USED)
@@ -36,6 +37,11 @@ def _mapped_frames(core: KernelCore) -> tuple[np.ndarray, list[str]]:
             if shared_rw.any():
                 bad.append(f"I3: pid {proc.pid} maps kernel-shared frame(s) {frames[shared_rw][:4].tolist()} "
                            "with more than read access")
+            by_client = (ents & CLIENT_MADE) != 0
+            wrong = by_client & ((k != KERNEL_SHARED) | (prots != PROT_READ))
+            if wrong.any():
+                bad.append(f"I9: pid {proc.pid} made mapping(s) of frame(s) {frames[wrong][:4].tolist()} itself "
+                           "that only the memory manager may make")
         for base, (level, first, _prot) in proc.large.items():
             n = core.profile.pages_at(level)
             counts[first:first + n] += 1
@@ -126,6 +132,8 @@ def _check_tables(core: KernelCore) -> list[str]:
     """Each page table's entry count equals its child tables plus the mappings it holds."""
     p = core.profile
     out: list[str] = []
+    if any((spare != EMPTY).any() for spare in core._spare_leaves):
+        out.append("tables: a spare leaf entry array (for the next page table) is not empty")
     for proc in core.procs.values():
         want: Counter = Counter()
         for (lv, tag) in proc.tables:
@@ -134,9 +142,19 @@ def _check_tables(core: KernelCore) -> list[str]:
             parent = ROOT if lv == 1 else (lv - 1, tag >> (p.entry_shifts[lv - 2] - p.entry_shifts[lv - 1]))
             want[parent] += 1
         leaf = p.levels - 1
-        leaf_shift = p.entry_shifts[leaf - 1] - 12 if leaf > 0 else None
-        for vp in proc.pages:
-            want[ROOT if leaf_shift is None else (leaf, vp >> leaf_shift)] += 1
+        leaf_shift = p.entry_shifts[leaf - 1] - 12
+        small = 0
+        for tag, entries in proc.leaves.items():
+            used = int(np.count_nonzero(entries != EMPTY))
+            want[(leaf, tag)] += used
+            small += used
+            if entries.shape != (1 << leaf_shift,) or (entries[entries != EMPTY] < 0).any():
+                out.append(f"tables: pid {proc.pid} leaf table {tag} has a malformed entry array")
+        if small != proc.small_pages:
+            out.append(f"tables: pid {proc.pid} counts {proc.small_pages} small pages, its leaf tables hold {small}")
+        leaf_keys = {(leaf, tag) for tag in proc.leaves}
+        if leaf_keys != {key for key in proc.tables if key[0] == leaf}:
+            out.append(f"tables: pid {proc.pid} leaf tables and their entry arrays differ")
         for base, (lv, _f, _prot) in proc.large.items():
             want[ROOT if lv == 0 else (lv, base >> (p.entry_shifts[lv - 1] - 12))] += 1
         for key, (frame, used) in proc.tables.items():

@@ -149,4 +149,5 @@ class KernelService:
             f"kernel free {c['kernel_free']}, kernel used {c['kernel_used']}, kernel shared {c['kernel_shared']}, "
             f"user free {c['user_free']}, user mapped {c['user_mapped']}; "
             f"frame table {self.core.frames.nbytes() / self.core.frames.n:.0f} B/frame; lease {self.lease_seconds:g}s"
+            + (f"; {note}" if (note := self.core.bootmap.unaddressable_note(p.name)) else "")
         )

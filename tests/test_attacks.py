@@ -30,7 +30,7 @@ REFUSAL = {
     "donate-unprivileged": "EPERM", "reclaim-unprivileged": "EPERM", "proc-create-unprivileged": "EPERM",
     "proc-destroy-unprivileged": "EPERM", "frame-info-unprivileged": "EPERM", "events-unprivileged": "EPERM",
     "mm-audit-unprivileged": "EPERM", "foreign-pid-map": "EPERM", "foreign-pid-unmap": "EPERM",
-    "foreign-frame-map": "EPERM", "foreign-vaddr-unmap": "EINVAL", "foreign-objects": "ESRCH",
+    "foreign-frame-map": "EPERM", "foreign-vaddr-unmap": "EINVAL", "unmap-mm-memory": "EPERM", "foreign-objects": "ESRCH",
     "mm-free-foreign": "EINVAL", "mm-share-foreign": "EINVAL", "map-kernel-frame": "EPERM",
     "map-boot-image-writable": "EPERM", "map-wx": "ENOTSUP", "map-unaligned": "EINVAL(field=vaddr)",
     "map-out-of-range": "EINVAL", "bad-runs": "EINVAL(field=frames", "too-many-runs": "EINVAL(field=frames)",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernel_server.arch import PAGE_SIZE
+from kernel_server.arch import PAGE_SIZE, get_profile
+from kernel_server.bootmap import pc_map
 from kernel_server.frames import KERNEL_FREE, KERNEL_SHARED, KERNEL_USED, NONE, USER
 from kernel_server.invariants import check_kernel
 from kernel_server.service import KernelService
@@ -238,6 +239,26 @@ def test_donate_and_reclaim_succeed_with_zero_free_kernel_frames():
     assert (e.details["needed"], e.details["available"]) == (2, 0)
 
 
+def test_the_free_list_keeps_its_order_through_runs_chains_and_scattered_frames():
+    k = K(pool=0, memory=64 * MiB)
+    a, b = k.user(100), k.user(40, skip=200)
+    k.ok(MM, "donate", frames=runs(a))
+    k.ok(MM, "donate", frames=runs(b))
+    model = b + a  # each donation goes to the head, in its own order
+    assert k.ft.free_list() == model
+    got = R.to_array(k.ok(MM, "reclaim", count=60)["frames"]).tolist()  # a long stretch, then another
+    assert got == model[:60]
+    model = model[60:]
+    # a chain named backwards, a chain that is one run, then frames scattered over the list
+    for pick in ([[f, 1] for f in reversed(a[30:40])], [[a[50], 20]], [[a[25], 1], [a[45], 2], [a[99], 1]]):
+        r = k.ok(MM, "reclaim", frames=pick)
+        gone = R.to_array(pick).tolist()
+        assert r["reclaimed"] == len(gone) and r["frames"] == runs(gone)
+        model = [f for f in model if f not in gone]
+        assert k.ft.free_list() == model
+    assert k.counts()["kernel_free"] == len(model)
+
+
 # ---- reclaim ----------------------------------------------------------------------
 
 def test_reclaim_count_takes_up_to_that_many():
@@ -410,7 +431,8 @@ def test_page_tables_are_allocated_lazily_and_counted_i686():
     assert r["tables_freed"] == 0
     r = k.ok(MM, "unmap", pid=a, vaddr=V + PAGE_SIZE, pages=1)
     assert r["tables_freed"] == 1 and r["kernel_free"] == free0 - 3 - 3
-    r = k.ok(A, "unmap", vaddr=V + 12 * MiB - PAGE_SIZE, pages=2)  # the client on its own space
+    k.refused(A, "unmap", Errno.EPERM, vaddr=V + 12 * MiB - PAGE_SIZE, pages=2)  # the mm's mapping, not A's
+    r = k.ok(MM, "unmap", pid=a, vaddr=V + 12 * MiB - PAGE_SIZE, pages=2)
     assert r["tables_freed"] == 2
 
 
@@ -570,13 +592,59 @@ def test_unmap_rules():
     k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=k.core.profile.user_top - PAGE_SIZE, pages=2)
     e = k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=V, pages=5)  # all-or-nothing: a hole at the end
     assert e.details["vaddr"] == V + 4 * PAGE_SIZE
-    r = k.ok(A, "unmap", pid=a, vaddr=V + PAGE_SIZE, pages=2)
+    r = k.ok(MM, "unmap", pid=a, vaddr=V + PAGE_SIZE, pages=2)
     assert r["frames"] == runs(f[1:3]) and k.refs(f) == [1, 0, 0, 1]
     r = k.ok(MM, "unmap", pid=a, vaddr=V, pages=1)
     assert r["tables_freed"] == 0
     r = k.ok(MM, "unmap", pid=a, vaddr=V + 3 * PAGE_SIZE, pages=1)
     assert r["tables_freed"] == 1 and k.counts()["user_mapped"] == 0
     assert k.core.procs[b].pages == {}
+
+
+def test_a_client_unmaps_only_the_mappings_it_made_itself():
+    k = K()
+    a = k.proc(A)
+    f = k.user(2)
+    image = k.of_kind(KERNEL_SHARED)[:3]
+    page = lambda i: V + i * PAGE_SIZE  # noqa: E731
+    k.ok(MM, "map", pid=a, vaddr=page(0), frames=runs(f), prot=RW)  # pages 0, 1: the mm's
+    k.ok(A, "map", vaddr=page(2), frames=runs(image[:2]), prot=READ)  # pages 2, 3: A's own
+    k.ok(MM, "map", pid=a, vaddr=page(4), frames=runs(image[2:]), prot=READ)  # page 4: the mm's, a shared frame
+    # a range touching a mapping the mm made is EPERM, names it, and changes nothing (K.refused)
+    for first, pages, named in ((0, 1, 0), (1, 3, 1), (2, 3, 4)):
+        e = k.refused(A, "unmap", Errno.EPERM, vaddr=page(first), pages=pages)
+        assert e.details["vaddr"] == page(named) and "memory manager" in e.message
+    k.refused(A, "unmap", Errno.EINVAL, vaddr=page(2), pages=4)  # a hole (page 5) is still EINVAL
+    r = k.ok(A, "unmap", vaddr=page(2), pages=2)
+    assert r["frames"] == runs(image[:2]) and k.refs(image) == [0, 0, 1]
+    # the mm may unmap anything in any process, what the client made included
+    k.ok(A, "map", vaddr=page(2), frames=runs(image[:1]), prot=READ)
+    r = k.ok(MM, "unmap", pid=a, vaddr=page(0), pages=3)
+    assert r["pages"] == 3 and k.counts()["user_mapped"] == 0 and k.refs(image) == [0, 0, 1]
+    # every large page is the mm's
+    big = k.block(1024)
+    k.ok(MM, "map", pid=a, vaddr=VL, frames=[[big, 1024]], prot=READ, large=True)
+    assert k.refused(A, "unmap", Errno.EPERM, vaddr=VL, pages=1024).details["vaddr"] == VL
+
+
+def test_unmap_of_many_pages_across_page_tables_and_runs():
+    k = K("i686-pae", memory=64 * MiB)
+    a = k.proc(A)
+    f = k.user(1500)
+    parts = [f[:700], f[900:1500]]  # two runs of frames back to back: 1300 pages over four page tables
+    vaddr = V + 2 * MiB - 100 * PAGE_SIZE
+    r = k.ok(MM, "map", pid=a, vaddr=vaddr, frames=runs(parts[0]) + runs(parts[1]), prot=RW)
+    assert r["tables_allocated"] == 1 + 4 and k.counts()["user_mapped"] == 1300  # directory + tables
+    e = k.refused(MM, "map", Errno.EBUSY, pid=a, vaddr=vaddr + 1299 * PAGE_SIZE, frames=runs(f[700:702]), prot=RW)
+    assert e.details["vaddr"] == vaddr + 1299 * PAGE_SIZE
+    r = k.ok(MM, "unmap", pid=a, vaddr=vaddr + 600 * PAGE_SIZE, pages=200)
+    assert r["frames"] == runs(parts[0][600:] + parts[1][:100]) and r["tables_freed"] == 0
+    e = k.refused(MM, "unmap", Errno.EINVAL, pid=a, vaddr=vaddr, pages=1300)
+    assert e.details["vaddr"] == vaddr + 600 * PAGE_SIZE
+    r = k.ok(MM, "unmap", pid=a, vaddr=vaddr, pages=600)
+    r2 = k.ok(MM, "unmap", pid=a, vaddr=vaddr + 800 * PAGE_SIZE, pages=500)
+    assert r["tables_freed"] + r2["tables_freed"] == 5 and k.counts()["user_mapped"] == 0
+    assert k.core.procs[a].tables == {(0, 0): [-1, 0]} and not k.core.procs[a].leaves
 
 
 # ---- processes ------------------------------------------------------------------------
@@ -624,6 +692,9 @@ def test_proc_destroy_releases_everything():
     assert k.counts()["kernel_used"] == used0 + 3
     ev = k.ok(MM, "events")["events"][-1]
     assert (ev["kind"], ev["pid"], ev["key"], ev["reason"]) == ("proc_destroyed", a, A, "proc_destroy")
+    # the event lists the user frames released (the mm's business), not the boot image frame A mapped
+    assert ev["frames"] == r["frames"] == sorted(runs(f) + [[big, 1024]])
+    assert ev["shared_unmapped"] == r["shared_unmapped"] == 1
     k.ok(MM, "proc_destroy", pid=b)
     c = k.counts()
     assert c["kernel_free"] == free0 and c["kernel_used"] == used0 and c["user_mapped"] == 0
@@ -860,10 +931,15 @@ def test_malformed_input_gets_a_named_error_and_changes_nothing(identity, data, 
 # ---- boot at scale ------------------------------------------------------------------
 
 def test_boot_of_16_mi_frames_keeps_the_frame_table_small():
-    # 63.5 GiB of RAM: with the PCI hole remapped above 4 GiB it reaches exactly 64 GiB of physical space
-    k = K("i686-pae", memory=64 * GiB - 512 * MiB, pool=None, check=False)
+    # 64 GiB of RAM on PAE: the PCI hole moves 0.5 GiB above 64 GiB, which PAE cannot address: the boot
+    # map ends at 64 GiB (exactly 2^24 frames), and says what it left out
+    k = K("i686-pae", memory=64 * GiB, pool=None, check=False)
     n = k.ft.n
     assert n == 16 << 20
+    amap = k.ok(MM, "address_map")
+    assert amap["unaddressable"] == 512 * MiB and amap["frames"] == n
+    assert max(e["first"] + e["count"] for e in amap["entries"]) == n
+    assert "; 0.5 GiB of RAM above 64 GiB not addressable on i686-pae" in k.svc.summary()
     assert k.ft.nbytes() <= 16 * n
     c = k.counts()
     assert sum(v for key, v in c.items() if key != "ram") == c["ram"]
@@ -874,3 +950,14 @@ def test_boot_of_16_mi_frames_keeps_the_frame_table_small():
     assert k.ok(MM, "donate", frames=runs(low))["donated"] == 10
     assert k.ok(MM, "reclaim", frames=runs(low))["reclaimed"] == 10
     assert check_kernel(k.core) == []
+
+
+@pytest.mark.parametrize("arch, memory, left_out", [("i686", 5 * GiB, 3 * GiB // 2), ("i686", 3 * GiB, 0),
+                                                    ("i686-pae", 64 * GiB - 512 * MiB, 0), ("x86_64", 8 * GiB, 0)])
+def test_ram_beyond_the_profile_is_left_out_of_the_boot_map(arch, memory, left_out):
+    bm = pc_map(get_profile(arch), memory)
+    assert bm.unaddressable == left_out
+    ram = sum(r.count for r in bm.regions if r.kind != "reserved") + 256  # (the low 1 MiB is RAM too)
+    assert ram * PAGE_SIZE == memory - left_out
+    assert bm.span * PAGE_SIZE <= get_profile(arch).max_phys
+    assert ("not addressable on" in bm.unaddressable_note(arch)) == bool(left_out)

@@ -9,7 +9,9 @@ mappings), and checks after every step that:
 - every call got the answer the model predicts, and every refused call left
   the state digest unchanged (I6);
 - donate and reclaim never change kernel_used (I5: no kernel allocation),
-  also when the kernel pool is empty (the machine boots with 0 to 24 frames).
+  also when the kernel pool is empty (the machine boots with 0 to 24 frames);
+- a client unmaps only mappings it made itself (EPERM for the mm's), and a
+  destroyed process's event lists only the user frames it released.
 
 A second property feeds arbitrary requests through ``handle`` (I10)."""
 
@@ -22,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from kernel_server.arch import PAGE_SHIFT, PAGE_SIZE
 from kernel_server.bootmap import OWNER, SHARED
+from kernel_server.core import CLIENT_MADE
 from kernel_server.frames import KERNEL_SHARED, USER
 from kernel_server.invariants import check_kernel
 from kernel_server.service import KernelService
@@ -76,6 +79,7 @@ class KernelMachine(RuleBasedStateMachine):
         self.ram = np.array(sorted(self.owner), dtype=np.int64)
         self.pids: dict[str, int] = {}
         self.small: dict[int, dict[int, int]] = {}  # pid -> vpage -> frame
+        self.client_made: dict[int, set[int]] = {}  # pid -> vpages the client mapped itself (the rest: the mm)
         self.large: dict[int, dict[int, int]] = {}  # pid -> base vpage -> first frame
         self.threads: dict[int, set[int]] = {}
         self.endpoints: dict[int, set[int]] = {}
@@ -179,10 +183,16 @@ class KernelMachine(RuleBasedStateMachine):
             return True
         return any(b < hi and b + self.step > lo for b in self.large[pid])
 
-    def forget(self, pid: int) -> int:
-        """The model's side of a process's end: drop its mappings; returns the pages it had."""
+    def forget(self, pid: int, event: dict) -> int:
+        """The model's side of a process's end: drop its mappings; returns the pages it had. The
+        kernel's event (or reply) must list exactly the user frames among them."""
         key = next(k for k, v in self.pids.items() if v == pid)
         del self.pids[key]
+        frames = list(self.small[pid].values()) + [f for b in self.large[pid].values() for f in range(b, b + self.step)]
+        user = sorted({f for f in frames if self.owner[f] == "user"})
+        assert R.to_array(event["frames"]).tolist() == user
+        assert event["shared_unmapped"] == sum(1 for f in frames if self.owner[f] == "shared")
+        del self.client_made[pid]
         pages = 0
         for f in self.small.pop(pid).values():
             self.add_ref(f, -1)
@@ -219,7 +229,7 @@ class KernelMachine(RuleBasedStateMachine):
                 self.expect(out, Errno.ESRCH, "proc_destroy of no process")
             else:
                 self.expect(out, None, "proc_destroy")
-                assert out["unmapped_pages"] == self.forget(pid)
+                assert out["unmapped_pages"] == self.forget(pid, out)
 
     def do_proc_create(self, key: str) -> None:
         out, used = self.call(MM, "proc_create", key=key)
@@ -233,7 +243,7 @@ class KernelMachine(RuleBasedStateMachine):
             pid = out["pid"]
             assert pid not in self.small
             self.pids[key] = pid
-            self.small[pid], self.large[pid] = {}, {}
+            self.small[pid], self.large[pid], self.client_made[pid] = {}, {}, set()
             self.threads[pid], self.endpoints[pid] = set(), set()
             self.seen[pid] = self.now
             assert self.ft.kernel_used == used + out["kernel_frames"]
@@ -356,6 +366,8 @@ class KernelMachine(RuleBasedStateMachine):
             for i, f in enumerate(frames):
                 self.small[pid][vp0 + i] = f
                 self.add_ref(f, +1)
+                if identity != MM:
+                    self.client_made[pid].add(vp0 + i)
             assert out["pages"] == n and self.ft.kernel_used == used + out["tables_allocated"]
 
     @rule(data=st.data())
@@ -447,8 +459,11 @@ class KernelMachine(RuleBasedStateMachine):
                     break
                 large.append(b)
                 vp = b + self.step
+        if code is None and identity != MM and (large or not set(small) <= self.client_made[pid]):
+            code = Errno.EPERM  # a client unmaps only what it mapped itself
         self.expect(out, code, f"unmap {args} by {identity[0]}")
         if code is None:
+            self.client_made[pid] -= set(small)
             expect = [self.small[pid].pop(vp) for vp in small]
             for b in large:
                 first = self.large[pid].pop(b)
@@ -457,6 +472,32 @@ class KernelMachine(RuleBasedStateMachine):
             for f in expect:
                 self.add_ref(f, -1)
             assert self.ft.kernel_used == used - out["tables_freed"]
+
+    @rule(data=st.data())
+    def client_unmaps_own_space(self, data):
+        """A client unmaps in its own address space: what it mapped itself (boot image pages) goes,
+        what the mm mapped there (its memory, or a large page) is EPERM and stays."""
+        alive = sorted(k for k in KEYS if k in self.pids and (self.small[self.pids[k]] or self.large[self.pids[k]]))
+        if not alive:
+            return
+        key = data.draw(st.sampled_from(alive))
+        pid = self.pids[key]
+        mine = sorted([(vp, 1) for vp in self.small[pid]] + [(b, self.step) for b in self.large[pid]])
+        vp0, pages = data.draw(st.sampled_from(mine))
+        if pages == 1:  # now and then a longer range: all the client's, or not
+            while vp0 + pages in self.small[pid] and data.draw(st.booleans()):
+                pages += 1
+        out, used = self.call(key, "unmap", vaddr=vp0 << PAGE_SHIFT, pages=pages)
+        vps = range(vp0, vp0 + pages)
+        if not set(vps) <= self.client_made[pid]:  # (a large page is always the mm's)
+            self.expect(out, Errno.EPERM, f"client unmap of the mm's mapping at page {vp0}")
+            assert "memory manager" in out.message
+            return
+        self.expect(out, None, "client unmap of its own mapping")
+        for vp in vps:
+            self.add_ref(self.small[pid].pop(vp), -1)
+            self.client_made[pid].discard(vp)
+        assert self.ft.kernel_used == used - out["tables_freed"]
 
     # ---- threads and endpoints ---------------------------------------------------------
 
@@ -529,7 +570,7 @@ class KernelMachine(RuleBasedStateMachine):
             assert sorted(e["pid"] for e in events) == expect
             for e in events:
                 assert e["reason"] == "lease"
-                self.forget(e["pid"])
+                self.forget(e["pid"], e)
         else:
             self.retried_thread_create(key)
 
@@ -572,6 +613,8 @@ class KernelMachine(RuleBasedStateMachine):
         assert {pid: p.key for pid, p in self.core.procs.items()} == {v: k for k, v in self.pids.items()}
         for pid, proc in self.core.procs.items():
             assert {vp: e >> 3 for vp, e in proc.pages.items()} == self.small[pid]
+            vps, entries = proc.entries()
+            assert set(vps[(entries & CLIENT_MADE) != 0].tolist()) == self.client_made[pid]
             assert {b: m[1] for b, m in proc.large.items()} == self.large[pid]
             assert set(proc.threads) == self.threads[pid] and set(proc.endpoints) == self.endpoints[pid]
         assert set(self.svc.last_seen) == set(self.seen)

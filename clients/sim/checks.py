@@ -62,7 +62,7 @@ def fingerprint(core: KernelCore) -> tuple:
     ft = core.frames
     objects = 0
     for p in core.procs.values():
-        objects += len(p.pages) + len(p.large) + len(p.threads) + len(p.endpoints) + len(p.tables)
+        objects += p.small_pages + len(p.large) + len(p.threads) + len(p.endpoints) + len(p.tables)
         objects += p.tables[(0, 0)][1] << 20
     return (ft.head, ft.free_count, ft.kernel_used, ft.user_free, ft.user_mapped, len(core.procs), objects,
             core.event_seq, core.next_id["pid"], core.next_id["tid"], core.next_id["eid"])

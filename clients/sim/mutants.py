@@ -17,8 +17,8 @@ import msgpack
 import numpy as np
 
 from kernel_server.arch import PAGE_SHIFT
-from kernel_server.core import KernelCore
-from mm_service.policy import MMCore, Op, Persist
+from kernel_server.core import CLIENT_MADE, KernelCore
+from mm_service.policy import MMCore, Op
 from mm_service.service import MMService
 from protocol import runs as R
 from protocol.errors import Errno, Error
@@ -52,13 +52,10 @@ class LeaseForgetsFrames(KernelCore):
     """Destroying a process whose lease ran out frees its kernel objects but not its user frames."""
 
     def proc_destroy(self, pid: int, reason: str) -> dict:
-        proc = self.procs[pid]
-        user = [f >> 3 for f in proc.pages.values()]
-        for level, frame, _prot in proc.large.values():
-            user.extend(range(frame, frame + self.profile.pages_at(level)))
+        user = self._mapped_frames(self.procs[pid])
         out = super().proc_destroy(pid, reason)
-        if reason == "lease" and user:
-            self.frames.add_refs(np.asarray(user, dtype=np.int64), +1)
+        if reason == "lease" and user.size:
+            self.frames.add_refs(user, +1)
         return out
 
 
@@ -77,25 +74,19 @@ class MapPartialOnEnomem(KernelCore):
         a = self._frames_arg(args.frames)
         if isinstance(proc, Error) or isinstance(a, Error):
             return
-        p = self.profile
-        leaf = p.levels - 1
-        shift = p.entry_shifts[leaf - 1] - PAGE_SHIFT
+        bits = args.prot if caller == self.mm_key else args.prot | CLIENT_MADE
         vp0 = args.vaddr >> PAGE_SHIFT
-        for i, f in enumerate(a.tolist()):
+        for i in range(a.size):
             vp = vp0 + i
-            missing = self._missing_tables(proc, np.asarray([vp], dtype=np.int64), leaf)
+            missing = self._missing_tables(proc, vp, vp + 1, self.leaf)
             enough = len(missing) <= self.frames.free_count
             take = missing if enough else missing[: self.frames.free_count]
-            for key, frame in zip(take, self._kalloc(len(take))):
-                lv, tag = key
-                proc.tables[key] = [frame, 0]
-                parent = (0, 0) if lv == 1 else (lv - 1, tag >> (p.entry_shifts[lv - 2] - p.entry_shifts[lv - 1]))
-                proc.tables[parent][1] += 1
+            if take:
+                self._add_tables(proc, take)
             if not enough:
                 return
-            proc.pages[vp] = (f << 3) | args.prot
-            proc.tables[(leaf, vp >> shift)][1] += 1
-            self.frames.add_refs(np.asarray([f], dtype=np.int64), +1)
+            self._write_small(proc, vp, a[i:i + 1], bits)
+            self.frames.add_refs(a[i:i + 1], +1)
 
 
 class NoReplay(ReplayCache):
@@ -119,20 +110,11 @@ class UndoOnEIO(MMCore):
 
 
 class VolatileReplies(MMService):
-    """The replay cache lives in memory only: a resend that reaches a restarted mm runs again (I12)."""
+    """The replay cache lives in memory only: nothing of it comes back from the journal or from recovery,
+    so a resend that reaches a restarted mm runs again (I12)."""
 
-    def handle(self, identity: str | None, data: bytes) -> Op:
-        gen = super().handle(identity, data)
-        value: Any = None
-        while True:
-            try:
-                effect = gen.send(value)
-            except StopIteration as stop:
-                return stop.value
-            if isinstance(effect, Persist) and all(op.get("op") == "reply" for op in effect.ops):
-                value = None  # not journaled
-                continue
-            value = yield effect
+    def _remember(self, identity: str, req_id: int, digest: bytes, reply: bytes) -> None:
+        pass  # the restored and the rebuilt replies are dropped
 
 
 # ---- the mm's journal (the sim drives it) ------------------------------------------------------
