@@ -29,13 +29,15 @@ def mm(
     high: int = typer.Option(1024, "--high", min=0, help="Reclaim from the kernel when its pool exceeds this many frames."),
     quota: Optional[int] = typer.Option(None, "--quota", min=1, help="Pages one client may hold (default: a quarter of user RAM)."),
     fsync: bool = typer.Option(False, "--fsync", help="fsync the journal on every commit (survive power loss, not just kill -9)."),
+    compact_every: int = typer.Option(2000, "--compact-every", min=1, help="Journal ops between snapshots (compaction): "
+                                      "a restart replays at most about this many ops."),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG shows every refused request."),
 ) -> None:
     """Start the memory manager (mm) process."""
     from mm_service.server import MMOptions, run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s mm %(levelname)s %(message)s")
-    cfg = Config(low=low, target=target, high=high, quota=quota)
+    cfg = Config(low=low, target=target, high=high, quota=quota, compact_every=compact_every)
     try:
         cfg.check()
     except ValueError as exc:

@@ -13,9 +13,15 @@ and *returns* the reply for its caller (a dict or an ``Error``). A driver
 request is one generator; the mm runs them one at a time.
 
 Durability: an intent op is journaled before the kernel is asked to map or
-unmap; its outcome (``done``/``undo``) is journaled before the client's
-reply. After a crash, ``recover`` settles pending intents by asking the
-kernel what really happened, then reconciles every frame (I8).
+unmap, and it carries the request's identity (caller, request id, digest).
+That one write is the only one a request needs before its reply: its outcome
+(``done``/``undo``), a new client's process, donations and the events read
+are applied at once and ride with the next write (``_later``), because
+recovery re-derives each of them from the kernel: after a crash ``recover``
+settles pending intents by asking the kernel what really happened (and
+reports them in ``settled``, so the service answers a resend with the reply
+the request got, I12), then reconciles every frame (I8). The journal is
+always a prefix of the ops applied, in order.
 """
 
 from __future__ import annotations
@@ -55,10 +61,14 @@ class Config:
     quota: int | None = None  # pages per client (None: a quarter of user RAM)
     max_alloc: int = 1 << 18  # pages in one alloc
     placement: str = "pageblock"  # or "first-fit" (naive, for comparison)
+    compact_every: int = 2000  # journal ops between snapshots (a restart replays at most about this many)
+    defer_limit: int = 256  # ops applied but not yet journaled before a write is forced
 
     def check(self) -> None:
         if not 0 <= self.low <= self.target <= self.high:
             raise ValueError(f"watermarks must satisfy low <= target <= high (got {self.low}, {self.target}, {self.high})")
+        if self.compact_every < 1 or self.defer_limit < 1:
+            raise ValueError("compact_every and defer_limit must be at least 1")
         if self.placement not in ("pageblock", "first-fit"):
             raise ValueError(f"placement must be 'pageblock' or 'first-fit', not {self.placement!r}")
 
@@ -78,6 +88,15 @@ def drive(gen: Op, kernel: Callable[[str, dict], Any], persist: Callable[[list[d
             value = None
 
 
+def intent_result(op: dict[str, Any]) -> dict[str, Any]:
+    """The result a request whose intent is ``op`` gets when the kernel did it: the same dict
+    whether the reply is made at once or rebuilt after a crash (so the replies are identical)."""
+    out = {"vaddr": op["vaddr"], "pages": op["pages"], "frames": op["frames"]}
+    if op["do"] == "map" and not op.get("owner", True):
+        out["peer"] = op["key"]  # a share: the peer's new mapping
+    return out
+
+
 @dataclass
 class Counters:
     requests: int = 0
@@ -88,6 +107,7 @@ class Counters:
     reclaimed_frames: int = 0
     enomem_retries: int = 0
     deaths: int = 0
+    journal_writes: int = 0
     watermark_events: list[str] = field(default_factory=list)
 
 
@@ -102,17 +122,22 @@ class MMCore:
         self.user_top = int(hello["user_top"])
         self.kernel_free = 0  # last figure the kernel told us
         self.intent_no = 0
-        self.deferred: list[dict[str, Any]] = []  # outcome ops journaled with the next Persist
+        self.deferred: list[dict[str, Any]] = []  # ops applied, to be journaled with the next Persist
+        self.journaled = 0  # ops in the journal (since its last snapshot)
+        self.settled: list[tuple[dict[str, Any], str]] = []  # (intent, "done"/"undo") settled by ``recover``
         self.counters = Counters()
         if self.config.quota is None:
             self.config.quota = max(1, self.view.counts()["free"] // 4)
 
     # ---- journal helpers ------------------------------------------------------
 
-    def _persist(self, *ops: dict[str, Any]) -> Op:
+    def persist(self, *ops: dict[str, Any]) -> Op:
+        """Journal the deferred ops and ``ops`` in one write, then apply ``ops``."""
         batch = self.deferred + list(ops)
         self.deferred = []
         yield Persist(batch)
+        self.journaled += len(batch)
+        self.counters.journal_writes += 1
         for op in ops:
             self.view.apply(op)
 
@@ -123,7 +148,25 @@ class MMCore:
 
     def flush(self) -> Op:
         if self.deferred:
-            yield from self._persist()
+            yield from self.persist()
+
+    def replay(self, ops: Any) -> int:
+        """Rebuild the view from the journal's ops (after a restart); returns how many."""
+        n = 0
+        apply = self.view.apply
+        for op in ops:
+            apply(op)
+            n += 1
+            if op["op"] == "snapshot":
+                n = 1
+        self.journaled = n
+        self.intent_no = max([self.view.last_intent, *self.view.pending])
+        return n
+
+    def snapshot(self) -> dict[str, Any]:
+        """A snapshot op of the view as it is (deferred ops included: it replaces them too)."""
+        self.deferred = []
+        return self.view.snapshot()
 
     def _note(self, result: Any) -> None:
         if isinstance(result, dict) and "kernel_free" in result:
@@ -211,7 +254,8 @@ class MMCore:
                 self.counters.reclaimed_frames += result["reclaimed"]
                 self._later({"op": "reclaim", "frames": result["frames"]})
                 self._event(f"kernel pool above high {cfg.high}: reclaimed {result['reclaimed']}")
-        yield from self.flush()
+        if len(self.deferred) >= cfg.defer_limit:
+            yield from self.flush()
 
     def _event(self, text: str) -> None:
         ev = self.counters.watermark_events
@@ -227,12 +271,14 @@ class MMCore:
 
     # ---- client requests ----------------------------------------------------------
 
-    def request(self, key: str, call: str, args: Any) -> Op:
-        """One client request (args already validated by protocol.calls.MM_CALLS)."""
+    def request(self, key: str, call: str, args: Any, origin: dict[str, Any] | None = None) -> Op:
+        """One client request (args already validated by protocol.calls.MM_CALLS). ``origin``
+        (``caller``, request ``id``, ``digest``) goes into the request's intent, so recovery can
+        tell which request an intent it settles belongs to."""
         self.counters.requests += 1
         fn = {"alloc": self.alloc, "free": self.free, "share": self.share}.get(call)
         if fn is not None:
-            result = yield from fn(key, args)
+            result = yield from fn(key, args, origin)
         elif call == "stats":
             result = self.stats(key)
         elif call in ("hello", "ping"):
@@ -257,7 +303,8 @@ class MMCore:
                 return result
         else:
             pid = result["pid"]
-        yield from self._persist({"op": "client", "key": key, "pid": pid})
+        # journaled with the next write: lost in a crash, the next request finds the process (EBUSY above)
+        self._later({"op": "client", "key": key, "pid": pid})
         return self.view.clients[key]
 
     def _place_vaddr(self, c, pages: int, align: int) -> int | None:
@@ -276,7 +323,7 @@ class MMCore:
                 v = max(v, -(-(m.vaddr + m.pages * PAGE) // align) * align)
         return None
 
-    def alloc(self, key: str, args: Any) -> Op:
+    def alloc(self, key: str, args: Any, origin: dict[str, Any] | None = None) -> Op:
         pages, large = args.pages, args.large
         block = self.view.block
         if pages > self.config.max_alloc:
@@ -297,11 +344,14 @@ class MMCore:
             return Error(Errno.ENOMEM, f"quota exceeded: {charged} + {pages} pages > quota of {self.config.quota}",
                          {"quota": self.config.quota, "charged": charged, "needed": pages,
                           "available": self.config.quota - charged})
-        frames = self.view.pick(pages, large=large, naive=self.naive)
+        # a new client's process gets the next owner tag: pick for it now, again only if creating the
+        # process changed the view (a donation)
+        frames = self.view.pick(pages, large=large, naive=self.naive, owner=c0.tag if c0 else self.view.next_tag)
         if frames is None:
             return Error(Errno.ENOMEM, f"out of user memory: {pages} {'large-aligned ' if large else ''}pages "
                          f"wanted, {self.view.free_count()} frames free",
                          {"needed": pages, "available": self.view.free_count()})
+        changes = self.view.changes
         c = yield from self._client(key)
         if isinstance(c, Error):
             return c
@@ -314,29 +364,40 @@ class MMCore:
             vaddr = self._place_vaddr(c, pages, align)
             if vaddr is None:
                 return Error(Errno.ENOMEM, "no free virtual range of that size", {"needed": pages, "available": 0})
-        frames = self.view.pick(pages, large=large, naive=self.naive, owner=c.tag)  # again: the process may have cost a donation
-        if frames is None:
-            return Error(Errno.ENOMEM, f"out of user memory: {pages} pages wanted",
-                         {"needed": pages, "available": self.view.free_count()})
-        runs = R.from_array(frames)
-        return (yield from self._map(c, vaddr, pages, args.prot, large, runs, owner=True))
+        if self.view.changes != changes:  # creating the process cost a donation: pick again
+            frames = self.view.pick(pages, large=large, naive=self.naive, owner=c.tag)
+            if frames is None:
+                return Error(Errno.ENOMEM, f"out of user memory: {pages} pages wanted",
+                             {"needed": pages, "available": self.view.free_count()})
+        runs = [[int(frames[0]), 1]] if frames.size == 1 else R.from_array(frames)
+        return (yield from self._map(c, vaddr, pages, args.prot, large, runs, True, origin))
 
-    def _map(self, c, vaddr: int, pages: int, prot: int, large: bool, runs: list, owner: bool) -> Op:
+    def _intent(self, op: dict[str, Any], origin: dict[str, Any] | None) -> dict[str, Any]:
         self.intent_no += 1
-        n = self.intent_no
-        yield from self._persist({"op": "intent", "n": n, "do": "map", "key": c.key, "vaddr": vaddr, "pages": pages,
-                                  "prot": prot, "large": large, "frames": runs, "owner": owner})
+        op["n"] = self.intent_no
+        if origin:
+            op.update(origin)
+        return op
+
+    def _map(self, c, vaddr: int, pages: int, prot: int, large: bool, runs: list, owner: bool,
+             origin: dict[str, Any] | None = None) -> Op:
+        intent = self._intent({"op": "intent", "do": "map", "key": c.key, "vaddr": vaddr, "pages": pages,
+                               "prot": prot, "large": large, "frames": runs, "owner": owner}, origin)
+        yield from self.persist(intent)  # the one write before the reply
         result = yield from self._kcall("map", {"pid": c.pid, "vaddr": vaddr, "frames": runs, "prot": prot,
                                                 "large": large})
-        if isinstance(result, Error):
-            if result.code == Errno.EIO:  # no answer: the kernel may have done it; the intent stays
-                return result  # pending until ``recover`` asks the kernel what happened
-            yield from self._persist({"op": "undo", "n": n})
-            return result
-        yield from self._persist({"op": "done", "n": n})
-        return {"vaddr": vaddr, "pages": pages, "frames": runs}
+        return self._outcome(intent, result)
 
-    def free(self, key: str, args: Any) -> Op:
+    def _outcome(self, intent: dict[str, Any], result: Any) -> Any:
+        """Settle an intent with the kernel's answer; the outcome rides with the next write."""
+        if isinstance(result, Error):
+            if result.code != Errno.EIO:  # EIO, no answer: the kernel may have done it; the intent stays
+                self._later({"op": "undo", "n": intent["n"]})  # pending until ``recover`` asks the kernel
+            return result
+        self._later({"op": "done", "n": intent["n"]})
+        return intent_result(intent)
+
+    def free(self, key: str, args: Any, origin: dict[str, Any] | None = None) -> Op:
         c = self.view.clients.get(key)
         m = c.maps.get(args.vaddr) if c else None
         if m is None:
@@ -347,19 +408,13 @@ class MMCore:
         if m.pending:
             return Error(Errno.EAGAIN, f"the allocation at {args.vaddr:#x} is still being settled with the kernel; "
                          "try again", {"vaddr": args.vaddr})
-        self.intent_no += 1
-        n = self.intent_no
-        yield from self._persist({"op": "intent", "n": n, "do": "unmap", "key": key, "vaddr": m.vaddr})
+        intent = self._intent({"op": "intent", "do": "unmap", "key": key, "vaddr": m.vaddr, "pages": m.pages,
+                               "frames": m.frames}, origin)
+        yield from self.persist(intent)
         result = yield from self._kcall("unmap", {"pid": c.pid, "vaddr": m.vaddr, "pages": m.pages})
-        if isinstance(result, Error):
-            if result.code == Errno.EIO:  # outcome unknown: left pending for ``recover`` (see _map)
-                return result
-            yield from self._persist({"op": "undo", "n": n})
-            return result
-        yield from self._persist({"op": "done", "n": n})
-        return {"vaddr": m.vaddr, "pages": m.pages, "frames": m.frames}
+        return self._outcome(intent, result)
 
-    def share(self, key: str, args: Any) -> Op:
+    def share(self, key: str, args: Any, origin: dict[str, Any] | None = None) -> Op:
         c = self.view.clients.get(key)
         m = c.maps.get(args.vaddr) if c else None
         if m is None or m.pending:
@@ -381,10 +436,7 @@ class MMCore:
         hit = peer.overlaps(args.peer_vaddr, m.pages)
         if hit is not None:
             return Error(Errno.EBUSY, f"peer's virtual address {hit.vaddr:#x} is already allocated", {"vaddr": hit.vaddr})
-        result = yield from self._map(peer, args.peer_vaddr, m.pages, args.prot, m.large, m.frames, owner=False)
-        if isinstance(result, dict):
-            result["peer"] = args.peer
-        return result
+        return (yield from self._map(peer, args.peer_vaddr, m.pages, args.prot, m.large, m.frames, False, origin))
 
     def stats(self, key: str | None = None) -> dict[str, Any]:
         c = self.view.clients.get(key) if key else None
@@ -399,7 +451,7 @@ class MMCore:
             "counters": {"requests": k.requests, "refused": k.refused, "donations": k.donations,
                          "donated_frames": k.donated_frames, "reclaims": k.reclaims,
                          "reclaimed_frames": k.reclaimed_frames, "enomem_retries": k.enomem_retries,
-                         "deaths": k.deaths},
+                         "deaths": k.deaths, "journal_writes": k.journal_writes},
             "watermark_events": k.watermark_events[-10:],
         }
 
@@ -411,6 +463,7 @@ class MMCore:
             result = yield KCall("events", {"since": self.view.event_seq})
             if isinstance(result, Error):
                 return result
+            self._note(result)  # the pool grew by what the dead processes' objects held
             ops = []
             for ev in result["events"]:
                 if ev["kind"] == "proc_destroyed" and ev["key"] in self.view.clients \
@@ -420,8 +473,8 @@ class MMCore:
             lost = result.get("lost", False)
             if result["events"]:
                 ops.append({"op": "events", "seq": result["next"]})
-            if ops:
-                yield from self._persist(*ops)
+            for op in ops:  # journaled with the next write: lost in a crash, recovery reads the events again
+                self._later(op)
             if lost:
                 yield from self._sync_clients()
             if not result["events"] or result["next"] >= result.get("latest", 0):
@@ -434,8 +487,8 @@ class MMCore:
             return st
         live = {(p["key"], p["pid"]) for p in st["per_process"]}
         gone = [{"op": "client_gone", "key": k} for k, c in self.view.clients.items() if (k, c.pid) not in live]
-        if gone:
-            yield from self._persist(*gone)
+        for op in gone:
+            self._later(op)
         return len(gone)
 
     # ---- audit and recovery ---------------------------------------------------------
@@ -474,7 +527,9 @@ class MMCore:
         return report
 
     def recover(self) -> Op:
-        """After a restart from the journal: settle with the kernel, repair, and report (I8)."""
+        """After a restart from the journal: settle with the kernel, repair, and report (I8). The intents
+        it settles are left in ``settled`` (for the replies of their requests: ``MMService.recover``)."""
+        self.settled = []
         yield from self.refresh()
         yield from self.poll_events()
         yield from self._sync_clients()
@@ -488,14 +543,16 @@ class MMCore:
             c = self.view.clients.get(p["key"])
             if c is None or p["vaddr"] not in c.maps:
                 settled.append({"op": "undo", "n": n})
+                self.settled.append((p, "undo"))
                 continue
             frames = R.to_array(c.maps[p["vaddr"]].frames)
             # a map intent is already counted in the view; an unmap intent is not yet
             expect = self.view.refs[frames].astype(np.int64) - (0 if p["do"] == "map" else 1)
             happened = bool(np.all(refs[frames] == expect))
             settled.append({"op": "done" if happened else "undo", "n": n})
+            self.settled.append((p, settled[-1]["op"]))
         if settled:
-            yield from self._persist(*settled)
+            yield from self.persist(*settled)
         before = self.view.compare(kinds, refs)
         arr = before["arrays"]
         repairs = []
@@ -511,7 +568,7 @@ class MMCore:
             these = lost[refs[lost] == r]
             repairs.append({"op": "repair", "frames": R.from_array(these), "state": USED, "refs": int(r)})
         if repairs:
-            yield from self._persist(*repairs)
+            yield from self.persist(*repairs)
         after = self.view.compare(kinds, refs)
         after.pop("arrays")
         before.pop("arrays")

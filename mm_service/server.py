@@ -7,7 +7,7 @@ reads the kernel's events (client deaths) and keeps the kernel pool between
 its watermarks.
 
 The kernel going away is part of the model (DESIGN section 7). Each tick the
-mm asks the kernel's ``hello`` for its boot id:
+mm runs ``health.check`` (the decision logic, shared with the simulator):
 
 - no reply (a kernel call or the hello got EIO after its retries): the mm
   logs "kernel unreachable" once and answers every request that needs the
@@ -22,8 +22,12 @@ mm asks the kernel's ``hello`` for its boot id:
   resumes. Clients' old allocations are gone with the old kernel; they see
   EIO while it is down and fresh state afterwards.
 
-A kernel call that needed a resend makes the mm check the boot id at once,
-so it stops calling a restarted kernel with the old boot's state.
+A kernel call that needed a resend makes the mm check the boot id at once
+(``health.verify``), so it stops calling a restarted kernel with the old
+boot's state.
+
+Each tick also journals what the requests deferred (their outcomes ride with
+the next write, see ``policy``), so an idle mm's journal is complete.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from mm_service import health
 from mm_service.journal import Journal
 from mm_service.policy import Config, MMCore, drive
 from mm_service.service import MMService
@@ -75,9 +80,7 @@ class MMServer:
         self.core: MMCore | None = None
         self.service: MMService | None = None
         self.journal: Journal | None = None
-        self.boot_id: str | None = None  # the kernel boot the view belongs to
-        self.kernel_lost: str | None = None  # why the kernel is considered unreachable, or None
-        self.kernel_restarts = 0
+        self.watch = health.KernelWatch()  # the kernel boot the view belongs to; whether the kernel is lost
         self.probe: tuple[int, float] | None = None  # (request id, sent at) of the hello probing a lost kernel
         self.in_kcall = False  # waiting on the kernel: a stop signal aborts the wait (as kill -9 would)
         self.running = True
@@ -85,8 +88,8 @@ class MMServer:
     # ---- effects ------------------------------------------------------------
 
     def kcall(self, call: str, args: dict[str, Any]) -> Any:
-        if self.kernel_lost is not None:  # fail fast: do not wait on a kernel known to be away
-            return Error(Errno.EIO, f"the kernel is unreachable ({self.kernel_lost}); the mm retries every "
+        if self.watch.lost is not None:  # fail fast: do not wait on a kernel known to be away
+            return Error(Errno.EIO, f"the kernel is unreachable ({self.watch.lost}); the mm retries every "
                          f"{self.opts.tick:g}s", {"endpoint": self.opts.kernel})
         resends = self.kernel.resends
         try:
@@ -96,20 +99,29 @@ class MMServer:
                 self._kernel_lost(f"no reply to {call}")
                 return exc.error
             result = exc.error
-        if self.kernel.resends != resends:
-            self._verify_boot()  # the resend may have reached a kernel that restarted meanwhile
+        if self.kernel.resends != resends:  # the resend may have reached a kernel that restarted meanwhile
+            self._run_watch(health.verify(self.watch))
         return result
 
-    def _verify_boot(self) -> None:
-        """After a resend: if the answer came from another boot, stop calling the kernel until the
-        next tick rebuilds the view for that boot (and reconciles whatever the resent call did)."""
+    def _hello(self) -> Any:
+        """The hello of ``health.check``/``verify``: never resent; while the kernel is lost a probe
+        that does not block (EIO until its answer arrives on a later tick)."""
+        if self.watch.lost is not None:
+            hello = self._probe()
+            return hello if hello is not None else Error(Errno.EIO, "no answer to the probe yet")
         try:
-            boot = str(self._kernel_call("hello", timeout=self.opts.kernel_timeout, retries=0).get("boot_id", "0"))
-        except CallError:
-            self._kernel_lost("no reply to hello after a resend")
-            return
-        if boot != self.boot_id:
-            self._kernel_lost(f"it restarted: boot {str(self.boot_id)[:12]} -> {boot[:12]}")
+            return self._kernel_call("hello", timeout=self.opts.kernel_timeout, retries=0)
+        except CallError as exc:
+            return exc.error
+
+    def _run_watch(self, gen: Any) -> Any:
+        """Drive a ``health`` generator; says so once when it finds the kernel lost."""
+        was = self.watch.lost
+        out = drive(gen, lambda call, args: self._hello() if call == "hello" else self.kcall(call, args),
+                    self.persist)
+        if was is None and self.watch.lost is not None:
+            self._announce_lost()
+        return out
 
     def _kernel_call(self, call: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         """``Connection.call`` to the kernel, marked so a stop signal may abort the wait."""
@@ -120,13 +132,15 @@ class MMServer:
             self.in_kcall = False
 
     def _kernel_lost(self, why: str) -> None:
-        if self.kernel_lost is None:
-            self.kernel_lost = why
-            self.probe = None
-            msg = (f"mm: kernel unreachable at {self.opts.kernel} ({why}): answering EIO to requests that need "
-                   "it and checking on it every tick")
-            log.warning(msg)
-            print(msg, flush=True)
+        if self.watch.lose(why):
+            self._announce_lost()
+
+    def _announce_lost(self) -> None:
+        self.probe = None
+        msg = (f"mm: kernel unreachable at {self.opts.kernel} ({self.watch.lost}): answering EIO to requests that "
+               "need it and checking on it every tick")
+        log.warning(msg)
+        print(msg, flush=True)
 
     def persist(self, ops: list[dict[str, Any]]) -> None:
         assert self.journal is not None
@@ -162,88 +176,59 @@ class MMServer:
         """(Re)build the view for the kernel boot ``hello`` describes: from the journal if it belongs to
         that boot, else from the address map (a journal of an earlier boot is set aside)."""
         path = os.path.join(self.opts.run_dir, "mm.db")
-        self.boot_id = str(hello.get("boot_id", "0"))
+        self.watch.boot_id = health.boot_of(hello)
         if self.journal is not None:
             self.journal.close()
             self.journal = None
-        self.journal, moved = Journal.open_for_boot(path, self.boot_id, self.opts.fsync)
+        self.journal, moved = Journal.open_for_boot(path, self.watch.boot_id, self.opts.fsync)
         if moved:
-            print(f"mm: the kernel restarted (new boot {self.boot_id[:12]}); the old journal was set aside as {moved}",
-                  flush=True)
+            print(f"mm: the kernel restarted (new boot {self.watch.boot_id[:12]}); the old journal was set aside as "
+                  f"{moved}", flush=True)
         self.core = MMCore(amap, hello, dataclasses.replace(self.opts.config))
         self.service = MMService(self.core, self.mm_pub.decode())
-        ops = list(self.journal.replay())
-        for op in ops:
-            self.core.view.apply(op)
-        replayed = len(ops)
-        self.service.restore(ops)
-        self.core.intent_no = max([0] + list(self.core.view.pending))
+        t0 = time.monotonic()
+        replayed = self.service.restore(self.journal.replay())
         # always settle with the kernel, even with an empty journal: a donation made before the first
         # journal write (donate ops ride with the next batch) is known to the kernel only
-        rec = self.run_op(self.core.recover())
+        rec = self.run_op(self.service.recover())
         if isinstance(rec, Error):
             if replayed:
                 raise SystemExit(f"mm: recovery failed: {rec.message}")
             log.warning("mm: could not settle with the kernel yet: %s", rec.message)
         else:
-            self.service.recovery = rec
             found = rec["found"]["divergences"]
             left = rec["remaining"]["divergences"]
             if replayed or found:
-                print(f"mm: rebuilt the view from {replayed} journal ops; settled {rec['settled_intents']} "
-                      f"pending intent(s); {found} divergent frame(s) found, {left} left after repair", flush=True)
-        self.run_op(self.core.maintain())
+                print(f"mm: rebuilt the view from {replayed} journal ops in {time.monotonic() - t0:.3f}s; settled "
+                      f"{rec['settled_intents']} pending intent(s); {found} divergent frame(s) found, {left} left "
+                      "after repair", flush=True)
+        self.run_op(self.service.maintain())
 
     # ---- the kernel's health ---------------------------------------------------
 
     def check_kernel(self) -> bool:
-        """Once per tick: is the kernel there, and is it still the boot our view belongs to?
-        Returns True when the mm may go on with its housekeeping."""
-        lost = self.kernel_lost is not None
-        if lost:
-            hello = self._probe()
-            if hello is None:
-                return False
-        else:
-            try:
-                hello = self._kernel_call("hello", timeout=self.opts.kernel_timeout, retries=0)
-            except CallError as exc:
-                if exc.code == Errno.EIO:
-                    self._kernel_lost("no reply to hello")
-                else:
-                    log.error("kernel refused hello: %s", exc)
-                return False
-        boot = str(hello.get("boot_id", "0"))
-        self.kernel_lost = None
-        if boot != self.boot_id:
-            try:
-                amap = self._kernel_call("address_map")
-            except CallError as exc:
-                if exc.code == Errno.EIO:
-                    self._kernel_lost("no reply to address_map")
-                return False
-            if not hello.get("is_mm"):
-                raise SystemExit("mm: the restarted kernel does not know this mm key as its memory manager")
-            self.kernel_restarts += 1
-            print(f"mm: the kernel restarted (boot {str(self.boot_id)[:12]} -> {boot[:12]}): its processes and "
-                  "frames are gone; rebuilding the view from the new boot's address map", flush=True)
-            self._open_boot(hello, amap)  # settles with the new kernel's frame table too (``recover``): a
-            assert self.core is not None  # call resent across the restart may have reached it
+        """Once per tick: is the kernel there, and is it still the boot our view belongs to
+        (``health.check``)? Returns True when the mm may go on with its housekeeping."""
+        assert self.service is not None
+        verdict = self._run_watch(health.check(self.watch, self.service))
+        if verdict.state == "refused":
+            log.error("%s", verdict.message)
+        elif verdict.state == "foreign":
+            raise SystemExit(f"mm: {verdict.message}")
+        elif verdict.state == "new_boot":
+            print(f"mm: the kernel restarted ({verdict.message}): its processes and frames are gone; rebuilding "
+                  "the view from the new boot's address map", flush=True)
+            self._open_boot(verdict.hello, verdict.amap)  # settles with the new kernel's frame table too
+            assert self.core is not None  # (``recover``): a call resent across the restart may have reached it
             c = self.core.view.counts()
             print(f"mm: serving the new boot: view free {c['free']}, used {c['used']}, kernel {c['kernel']} "
                   f"of {c['ram']} RAM frames", flush=True)
             return True
-        if lost:  # the same boot: calls may have happened whose replies we lost; settle with the kernel
-            assert self.core is not None
-            rec = self.run_op(self.core.recover())
-            if isinstance(rec, Error):
-                return False
-            assert self.service is not None
-            self.service.recovery = rec
-            print(f"mm: the kernel is back (same boot {boot[:12]}); reconciled: "
-                  f"{rec['found']['divergences']} divergent frame(s) found, "
+        elif verdict.state == "back":
+            rec = verdict.recovery or {}
+            print(f"mm: {verdict.message}; reconciled: {rec['found']['divergences']} divergent frame(s) found, "
                   f"{rec['remaining']['divergences']} left", flush=True)
-        return True
+        return verdict.serving
 
     def _probe(self) -> dict | None:
         """While the kernel is lost: a ``hello`` that never blocks the mm (clients keep getting quick
@@ -309,11 +294,12 @@ class MMServer:
                         except zmq.Again:
                             break
                         self._handle(sock, frames)
-                        self.run_op(self.core.maintain())
+                        self.run_op(self.service.maintain())
                 if time.monotonic() >= next_tick:
                     if self.check_kernel():
                         self.run_op(self.core.poll_events())
-                        self.run_op(self.core.maintain())
+                        self.run_op(self.service.maintain())
+                    self.run_op(self.core.flush())  # what the requests deferred: an idle mm's journal is complete
                     next_tick = time.monotonic() + self.opts.tick
         finally:
             sock.close(0)

@@ -13,11 +13,17 @@ Per frame (numpy): ``state`` (NONE / KERNEL / FREE / USED) and ``refs`` (the
 mappings the mm made of that frame). Per block (numpy): ``bfree`` (free frames),
 ``bowner`` (owner tag) and ``never_whole``. Per client: its pid, its owner tag
 and its mappings, keyed by virtual address.
+
+``snapshot()`` is one op holding the whole view (the frame arrays compressed,
+the clients with their mappings, the placement state, the pending intents);
+applying it replaces everything, so a journal compacted to a snapshot and the
+ops after it rebuilds exactly the view the full journal did.
 """
 
 from __future__ import annotations
 
 import bisect
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +33,34 @@ from protocol import runs as R
 from protocol.wire import MAX_RUNS
 
 NONE, KERNEL, FREE, USED = 0, 1, 2, 3
+SNAPSHOT_VERSION = 1
 STATE_NAMES = {NONE: "none", KERNEL: "kernel", FREE: "free", USED: "used"}
 PAGE = 4096
 KERNEL_TAG = 0  # the kernel's owner tag for blocks (donations); clients get 1, 2, ... in arrival order
 VA_START = 0x40_0000  # first virtual address the mm hands out (4 MiB: keep page 0 unmapped)
+
+
+def _pack_array(a: np.ndarray) -> dict[str, Any]:
+    """A per-frame (or per-block) array for a snapshot: as runs of equal values (a few numpy passes,
+    small for the long runs memory has), or compressed whole when it is too fragmented for runs."""
+    starts = np.flatnonzero(a[1:] != a[:-1]) + 1
+    if starts.size < a.size // 16:
+        starts = np.concatenate(([0], starts)).astype(np.int64)
+        return {"n": int(a.size), "starts": zlib.compress(starts.tobytes(), 1),
+                "values": zlib.compress(a[starts].tobytes(), 1)}
+    return {"n": int(a.size), "raw": zlib.compress(a.tobytes(), 1)}
+
+
+def _unpack_array(d: dict[str, Any], dtype: Any) -> np.ndarray:
+    if "raw" in d:
+        out = np.frombuffer(zlib.decompress(d["raw"]), dtype=dtype).copy()
+    else:
+        starts = np.frombuffer(zlib.decompress(d["starts"]), dtype=np.int64)
+        values = np.frombuffer(zlib.decompress(d["values"]), dtype=dtype)
+        out = np.repeat(values, np.diff(np.append(starts, d["n"])))
+    if out.size != d["n"]:
+        raise ValueError(f"a snapshot array holds {out.size} values, not {d['n']}")
+    return out
 
 
 @dataclass
@@ -86,6 +116,7 @@ class View:
         # a large page (unless the kernel gives all their frames back): small requests and
         # donations use them first
         self.never_whole = self.bfree < self.block
+        self.never_whole_blocks = np.flatnonzero(self.never_whole)  # (constant, as never_whole)
         self.clients: dict[str, ClientState] = {}
         self.by_pid: dict[int, str] = {}
         self.pending: dict[int, dict[str, Any]] = {}  # intent number -> op
@@ -93,6 +124,10 @@ class View:
         self.bowner = np.full(nblocks, -1, dtype=np.int32)  # owner tag of each block (-1: none yet)
         self.next_tag = KERNEL_TAG + 1
         self.alive: set[int] = {KERNEL_TAG}  # tags of the owners that exist (the kernel and live clients)
+        self.alive_tags = np.zeros(64, dtype=bool)  # the same as a lookup table by tag (grown as needed)
+        self.alive_tags[KERNEL_TAG] = True
+        self.last_intent = 0  # the highest intent number ever journaled (intent numbers are never reused)
+        self.changes = 0  # bumped by every change of a frame's state (placement may differ afterwards)
         self.ram = int(np.count_nonzero(self.state))
 
     # ---- queries ----------------------------------------------------------
@@ -143,30 +178,93 @@ class View:
         bfree = self.bfree[: -(-top // B)]
         if int(bfree.sum()) < n:  # (the last block may reach beyond ``top``: the walk below checks)
             return None
-        some = np.flatnonzero(bfree > 0)
-        whole = bfree[some] == B
-        spoilt = self.never_whole[some] & ~whole
-        broken = some[~spoilt & ~whole]
-        bo = self.bowner[broken]
-        mine = bo == owner
-        settled = ~mine & self._settled(bo)
-        fullest = lambda blocks: blocks[np.argsort(bfree[blocks], kind="stable")]
-        tiers = (fullest(some[spoilt]), fullest(broken[mine]), some[whole],
-                 fullest(broken[~mine & ~settled])[::-1], fullest(broken[settled]))
+        state = self.state
+        # the first block in placement order usually has enough (a one-page request): no sort
+        b = self._first_block(bfree, owner)
+        lo = b * B
+        f = np.flatnonzero(state[lo:min(lo + B, top)] == FREE)
+        if f.size >= n:
+            return f[:n] + lo
+        keys = self._pick_keys(bfree, owner)
         out: list[np.ndarray] = []
         got = 0
-        for blocks in tiers:
-            for b in blocks.tolist():
-                lo = b * B
-                f = np.flatnonzero(self.state[lo:min(lo + B, top)] == FREE)[: n - got] + lo
-                out.append(f)
-                got += f.size
-                if got >= n:
-                    return np.concatenate(out)
+        blocks = np.argsort(keys, kind="stable")[: int(np.count_nonzero(bfree))]
+        for b in blocks.tolist():
+            lo = b * B
+            f = np.flatnonzero(state[lo:min(lo + B, top)] == FREE)[: n - got] + lo
+            out.append(f)
+            got += f.size
+            if got >= n:
+                return np.concatenate(out)
         return None
 
+    def _first_block(self, bfree: np.ndarray, owner: int) -> int:
+        """The first block of ``_pick_keys``' order, tier by tier (most requests stop at the first tier).
+        ``bfree`` has at least one free frame."""
+        B = self.block
+        nb = bfree.size
+        spoilt = self.never_whole_blocks
+        if nb < self.bfree.size:
+            spoilt = spoilt[spoilt < nb]
+        bf = bfree[spoilt]
+        ok = (bf > 0) & (bf < B)
+        if ok.any():
+            return int(spoilt[ok][np.argmin(bf[ok])])
+        has = bfree > 0
+        whole = bfree == B
+        nw = self.never_whole[:nb]
+        broken = has & ~whole & ~nw
+        bo = self.bowner[:nb]
+        cand = np.flatnonzero(broken & (bo == owner))
+        if cand.size:
+            return int(cand[np.argmin(bfree[cand])])
+        cand = np.flatnonzero(whole)
+        if cand.size:
+            return int(cand[0])
+        rest = np.flatnonzero(broken & (bo != owner))
+        settled = self._settled(bo[rest])
+        cand = rest[~settled]
+        if cand.size:  # most free first, the highest block among equals
+            return int(cand[cand.size - 1 - np.argmax(bfree[cand][::-1])])
+        cand = rest[settled]
+        return int(cand[np.argmin(bfree[cand])])
+
+    def _pick_keys(self, bfree: np.ndarray, owner: int) -> np.ndarray:
+        """The placement order of ``pick`` as one sort key per block (smallest first; blocks with no
+        free frame last): tier, then the order within the tier, then the block number."""
+        B = self.block
+        nb = bfree.size
+        idx = np.arange(nb, dtype=np.int64)
+        whole = bfree == B
+        spoilt = self.never_whole[:nb] & ~whole
+        bo = self.bowner[:nb]
+        mine = bo == owner
+        settled = ~mine & self._settled(bo)
+        free = bfree.astype(np.int64)
+        # tiers 0 (spoilt), 1 (mine), 4 (settled others): fullest first, lowest block first among equals;
+        # 2 (whole): lowest first; 3 (the rest): most free first, highest block first among equals
+        tier = np.where(spoilt, 0, np.where(whole, 2, np.where(mine, 1, np.where(settled, 4, 3))))
+        within = np.where(tier == 3, (B - free) << 29 | (nb - 1 - idx), free << 29 | idx)
+        within = np.where(tier == 2, idx, within)
+        keys = tier.astype(np.int64) << 58 | within
+        keys[bfree <= 0] = np.iinfo(np.int64).max
+        return keys
+
     def _alive(self, owners: np.ndarray) -> np.ndarray:
-        return np.isin(owners, np.fromiter(self.alive, dtype=np.int64, count=len(self.alive)))
+        t = self.alive_tags
+        return t.take(owners, mode="clip") & (owners >= 0) & (owners < t.size)
+
+    def _set_alive(self, tag: int, alive: bool) -> None:
+        if alive:
+            self.alive.add(tag)
+            if tag >= self.alive_tags.size:
+                grown = np.zeros(max(2 * self.alive_tags.size, tag + 1), dtype=bool)
+                grown[: self.alive_tags.size] = self.alive_tags
+                self.alive_tags = grown
+        else:
+            self.alive.discard(tag)
+        if tag < self.alive_tags.size:
+            self.alive_tags[tag] = alive
 
     def _settled(self, owners: np.ndarray) -> np.ndarray:
         """Which owners are settled, that is likely to live long: the kernel, and live clients
@@ -215,8 +313,12 @@ class View:
     # ---- changes (only through ops) -----------------------------------------
 
     def _set(self, frames: np.ndarray, new: int, owner: int = -1) -> None:
+        if frames.size == 1:
+            self._set1(int(frames[0]), new, owner)
+            return
         if frames.size == 0:
             return
+        self.changes += 1
         old = self.state[frames]
         blocks = frames // self.block
         leaving = blocks[old == FREE]
@@ -234,7 +336,35 @@ class View:
             np.add.at(self.bfree, blocks[old != FREE], 1)
         self.state[frames] = new
 
+    def _set1(self, f: int, new: int, owner: int = -1) -> None:
+        """``_set`` of one frame, without the array machinery (the one-page request path)."""
+        old = self.state[f]
+        if old == new:
+            return
+        self.changes += 1
+        b = f // self.block
+        if old == FREE:
+            if owner >= 0:
+                bo = int(self.bowner[b])
+                if self.bfree[b] == self.block or (not self.never_whole[b] and bo != owner and (
+                        not (0 <= bo < self.alive_tags.size and self.alive_tags[bo]) or bo > owner)):
+                    self.bowner[b] = owner
+            self.bfree[b] -= 1
+        elif new == FREE:
+            self.bfree[b] += 1
+        self.state[f] = new
+
     def _refs(self, frames: np.ndarray, delta: int, owner: int = -1) -> None:
+        if frames.size == 1:
+            f = int(frames[0])
+            r = (int(self.refs[f]) + (1 if delta > 0 else -1)) & 0xFFFFFFFF
+            self.refs[f] = r
+            st = self.state[f]
+            if r > 0 and st != USED:
+                self._set1(f, USED, owner)
+            elif r == 0 and st == USED:
+                self._set1(f, FREE)
+            return
         if frames.size == 0:
             return
         np.add.at(self.refs, frames, np.uint32(1) if delta > 0 else np.uint32(0xFFFFFFFF))
@@ -264,15 +394,17 @@ class View:
         if kind == "client":
             old = self.clients.get(op["key"])
             if old is not None:
-                self.alive.discard(old.tag)
+                self._set_alive(old.tag, False)
+                if self.by_pid.get(old.pid) == old.key:
+                    del self.by_pid[old.pid]
             self.clients[op["key"]] = ClientState(op["key"], op["pid"], tag=self.next_tag)
-            self.alive.add(self.next_tag)
+            self._set_alive(self.next_tag, True)
             self.next_tag += 1
             self.by_pid[op["pid"]] = op["key"]
         elif kind == "client_gone":
             c = self.clients.pop(op["key"], None)
             if c is not None:
-                self.alive.discard(c.tag)
+                self._set_alive(c.tag, False)
                 self.by_pid.pop(c.pid, None)
                 for v in list(c.maps):
                     self._drop_mapping(c, v)
@@ -287,6 +419,7 @@ class View:
             else:  # unmap
                 c.maps[op["vaddr"]].pending = True
             self.pending[op["n"]] = op
+            self.last_intent = max(self.last_intent, op["n"])
         elif kind in ("done", "undo"):
             p = self.pending.pop(op["n"], None)
             if p is None:
@@ -312,6 +445,8 @@ class View:
             self.event_seq = max(self.event_seq, op["seq"])
         elif kind == "reply":
             pass  # a journaled reply: the service's replay cache, not the view (MMService.restore)
+        elif kind == "snapshot":
+            self._load(op)
         elif kind == "repair":
             # set frames to a state after a reconciliation found the kernel disagreeing
             a = R.to_array(op["frames"])
@@ -319,6 +454,56 @@ class View:
             self.refs[a] = op.get("refs", 0) if op["state"] == USED else 0
         else:
             raise ValueError(f"unknown journal op {kind!r}")
+
+    # ---- snapshots (journal compaction) ------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole view as one journal op (see the module docstring). Its ``replies`` are the
+        service's to fill (the view ignores them)."""
+        pack = _pack_array
+        return {
+            "op": "snapshot", "v": SNAPSHOT_VERSION, "frames": self.n, "block": self.block,
+            "state": pack(self.state), "refs": pack(self.refs), "bowner": pack(self.bowner),
+            "next_tag": self.next_tag, "event_seq": self.event_seq, "last_intent": self.last_intent,
+            "clients": [[c.key, c.pid, c.tag, c.va_next,
+                         [[m.vaddr, m.pages, m.prot, m.large, m.frames, m.owner, m.pending] for m in c.maps.values()]]
+                        for c in self.clients.values()],
+            "pending": list(self.pending.values()),
+            "replies": [],
+        }
+
+    def _load(self, op: dict[str, Any]) -> None:
+        if op.get("v") != SNAPSHOT_VERSION or op["frames"] != self.n or op["block"] != self.block:
+            raise ValueError(f"the journal's snapshot (version {op.get('v')}, {op['frames']} frames in blocks of "
+                             f"{op['block']}) does not fit this machine ({self.n} frames in blocks of {self.block})")
+        self.state = _unpack_array(op["state"], np.uint8)
+        self.refs = _unpack_array(op["refs"], np.uint32)
+        self.bowner = _unpack_array(op["bowner"], np.int32)
+        B = self.block
+        nblocks = self.bowner.size
+        padded = np.zeros(nblocks * B, dtype=np.uint8)
+        padded[: self.n] = self.state
+        self.bfree = np.count_nonzero(padded.reshape(nblocks, B) == FREE, axis=1).astype(np.int32)
+        self.next_tag = int(op["next_tag"])
+        self.event_seq = int(op["event_seq"])
+        self.last_intent = int(op["last_intent"])
+        self.clients = {}
+        self.by_pid = {}
+        self.alive = set()
+        self.alive_tags = np.zeros(max(64, self.next_tag), dtype=bool)
+        self._set_alive(KERNEL_TAG, True)
+        for key, pid, tag, va_next, maps in op["clients"]:
+            c = ClientState(key, pid, tag=tag, va_next=va_next)
+            for vaddr, pages, prot, large, frames, owner, pending in maps:
+                c.maps[vaddr] = Mapping(vaddr, pages, prot, large, frames, owner=owner, pending=pending)
+                if owner:
+                    c.charged += pages
+            c.starts = sorted(c.maps)
+            self.clients[key] = c
+            self.by_pid[pid] = key
+            self._set_alive(tag, True)
+        self.pending = {p["n"]: p for p in op["pending"]}
+        self.changes += 1
 
     # ---- comparison with the kernel (audit / recovery) ------------------------
 

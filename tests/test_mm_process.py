@@ -232,7 +232,7 @@ c.close()
 
 
 def test_kill_9_of_the_mm_mid_request_then_recovery_from_the_journal(make_system, spawn):
-    s = make_system(lease=1.5)
+    s = make_system(lease=1.5, mm_args=["--compact-every", "25"])  # restarts from snapshots too
     s.start()
     out = os.path.join(s.run_dir, "loop.jsonl")
     stop = os.path.join(s.run_dir, "loop.stop")
@@ -258,6 +258,8 @@ def test_kill_9_of_the_mm_mid_request_then_recovery_from_the_journal(make_system
         # the loop nearly always has a request in flight: its intent was journaled, the kernel's answer not
         settled = [int(n) for n in re.findall(r"settled (\d+) pending intent", log)]
         assert len(settled) == 3 and sum(settled) >= 1, log
+        replayed = [int(n) for n in re.findall(r"rebuilt the view from (\d+) journal ops", log)]
+        assert max(replayed) <= 2 * 25, log  # a snapshot and the ops since: never the whole history
         report = s.audit()
         assert report["divergences"] == 0 and report["pending"] == 0, report
         assert report["recovery"]["remaining"]["divergences"] == 0
@@ -438,3 +440,53 @@ def test_a_large_page_through_the_mm_on_i686_pae(make_system):
         c.free(small["vaddr"], 1)
     report = s.audit()
     assert report["divergences"] == 0 and report["mm_view"]["used"] == 0, report
+
+
+# ---- journal compaction under kill -9 ------------------------------------------------------------------
+
+COMPACTOR_SRC = """
+import os, sys
+from mm_service.journal import Journal
+j = Journal(sys.argv[1])
+blob = os.urandom(1 << 20)  # a snapshot of about 1 MiB: a compaction takes a while
+i = 0
+while True:
+    i += 1
+    j.append([{"op": "snapshot", "i": i, "blob": blob}])  # the snapshot replaces every op before it
+    for k in range(20):
+        j.append([{"op": "events", "i": i, "k": k}])
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_journal_compaction_leaves_a_whole_journal(spawn, tmp_path):
+    """A process that compacts its journal over and over is killed at arbitrary moments (mostly in the
+    middle of writing a snapshot): the journal left behind always holds one whole snapshot and exactly
+    the ops written after it, never a mix of old and new, never nothing."""
+    import random
+
+    from mm_service.journal import Journal
+
+    path = str(tmp_path / "mm.db")
+    rng = random.Random(5)
+    kills = 0
+    for trial in range(6):
+        child = spawn([sys.executable, "-c", COMPACTOR_SRC, path], stdout=subprocess.PIPE)
+        want = rng.randint(1, 3)
+        assert child.stdout is not None
+        for _ in range(want):  # progress lines: the child is at the start of its next compaction
+            assert child.stdout.readline().strip(), "the compacting child died"
+        busy = time.monotonic() + rng.uniform(0, 0.004)  # kill somewhere in the next few milliseconds
+        while time.monotonic() < busy:
+            pass
+        child.kill()
+        child.wait(10)
+        kills += 1
+        j = Journal(path)
+        ops = list(j.replay())
+        rows = j.db.execute("SELECT COUNT(*) FROM ops").fetchone()[0]
+        j.close()
+        assert ops and ops[0]["op"] == "snapshot" and len(ops[0]["blob"]) == 1 << 20, [o["op"] for o in ops[:3]]
+        assert [(o["op"], o["i"], o["k"]) for o in ops[1:]] == [("events", ops[0]["i"], k) for k in range(len(ops) - 1)]
+        assert rows == len(ops) <= 21  # the ops before the snapshot are gone
+    assert kills == 6

@@ -13,14 +13,22 @@ journal write, after the journal write and before the reply, ...):
   retries run out the policy gets ``Error(EIO)``, as from the real ``kcall``.
 
 Jobs run one at a time, like the real server: a client request (then
-``maintain``), a tick, or, after a restart, ``recover`` (the journal
-replayed into the view and the replay cache first) then ``maintain``. As in
-``mm_service.server``: a kernel call that gets no answer marks the kernel
-*lost*, and while it is lost every kernel call fails at once with EIO; each
-tick probes the kernel with ``hello`` (no resend), and when a lost kernel
-answers again the mm settles with it (``recover``) before it reads events
-and keeps its watermarks. (The real server's boot-id check after a resend is
-left out: the simulated kernel never restarts.)
+``maintain``, which compacts the journal when a snapshot is due: every
+10-150 ops, drawn from the seed, so crashes fall around compactions too), a
+tick, or, after a restart, ``recover`` (the journal replayed into the view
+and the replay cache first) then ``maintain``. As in ``mm_service.server``: a
+kernel call that gets no answer marks the kernel *lost*, and while it is lost
+every kernel call fails at once with EIO; each tick runs the real
+``mm_service.health.check`` (its ``hello`` a probe, never resent), so when a
+lost kernel answers again the mm settles with it (``recover``) before it
+reads events, keeps its watermarks and journals what requests deferred.
+(The real server's boot-id check after a resend is left out: the simulated
+kernel never restarts.)
+
+I12 across crashes: a request that a crash cut short may run again when the
+client resends it to the restarted mm only if the kernel had not carried
+out its map or unmap (it had no effect); if the kernel had, recovery must
+answer the resend from the journal, and running it again is a violation.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ from collections import deque
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from clients.sim.faults import child
 from clients.sim.mutants import Journal
 from clients.sim.net import Msg
+from mm_service import health
 from mm_service.policy import Config, KCall, MMCore, Persist
 from mm_service.service import MMService
 from protocol import wire
@@ -66,13 +76,17 @@ class MMNode:
         # retries, call
         self.tick_due = False
         self.step_scheduled = False
-        self.durable_outcomes: set[int] = set()  # intents whose done/undo is in the journal (this run)
+        self.durable_outcomes: set[int] = set()  # intents whose outcome the journal can settle: the intent
+        # is durable (its done/undo rides with a later write; recovery settles it from the kernel)
+        self.request_kids: dict[tuple[str, int], list[int]] = {}  # (identity, request id) -> the ids of the
+        # map/unmap kernel calls the mm made for it (the world records which ones the kernel carried out)
         self.current: tuple[str, int] | None = None
         self.fresh = False  # the current request missed the replay cache
         self.endpoint: tuple = ("mm", 0)
         self.crash_armed: str | None = None  # "kernel_reply" / "client_reply": crash at that boundary
         self.job_kind_at_crash: str | None = None
-        self.lost = False  # the kernel did not answer: fail fast until a tick's probe gets an answer
+        self.watch = health.KernelWatch()  # lost: fail fast until a tick's probe gets an answer
+        self.compact_every = child(world.seed, "mm-compact").randint(10, 150)
         self.probe_next = False  # the next KCall is the tick's probe: sent even when lost, never resent
         self.job_effects = 0
 
@@ -89,19 +103,16 @@ class MMNode:
         self.endpoint = ("mm", self.inc)
         self.alive = True
         bug = w.the_bug
-        core = bug.mm_core(amap, hello, Config(**w.plan.mm, quota=w.quota))
+        core = bug.mm_core(amap, hello, Config(**w.plan.mm, quota=w.quota, compact_every=self.compact_every))
         ops = self.journal.replay()
-        for op in ops:
-            core.view.apply(op)
-        core.intent_no = max([0] + list(core.view.pending))
         self.core = core
-        self.service = bug.mm_service(core, self.key)
-        self.service.restore(ops)
-        self._observe(core, self.service)
+        self.service = service = bug.mm_service(core, self.key)
+        service.restore(ops)
+        self._observe(core, service)
         self.job = None
-        self.lost = False
-        first = ("recover", core.recover()) if ops or bug.recover_empty_journal else ("refresh", core.refresh())
-        self.jobs = deque([first, ("maintain", core.maintain())])
+        self.watch = health.KernelWatch(boot_id=health.boot_of(hello))
+        first = ("recover", service.recover()) if ops or bug.recover_empty_journal else ("refresh", core.refresh())
+        self.jobs = deque([first, ("maintain", service.maintain())])
         self.inbox.clear()
         self.waiting = None
         self.step_scheduled = False
@@ -136,8 +147,14 @@ class MMNode:
                 elif key in self.answered:
                     w.flag("I12", f"the mm executed request #{req_id} of {w.trace.name(identity)} again after a "
                                   "restart, though it had answered it before (its replay cache is not durable)")
-                elif key in self.started:
-                    w.faults["mm_rerun_after_crash"] += 1  # the crash cut its first run short (see report)
+                elif key in self.started:  # a crash cut its first run short
+                    done = [k for k in self.request_kids.get(key, ()) if k in w.kernel_did]
+                    if done:
+                        w.flag("I12", f"the mm executed request #{req_id} of {w.trace.name(identity)} again after a "
+                                      f"restart, though the kernel had carried out its kernel request #{done[0]} "
+                                      "before the crash (recovery must answer the resend, not run it)")
+                    else:
+                        w.faults["mm_rerun_no_effect"] += 1  # the kernel had done nothing for it: it may run
                 self.executed.add(key)
                 self.started.add(key)
             return hit
@@ -160,9 +177,13 @@ class MMNode:
                       job=self.job_kind_at_crash)
         w.clock.after(w.rng.randint(*t.mm_restart), "mm_restart", self.inc)
 
+    @property
+    def lost(self) -> bool:
+        return self.watch.lost is not None
+
     def _durable(self, ops: list[dict[str, Any]]) -> None:
         for op in ops:
-            if op["op"] in ("done", "undo"):
+            if op["op"] == "intent":
                 self.durable_outcomes.add(op["n"])
 
     # ---- scheduling -------------------------------------------------------------------
@@ -206,22 +227,23 @@ class MMNode:
         self._schedule(self.world.plan.timing.mm_effect)
 
     def _tick(self, core: MMCore) -> Generator:
-        """``MMServer.check_kernel`` then events and watermarks, as the real server's tick."""
-        was_lost = self.lost
+        """The real server's tick: ``health.check`` (its hello is the probe), then events, watermarks
+        and the deferred ops journaled."""
+        assert self.service is not None
+        w = self.world
         self.probe_next = True
-        hello = yield KCall("hello", {})
-        if isinstance(hello, Error):
-            return
-        self.lost = False
-        if was_lost:
-            rec = yield from core.recover()
-            if isinstance(rec, Error):
-                return
-            self.world.trace.event(self.world.step, self.world.clock.now, "mm_reconciled",
-                                   settled=rec["settled_intents"], found=rec["found"]["divergences"],
-                                   remaining=rec["remaining"]["divergences"])
-        yield from core.poll_events()
-        yield from core.maintain()
+        verdict = yield from health.check(self.watch, self.service)
+        if verdict.state == "back":
+            rec = verdict.recovery or {}
+            w.trace.event(w.step, w.clock.now, "mm_reconciled", settled=rec["settled_intents"],
+                          found=rec["found"]["divergences"], remaining=rec["remaining"]["divergences"])
+        elif verdict.state in ("new_boot", "foreign", "refused"):
+            w.flag("I10", f"the mm's kernel check says {verdict.state} ({verdict.message}) of a kernel that never "
+                          "restarted")
+        if verdict.serving:
+            yield from core.poll_events()
+            yield from self.service.maintain()
+        yield from core.flush()
 
     def tick(self, inc: int) -> None:
         if inc != self.inc or not self.alive:
@@ -260,6 +282,8 @@ class MMNode:
                 return
             kid = self.next_kid
             self.next_kid += 1
+            if kind == "request" and effect.call in ("map", "unmap"):
+                self.request_kids.setdefault((meta[0].identity, meta[1]), []).append(kid)
             data = wire.request(kid, effect.call, effect.args)
             retries = 0 if probe else w.plan.timing.mm_retries
             self.waiting = (kid, data, 0, retries, effect.call)
@@ -282,7 +306,7 @@ class MMNode:
             w.clock.after(t.mm_timeout, "mm_timeout", self.inc, kid, attempt + 1)
             return
         self.waiting = None
-        self.lost = True
+        self.watch.lose(f"no reply to {call}")
         w.faults["mm_gave_up"] += 1
         w.trace.event(w.step, w.clock.now, "mm_gave_up", request=kid, attempts=retries + 1,
                       job=self.job[0] if self.job else None)
@@ -354,7 +378,7 @@ class MMNode:
                 for n in range(intents_before + 1, core.intent_no + 1):
                     if n not in self.durable_outcomes:
                         w.flag("I8", f"the mm replied to {call}#{rid} of {w.trace.name(msg.identity)} before "
-                                     f"journaling the outcome of intent {n} (a crash now would lose it)")
+                                     f"journaling intent {n} (a crash now would lose what it did)")
                 w.promise(msg.identity, call, decoded.get("result") or {})
             if rid is not None and self.fresh and self.job_effects and call in MUTATING:
                 self.answered.add((msg.identity, rid))  # it did something: a resend must not do it again
@@ -365,7 +389,8 @@ class MMNode:
             w.trace.call(w.step, w.clock.now, msg.identity, "mm", msg.data, reply, not self.fresh)
             w.net.send(Msg(msg.src, self.endpoint, self.key, reply, True, 0))
             self.journal.replied()
-            self.jobs.appendleft(("maintain", core.maintain()))
+            assert self.service is not None
+            self.jobs.appendleft(("maintain", self.service.maintain()))
         elif kind == "recover":
             if isinstance(result, Error):
                 w.trace.event(w.step, w.clock.now, "mm_recovery_failed", error=result.code.name,

@@ -32,6 +32,7 @@ from clients.sim.trace import Trace
 from kernel_server.arch import get_profile
 from kernel_server.bootmap import pc_map
 from kernel_server.service import KernelService
+from protocol import wire
 
 QUIET_LIMIT = 3_000_000  # simulated microseconds a quiet point may take before it is a liveness violation
 FINAL_STEPS = 50_000  # extra steps allowed to reach the final quiet point
@@ -115,6 +116,8 @@ class World:
         if the_bug.kernel_replay is not None:
             svc.replay = the_bug.kernel_replay()
         self.kernel = KernelNode(self, svc)
+        self.kernel_did: set[int] = set()  # request ids of the mm's map/unmap calls the kernel carried out
+        self._watch_kernel_effects(svc, mm_key)
         self.net = Net(self.clock, child(seed, "net"), p.net, self._net_fault)
         hello = svc.call(mm_key, "hello")
         amap = svc.call(mm_key, "address_map")
@@ -127,6 +130,19 @@ class World:
         for workload in p.workloads:
             self.spawn(workload)
         self.clock.after(p.timing.kernel_tick, "kernel_tick")
+
+    def _watch_kernel_effects(self, svc: KernelService, mm_key: str) -> None:
+        """Record which of the mm's map/unmap requests the kernel carried out (for the mm node's I12
+        check across mm crashes: a request whose kernel work was done must not run again)."""
+        execute = svc._execute
+
+        def _execute(identity: str, req_id: int, call: str, args: dict, now: float) -> bytes:
+            reply = execute(identity, req_id, call, args, now)
+            if identity == mm_key and call in ("map", "unmap") and wire.decode(reply).get("ok") is True:
+                self.kernel_did.add(req_id)
+            return reply
+
+        svc._execute = _execute  # type: ignore[method-assign]
 
     # ---- bookkeeping used by the nodes -----------------------------------------------------
 
