@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+FULL_EVERY = 500  # steps between full recomputations of the state checks by default (see ``checks``)
+
 
 def run_seed(seed: int, **kw: Any) -> Any:
     """One seed (see ``runner.run_seed``); imported lazily so ``mmsim --help`` stays quick."""
@@ -28,7 +30,7 @@ def run_seed(seed: int, **kw: Any) -> Any:
 
 
 def bench(seconds: float = 3.0) -> dict:
-    """Simulated calls per second, with full checks after every step and every 50 steps."""
+    """Simulated calls per second under each way of checking the state (see ``runner.bench``)."""
     from clients.sim.runner import bench as _bench
 
     return _bench(seconds)

@@ -10,6 +10,8 @@ import sys
 
 import typer
 
+from clients.sim import FULL_EVERY
+
 SIM_HELP = ("Deterministic simulation of the whole system (kernel, mm, clients) in one process: simulated time "
             "and network, faults chosen by the seed (client deaths, mm crashes at any effect boundary, lost/"
             "duplicated/delayed messages, mm-kernel partitions, lying clients and a lying mm, kernel memory "
@@ -39,9 +41,15 @@ def sim(
     arch: str = typer.Option("any", "--arch", help="Architecture profile: any (the seed picks), i686, "
                              "i686-pae or x86_64."),
     memory: str = typer.Option("16MiB", "--memory", help="Simulated RAM (small: the full checks are O(frames))."),
-    check_every: int = typer.Option(1, "--check-every", help="Run the full state checks (I1-I4, I7 on both "
-                                    "views) every N steps; 0: only at quiet points and the end. The per-call "
-                                    "checks (I6, I9, I10, I11, I12, write-ahead) always run."),
+    check_every: int = typer.Option(FULL_EVERY, "--check-every", help="Recompute the state checks (I1-I4, I7, "
+                                    "I9 on both views) from scratch every N steps (1: after every step), at every "
+                                    "quiet point and at the end; 0: at quiet points and the end only. Between, "
+                                    "an exact incremental check of what each step changed runs after every step "
+                                    "(see clients/sim/checks.py). The per-call checks (I6, I9, I10, I11, I12, "
+                                    "write-ahead) always run."),
+    incremental: bool = typer.Option(True, "--incremental/--no-incremental", help="Run the exact incremental "
+                                     "check after every step between full ones (--no-incremental: nothing "
+                                     "between them, to measure what the checks cost)."),
     zombies: bool = typer.Option(False, "--zombies", help="Break the transport assumption (clients/sim/net.py): "
                                  "the mm gives up on the kernel and restarts sooner than the slowest message, so "
                                  "its old requests may still run later. Nothing fences them: expect violations."),
@@ -80,20 +88,21 @@ def sim(
     arch_arg = None if arch == "any" else arch
     if seed is not None:
         try:
-            r = run_seed(seed, steps, arch_arg, mem, bug, check_every, trace, zombies)
+            r = run_seed(seed, steps, arch_arg, mem, bug, check_every, trace, zombies, incremental)
         except OSError as exc:
             _usage(f"cannot write the trace: {exc}")
         summary = Summary()
         summary.add(r)
     else:
-        summary = _sweep(range(start, start + seeds), steps, arch_arg, mem, bug, check_every, quiet, zombies)
+        summary = _sweep(range(start, start + seeds), steps, arch_arg, mem, bug, check_every, quiet, zombies,
+                         incremental)
     if not quiet:
         _table(summary, bug)
-    _verdict(summary, steps, arch, memory, bug, trace, zombies)
+    _verdict(summary, steps, arch, memory, bug, trace, zombies, check_every, incremental)
 
 
 def _sweep(seed_range: range, steps: int, arch: str | None, mem: int, bug: str | None, check_every: int,
-           quiet: bool, zombies: bool):
+           quiet: bool, zombies: bool, incremental: bool):
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -106,7 +115,7 @@ def _sweep(seed_range: range, steps: int, arch: str | None, mem: int, bug: str |
     from clients.sim.runner import run_seeds
 
     if quiet:
-        return run_seeds(seed_range, steps, arch, mem, bug, check_every, zombies=zombies)
+        return run_seeds(seed_range, steps, arch, mem, bug, check_every, zombies=zombies, incremental=incremental)
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]sim[/] seed {task.fields[seed]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[calls]} calls"), TimeElapsedColumn(), console=console,
@@ -118,7 +127,7 @@ def _sweep(seed_range: range, steps: int, arch: str | None, mem: int, bug: str |
             total[0] += r.calls
             progress.update(task, advance=1, seed=r.seed + 1, calls=total[0])
 
-        return run_seeds(seed_range, steps, arch, mem, bug, check_every, on_result, zombies)
+        return run_seeds(seed_range, steps, arch, mem, bug, check_every, on_result, zombies, incremental)
 
 
 def _table(s, bug: str | None) -> None:
@@ -155,7 +164,7 @@ def _table(s, bug: str | None) -> None:
 
 
 def _verdict(s, steps: int, arch: str, memory: str, bug: str | None, trace: str | None,
-             zombies: bool) -> None:
+             zombies: bool, check_every: int = FULL_EVERY, incremental: bool = True) -> None:
     r = s.failed
     if r is None:
         what = f"planted bug {bug!r} NOT found" if bug else "no violation"
@@ -176,6 +185,10 @@ def _verdict(s, steps: int, arch: str, memory: str, bug: str | None, trace: str 
         again += f" --bug {bug}"
     if zombies:
         again += " --zombies"
+    if check_every != FULL_EVERY:
+        again += f" --check-every {check_every}"
+    if not incremental:
+        again += " --no-incremental"
     typer.echo(f"replay it: {again} --trace {trace or f'sim-{r.seed}.jsonl'}")
     sys.stdout.flush()
     raise typer.Exit(1)

@@ -4,8 +4,10 @@ Nothing of the kernel is re-implemented here. The node wraps three points of
 the real service to observe it: ``_execute`` (runs once per request that
 missed the replay cache: I12 counts executions per identity and request id),
 ``core.call`` (I6: a refused call must leave the kernel's fingerprint as it
-was; successful calls mark the kernel as changed so the full checks run),
-and ``on_refused`` (calls by kind and result).
+was; successful calls mark the kernel as changed so the state checks run;
+every call names the processes and pages it may change to the incremental
+check, ``checks.KernelTracker.touch_call``), and ``on_refused`` (calls by
+kind and result).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from protocol.errors import Error
 if TYPE_CHECKING:
     from clients.sim.world import World
 
-READ_ONLY = frozenset(("hello", "address_map", "frame_info", "stats", "ping", "events"))
+READ_ONLY = checks.READ_ONLY
 
 
 class KernelNode:
@@ -48,6 +50,9 @@ class KernelNode:
 
         def call(caller: str, name: str, args: Any) -> dict | Error:
             before = checks.fingerprint(core) if world.checking else None
+            track = world.ktrack
+            if track is not None:  # the processes (and pages) this call may change, for the incremental check
+                track.touch_call(caller, name, args)
             try:
                 result = orig_call(caller, name, args)
             except Exception as exc:

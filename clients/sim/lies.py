@@ -4,8 +4,8 @@ Each lie is built from the current state (so it is a lie *now*), sent through
 the real envelope to the real ``handle`` at once (no network: what is checked
 is the refusal, not the transport), and checked:
 
-- the kernel: the reply is an error and ``KernelCore.digest()`` (every piece
-  of kernel state) is what it was before;
+- the kernel: the reply is an error and ``checks.state`` (every piece of
+  kernel state ``KernelCore.digest`` covers) is what it was before;
 - the mm: the reply is an error and the mm's request generator finished
   without a single effect (no kernel call, no journal write).
 
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clients.sim import checks
 from kernel_server.frames import KERNEL_FREE, KERNEL_SHARED, KERNEL_USED, USER
 from protocol import wire
 
@@ -190,9 +191,9 @@ def lie_client(world: World) -> None:
 
 
 def lie_to_kernel(world: World, identity: str, name: str, data: bytes) -> None:
-    """Through the real envelope and ``handle``; refused, and the kernel's digest unchanged."""
+    """Through the real envelope and ``handle``; refused, and the kernel's state unchanged."""
     core = world.kernel.core
-    before = core.digest()
+    before = checks.state(core)
     world.kernel.lying = True  # counted as lies, not as kernel calls
     try:
         reply = world.kernel.svc.handle(identity, data, world.clock.now / 1e6)
@@ -201,7 +202,7 @@ def lie_to_kernel(world: World, identity: str, name: str, data: bytes) -> None:
     world.calls += 1
     world.trace.call(world.step, world.clock.now, identity, "kernel", data, reply, False)
     judge(world, "kernel", identity, name, reply)
-    if core.digest() != before:
+    if checks.state(core) != before:
         world.flag("I6", f"the forged request {name} from {world.trace.name(identity)} was answered but changed "
                         "the kernel's state")
 

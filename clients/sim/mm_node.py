@@ -132,6 +132,15 @@ class MMNode:
 
         def apply(op: dict[str, Any]) -> None:
             w.view_dirty = True
+            track = w.vtrack
+            if track is not None:  # the clients and frames this op may change, for the incremental check
+                kind = op.get("op")
+                if kind in ("done", "undo"):
+                    track.touch((core.view.pending.get(op.get("n")) or {}).get("key"))
+                elif kind == "snapshot":
+                    track.view = None  # everything replaced: the next check is a full one
+                else:
+                    track.touch(op.get("key"), op.get("frames"))
             view_apply(op)
 
         core.view.apply = apply  # type: ignore[method-assign]

@@ -4,8 +4,11 @@
 subclass when asked), the mm node and the clients the seed's plan names,
 then ``run()`` processes one event per step (a message delivered, an mm
 effect, a client's next request, a timeout, a tick), applies the faults the
-plan puts at that step, and checks the invariants after it. The first
-violation stops the run; ``World.result()`` says what happened.
+plan puts at that step, and checks the invariants after it (the state
+checks: the exact incremental check of what the step changed, and the full
+recomputation every ``check_every`` steps; ``clients/sim/checks.py`` says
+what runs when). The first violation stops the run; ``World.result()`` says
+what happened.
 
 Quiet points: every ``plan.quiesce_every`` steps (and at the end) the
 clients stop starting requests until nothing is in flight, the mm is idle
@@ -73,12 +76,13 @@ class SimResult:
 
 class World:
     def __init__(self, seed: int, steps: int = 2000, arch: str | None = None, memory: int = 16 << 20,
-                 bug: str | None = None, check_every: int = 1, trace: IO[str] | None = None,
-                 plan: Plan | None = None, zombies: bool = False) -> None:
+                 bug: str | None = None, check_every: int = checks.FULL_EVERY, trace: IO[str] | None = None,
+                 plan: Plan | None = None, zombies: bool = False, incremental: bool = True) -> None:
         self.seed = seed
         self.steps = steps
         self.bug = bug
-        self.check_every = check_every
+        self.check_every = check_every  # full recomputation every N steps (1: after every step; 0: quiet points)
+        self.incremental = incremental and check_every != 1  # the exact incremental check between full ones
         self.checking = True  # the cheap per-call checks (I6 fingerprints) always run
         self.plan = plan or make_plan(seed, steps, arch, memory, zombies)
         self.rng = child(seed, "world")
@@ -89,8 +93,12 @@ class World:
         self.faults: Counter = Counter()
         self.stats: Counter = Counter()
         self.violations: list[Violation] = []
-        self.kernel_dirty = True
+        self.kernel_dirty = True  # changed since the last state check (full or incremental)
         self.view_dirty = True
+        self.kernel_partial = False  # changed since the last full check (checked incrementally only)
+        self.view_partial = False
+        self.ktrack: checks.KernelTracker | None = None
+        self.vtrack: checks.ViewTracker | None = checks.ViewTracker() if self.incremental else None
         self.quiescing = False
         self.death_armed = False
         self.quiesce_since = 0
@@ -115,6 +123,9 @@ class World:
         svc = KernelService(core, lease_seconds=p.timing.lease / 1e6, boot_id="sim")
         if the_bug.kernel_replay is not None:
             svc.replay = the_bug.kernel_replay()
+        if self.incremental:
+            self.ktrack = checks.KernelTracker(core)
+            self.ktrack_synced = False  # its copies are of a state no full check has passed yet
         self.kernel = KernelNode(self, svc)
         self.kernel_did: set[int] = set()  # request ids of the mm's map/unmap calls the kernel carried out
         self._watch_kernel_effects(svc, mm_key)
@@ -256,21 +267,47 @@ class World:
                                  f"{by_key[identity]} still exists at {now / 1000:.3f}ms (lease {t.lease / 1000:g}ms)")
 
     def check_state(self, full: bool = True) -> None:
-        """The state checks on whatever changed since the last full check (``full``), or the cheap
-        kernel checks only (between full checks, with ``check_every`` > 1)."""
-        if not full:
-            if self.kernel_dirty:
-                for v in checks.kernel_cheap(self.kernel.core):
-                    self.flag(v.split(":", 1)[0], "kernel: " + v)
-            return
-        if self.kernel_dirty:
+        """The state checks of each view that changed since its last check: the full recomputation
+        (``full``), or the exact incremental check of what changed (``checks.KernelTracker`` /
+        ``ViewTracker``; a full recomputation instead when the tracker has no sound copy to start from).
+        What runs when is documented in ``clients/sim/checks.py``."""
+        kt = self.ktrack
+        if (self.kernel_dirty or (full and self.kernel_partial)) and (full or kt is not None):
             self.kernel_dirty = False
-            for v in checks.kernel(self.kernel.core):
+            core = self.kernel.core
+            if full or not self.ktrack_synced:
+                problems = checks.kernel(core)
+                self.kernel_partial = False
+                if kt is not None:
+                    kt.reset()
+                    self.ktrack_synced = not problems
+            else:
+                problems = kt.check()  # type: ignore[union-attr]
+                self.kernel_partial = True
+                if problems:  # the full recomputation names what is wrong
+                    problems = checks.kernel(core) or [f"{p} (found by the incremental check)" for p in problems]
+            for v in problems:
                 self.flag(v.split(":", 1)[0].split(" ")[0], "kernel: " + v)
-        if self.view_dirty and self.mm.alive and self.mm.core is not None:
+        vt = self.vtrack
+        mm = self.mm
+        if ((self.view_dirty or (full and self.view_partial)) and (full or vt is not None) and mm.alive
+                and mm.core is not None):
             self.view_dirty = False
-            for v in checks.view(self.mm.core.view):
-                self.flag(v.split(" ", 1)[0].rstrip(":"), v)
+            v = mm.core.view
+            if full or vt is None or vt.view is not v:
+                problems = checks.view(v)
+                self.view_partial = False
+                if vt is not None:
+                    vt.reset(v)
+                    if problems:
+                        vt.view = None
+            else:
+                problems = vt.check()
+                self.view_partial = True
+                if problems:
+                    problems = checks.view(v) or [f"{p} (found by the incremental check)" for p in problems]
+            for p in problems:
+                self.flag(p.split(" ", 1)[0].rstrip(":"), p)
 
     def quiet(self) -> bool:
         mm = self.mm
@@ -366,8 +403,11 @@ class World:
         for kind in self.plan.faults.get(self.step, ()):
             self.apply_fault(kind)
         self.dispatch(self.clock.pop())
-        if self.check_every:
-            self.check_state(self.step % self.check_every == 0)
+        if self.kernel_dirty or self.view_dirty or self.kernel_partial or self.view_partial:
+            every = self.check_every
+            full = every != 0 and self.step % every == 0
+            if self.incremental or full:
+                self.check_state(full)
         if self.quiescing:
             if self.quiet():
                 self.quiet_checks()

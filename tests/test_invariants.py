@@ -1,0 +1,635 @@
+"""The invariant checkers find what they must: each test plants one kind of corruption in a healthy kernel
+(built through real calls on every profile) and expects ``check_kernel`` to name it, and the simulator's
+exact incremental check (``clients.sim.checks.KernelTracker``) to find it when a step touched it.
+
+A checker that is fast but blind is worse than a slow one, so every check it makes (free-list links,
+allocated kernel frames, mappings, refcounts, counters, page-table accounting) has a planted corruption
+here, including the ones a vectorised checker could miss: a cycle of free frames that the walk from the
+head never reaches, a free list whose links are consistent but short, a kernel frame allocated twice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clients.sim import checks
+from kernel_server.core import CLIENT_MADE, EMPTY, ENTRY_SHIFT, ROOT
+from kernel_server.frames import (
+    KERNEL_FREE,
+    KERNEL_SHARED,
+    KERNEL_USED,
+    NIL,
+    NONE,
+    USER,
+)
+from kernel_server.invariants import check_kernel, free_list_sound
+from kernel_server.service import KernelService
+from protocol.calls import KERNEL_CALLS, validate
+from protocol.errors import Error
+
+MM = "M" * 40
+A = "A" * 40
+B = "B" * 40
+READ, RW = 1, 3
+MiB = 1 << 20
+V = 0x1000_0000
+VL = 0x4000_0000
+ARCHES = ("i686", "i686-pae", "x86_64")
+
+
+class Healthy:
+    """A kernel with two processes, small and large mappings (one shared by both), a client's read-only
+    map of a kernel-shared frame, threads, endpoints, and a free list of several frames."""
+
+    def __init__(self, arch: str) -> None:
+        self.svc = KernelService.boot(arch=arch, memory=32 * MiB, mm_key=MM, kernel_pool_frames=24)
+        self.core = self.svc.core
+        self.ft = self.core.frames
+        self.a = self.ok(MM, "proc_create", key=A)["pid"]
+        self.b = self.ok(MM, "proc_create", key=B)["pid"]
+        user = np.flatnonzero((self.ft.kind == USER) & (self.ft.refs == 0))
+        self.small = user[:6].tolist()
+        self.ok(MM, "map", pid=self.a, vaddr=V, frames=[[f, 1] for f in self.small], prot=RW)
+        self.ok(MM, "map", pid=self.b, vaddr=V, frames=[[self.small[0], 2]] if self.small[1] == self.small[0] + 1
+                else [[self.small[0], 1]], prot=READ)
+        self.shared = int(np.flatnonzero(self.ft.kind == KERNEL_SHARED)[0])
+        self.ok(A, "map", vaddr=V + 0x40_0000, frames=[[self.shared, 1]], prot=READ)
+        step = self.core.profile.pages_at(max(self.core.profile.large_levels))
+        free = (self.ft.kind == USER) & (self.ft.refs == 0)
+        n = (self.ft.n // step) * step
+        blocks = np.flatnonzero(free[:n].reshape(-1, step).all(axis=1))
+        self.large = int(blocks[-1]) * step
+        self.ok(MM, "map", pid=self.b, vaddr=VL, frames=[[self.large, step]], prot=RW, large=True)
+        self.tid = self.ok(A, "thread_create")["tid"]
+        self.ok(B, "thread_create")
+        self.ok(A, "endpoint_create")
+        donate = np.flatnonzero((self.ft.kind == USER) & (self.ft.refs == 0))[:8].tolist()
+        self.ok(MM, "donate", frames=[[f, 1] for f in donate])
+        assert self.ft.free_count >= 6
+        assert check_kernel(self.core) == []
+
+    def ok(self, who: str, call: str, **args) -> dict:
+        out = self.svc.call(who, call, args)
+        assert not isinstance(out, Error), f"{call} {args}: {out}"
+        return out
+
+    def found(self, *needles: str) -> list[str]:
+        """The checker's violations; each needle must appear in one of them."""
+        v = check_kernel(self.core)
+        assert v, "the corruption went unnoticed"
+        for needle in needles:
+            assert any(needle in x for x in v), (needle, v)
+        return v
+
+    def free_list(self) -> list[int]:
+        return self.ft.free_list()
+
+    def leaf_entry(self, pid: int) -> tuple[np.ndarray, int]:
+        """A leaf entry array of ``pid`` and the index of its first mapping."""
+        proc = self.core.procs[pid]
+        for e in proc.leaves.values():
+            idx = np.flatnonzero(e != EMPTY)
+            if idx.size:
+                return e, int(idx[0])
+        raise AssertionError("no small mapping")
+
+
+@pytest.fixture(params=ARCHES)
+def k(request) -> Healthy:
+    return Healthy(request.param)
+
+
+# ---- I1 and I7 ------------------------------------------------------------------------------
+
+def test_a_frame_with_no_valid_owner(k):
+    k.ft.kind[k.small[3]] = 9
+    k.found("I1: frames with no valid owner: [" + str(k.small[3]))
+
+
+def test_a_hole_with_mappings(k):
+    hole = int(np.flatnonzero(k.ft.kind == NONE)[0])
+    k.ft.refs[hole] = 1
+    k.found("I1: a frame that is not RAM has mappings")
+
+
+def test_ram_count(k):
+    ram = k.ft.ram
+    k.ft.ram += 1
+    k.found(f"I1/I7: {ram} RAM frames in the table, the kernel counts {ram + 1}")
+
+
+def test_a_counter_off_by_one(k):
+    k.ft.user_mapped -= 1
+    k.found("I7: counter user_mapped is")
+
+
+# ---- I2: the free list ---------------------------------------------------------------------
+
+def test_a_cycle_off_the_list_is_found(k):
+    """h -> ... -> x -> NIL, and y <-> z linked to each other only: every link is locally consistent
+    (prev matches next, one head, one tail) but the walk from the head never reaches y and z."""
+    walk = k.free_list()
+    x, y, z = walk[-3], walk[-2], walk[-1]
+    k.ft.next[x] = NIL
+    k.ft.next[y], k.ft.prev[y] = z, z
+    k.ft.next[z], k.ft.prev[z] = y, y
+    k.found("I2: free list length", "I2: free list and KERNEL_FREE frames differ (2 frame(s))")
+
+
+def test_a_cycle_through_the_head_is_found(k):
+    walk = k.free_list()
+    k.ft.next[walk[-1]] = walk[0]
+    k.ft.prev[walk[0]] = walk[-1]
+    k.found("I2: the free list has a duplicate (or a cycle)")
+
+
+def test_a_cycle_back_into_the_middle_is_found(k):
+    walk = k.free_list()
+    k.ft.next[walk[-1]] = walk[2]
+    k.found("I2: the free list has a duplicate (or a cycle)")
+
+
+def test_a_broken_prev_link(k):
+    walk = k.free_list()
+    k.ft.prev[walk[3]] = walk[1]
+    k.found(f"I2: frame {walk[3]} has prev {walk[1]}, expected {walk[2]}")
+
+
+def test_a_head_with_a_prev_link(k):
+    walk = k.free_list()
+    k.ft.prev[walk[0]] = walk[2]
+    k.found(f"I2: frame {walk[0]} has prev {walk[2]}, expected {NIL}")
+
+
+def test_a_free_count_that_lies(k):
+    k.ft.free_count += 1
+    k.found("I2: free list length", "I7: counter kernel_free")
+
+
+def test_a_free_kernel_frame_missing_from_the_list(k):
+    f = int(np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-1])
+    k.ft.kind[f] = KERNEL_FREE
+    k.ft.user_free -= 1
+    k.ft.free_count += 1
+    k.found("I2: free list and KERNEL_FREE frames differ (1 frame(s))")
+
+
+def test_a_listed_frame_that_is_not_free(k):
+    k.ft.kind[k.ft.head] = USER
+    k.found("I2: free list and KERNEL_FREE frames differ")
+
+
+def test_the_list_skips_a_frame(k):
+    walk = k.free_list()
+    k.ft.next[walk[1]] = walk[3]
+    k.ft.prev[walk[3]] = walk[1]
+    k.found("I2: free list length", "I2: free list and KERNEL_FREE frames differ (1 frame(s))")
+
+
+def test_a_link_beyond_the_table(k):
+    walk = k.free_list()
+    k.ft.next[walk[2]] = k.ft.n + 7
+    assert any(v.startswith("I2") for v in k.found("I2"))
+
+
+def test_an_empty_list_with_a_head(k):
+    k.ok(MM, "reclaim", count=10_000)
+    assert k.ft.free_count == 0 and check_kernel(k.core) == []
+    k.ft.head = int(np.flatnonzero(k.ft.kind == USER)[0])
+    k.found("I2")
+
+
+# ---- I2: allocated kernel frames ---------------------------------------------------------------
+
+def test_a_kernel_frame_allocated_twice(k):
+    proc = k.core.procs[k.a]
+    other = next(t[0] for t in proc.tables.values() if t[0] >= 0)
+    k.ft.kind[proc.threads[k.tid]] = KERNEL_FREE  # (what a double allocation leaves behind, roughly)
+    proc.threads[k.tid] = other
+    k.found(f"I2: kernel frame(s) allocated twice: [{other}]")
+
+
+def test_a_kernel_used_frame_nobody_allocated(k):
+    f = int(np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-1])
+    k.ft.kind[f] = KERNEL_USED
+    k.ft.user_free -= 1
+    k.ft.kernel_used += 1
+    k.found(f"unaccounted [{f}]")
+
+
+def test_an_allocated_frame_that_is_not_kernel_used(k):
+    f = k.core.procs[k.a].threads[k.tid]
+    k.ft.kind[f] = USER
+    k.ft.kernel_used -= 1
+    k.ft.user_free += 1
+    k.found(f"I2: KERNEL_USED frames differ from what the kernel allocated (missing [{f}]")
+
+
+def test_an_allocated_frame_on_the_free_list(k):
+    f = k.free_list()[1]
+    k.core.procs[k.a].threads[k.tid + 100] = f
+    k.found("I2: a kernel frame is both allocated and free")
+
+
+def test_a_slab_frame_that_is_free(k):
+    slab = k.core.slabs["endpoint"]
+    f = next(iter(slab.used))
+    k.ft.set_kind(np.array([f]), KERNEL_USED, KERNEL_FREE)
+    k.ft.push_free(np.array([f]))
+    k.found("I2: a kernel frame is both allocated and free", f"missing [{f}]")
+
+
+# ---- I3, I4, I9: mappings ------------------------------------------------------------------------
+
+def test_a_kernel_frame_mapped_in_user_space(k):
+    e, i = k.leaf_entry(k.a)
+    old = int(e[i]) >> ENTRY_SHIFT
+    kf = k.free_list()[0]
+    e[i] = (kf << ENTRY_SHIFT) | RW
+    k.ft.refs[old] -= 1
+    k.ft.refs[kf] += 1
+    k.found(f"I3: pid {k.a} maps kernel frame(s) [{kf}]")
+
+
+def test_a_kernel_shared_frame_mapped_writable(k):
+    proc = k.core.procs[k.a]
+    for e in proc.leaves.values():
+        hit = np.flatnonzero((e != EMPTY) & ((e >> ENTRY_SHIFT) == k.shared))
+        if hit.size:
+            e[hit[0]] = (k.shared << ENTRY_SHIFT) | CLIENT_MADE | RW
+    k.found(f"I3: pid {k.a} maps kernel-shared frame(s) [{k.shared}] with more than read access",
+            f"I9: pid {k.a} made mapping(s) of frame(s) [{k.shared}] itself")
+
+
+def test_a_client_made_mapping_of_a_user_frame(k):
+    e, i = k.leaf_entry(k.a)
+    e[i] |= CLIENT_MADE
+    k.found(f"I9: pid {k.a} made mapping(s) of frame(s) [{int(e[i]) >> ENTRY_SHIFT}] itself")
+
+
+def test_a_large_mapping_over_kernel_frames(k):
+    proc = k.core.procs[k.b]
+    base, (_lv, first, _prot) = next(iter(proc.large.items()))
+    k.ft.kind[first + 1] = KERNEL_SHARED
+    k.found(f"I3: pid {k.b} large mapping at page {base} covers non-user frames")
+
+
+def test_a_refcount_too_high(k):
+    f = k.small[2]
+    k.ft.refs[f] += 1
+    k.found(f"I4: frame {f} has refcount 2 but 1 mapping(s) (1 frame(s) differ)")
+
+
+def test_a_refcount_too_low_under_a_large_page(k):
+    f = k.large + 3
+    k.ft.refs[f] -= 1
+    k.found(f"I4: frame {f} has refcount 0 but 1 mapping(s)")
+
+
+def test_a_refcount_on_a_frame_nobody_maps(k):
+    f = int(np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-1])
+    k.ft.refs[f] = 3
+    k.found(f"I4: frame {f} has refcount 3 but 0 mapping(s)")
+
+
+# ---- page-table accounting -----------------------------------------------------------------
+
+def test_a_table_entry_count_that_lies(k):
+    proc = k.core.procs[k.a]
+    key = next(key for key in proc.tables if key[0] == k.core.leaf)
+    proc.tables[key][1] += 1
+    k.found(f"tables: pid {k.a} table {key} counts")
+
+
+def test_an_empty_table_kept(k):
+    proc = k.core.procs[k.a]
+    key = (k.core.leaf, 12345)
+    frame = k.free_list()[0]
+    k.ft.unlink_free(np.array([frame]))
+    k.ft.set_kind(np.array([frame]), KERNEL_FREE, KERNEL_USED)
+    proc.tables[key] = [frame, 0]
+    proc.leaves[12345] = np.full(k.core.leaf_entries, EMPTY, dtype=np.int32)
+    k.found(f"tables: pid {k.a} keeps empty table {key}")
+
+
+def test_a_leaf_without_its_table(k):
+    proc = k.core.procs[k.a]
+    proc.leaves[999] = np.full(k.core.leaf_entries, EMPTY, dtype=np.int32)
+    k.found(f"tables: pid {k.a} leaf tables and their entry arrays differ")
+
+
+def test_entries_under_a_missing_table(k):
+    proc = k.core.procs[k.a]
+    e = np.full(k.core.leaf_entries, EMPTY, dtype=np.int32)
+    e[5] = (k.small[4] << ENTRY_SHIFT) | RW
+    proc.leaves[777] = e
+    k.ft.refs[k.small[4]] += 1
+    proc.small_pages += 1
+    k.found(f"tables: pid {k.a} has entries under missing table(s) [({k.core.leaf}, 777)")
+
+
+def test_a_malformed_leaf(k):
+    e, i = k.leaf_entry(k.a)
+    e[i + 1] = -7
+    k.found(f"tables: pid {k.a} leaf table", "malformed entry array")
+
+
+def test_a_leaf_of_the_wrong_size(k):
+    proc = k.core.procs[k.a]
+    tag = next(iter(proc.leaves))
+    proc.leaves[tag] = np.concatenate([proc.leaves[tag], np.full(3, EMPTY, dtype=np.int32)])
+    k.found(f"tables: pid {k.a} leaf table {tag} has a malformed entry array")
+
+
+def test_small_pages_that_lie(k):
+    k.core.procs[k.b].small_pages += 2
+    k.found(f"tables: pid {k.b} counts")
+
+
+def test_a_dirty_spare_leaf(k):
+    spare = np.full(k.core.leaf_entries, EMPTY, dtype=np.int32)
+    spare[3] = 5 << ENTRY_SHIFT
+    k.core._spare_leaves.append(spare)
+    k.found("tables: a spare leaf entry array (for the next page table) is not empty")
+
+
+def test_a_large_mapping_not_counted_in_its_table(k):
+    proc = k.core.procs[k.b]
+    base, (lv, _f, _p) = next(iter(proc.large.items()))
+    p = k.core.profile
+    key = ROOT if lv == 0 else (lv, base >> (p.entry_shifts[lv - 1] - 12))
+    proc.tables[key][1] -= 1
+    k.found(f"tables: pid {k.b} table {key} counts")
+
+
+def test_healthy_after_teardown(k):
+    k.ok(MM, "proc_destroy", pid=k.a)
+    k.ok(MM, "proc_destroy", pid=k.b)
+    assert check_kernel(k.core) == []
+
+
+# ---- free_list_sound: the vectorised decision equals the walk ------------------------------------
+
+class Links:
+    """Just what ``free_list_sound`` reads of a frame table."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.kind = np.full(n, USER, dtype=np.uint8)
+        self.next = np.full(n, NIL, dtype=np.int32)
+        self.prev = np.full(n, NIL, dtype=np.int32)
+        self.head = NIL
+
+
+def walk_says_sound(ft: Links) -> bool:
+    """The definition: the walk from the head visits exactly the free frames, once each, ending at NIL,
+    each frame's prev naming the one before it."""
+    free = set(np.flatnonzero(ft.kind == KERNEL_FREE).tolist())
+    walk, f = [], ft.head
+    while f != NIL:
+        if not 0 <= f < ft.n or f in walk:
+            return False
+        walk.append(f)
+        f = int(ft.next[f])
+    if set(walk) != free or len(walk) != len(free):
+        return False
+    return all(int(ft.prev[g]) == (walk[i - 1] if i else NIL) for i, g in enumerate(walk))
+
+
+@given(order=st.permutations(range(10)), m=st.integers(0, 10),
+       edits=st.lists(st.tuples(st.sampled_from(["next", "prev", "head", "kind"]), st.integers(0, 9),
+                                st.integers(-2, 11)), max_size=3))
+@settings(max_examples=400)
+def test_free_list_sound_is_the_walk(order, m, edits):
+    ft = Links(10)
+    listed = list(order[:m])
+    for i, f in enumerate(listed):
+        ft.kind[f] = KERNEL_FREE
+        ft.next[f] = listed[i + 1] if i + 1 < m else NIL
+        ft.prev[f] = listed[i - 1] if i else NIL
+    ft.head = listed[0] if listed else NIL
+    for what, f, value in edits:
+        if what == "head":
+            ft.head = value
+        elif what == "kind":
+            ft.kind[f] = KERNEL_FREE if value % 2 else USER
+        else:
+            getattr(ft, what)[f] = value
+    free = int(np.count_nonzero(ft.kind == KERNEL_FREE))
+    assert free_list_sound(ft, ft.kind == KERNEL_FREE, free) == walk_says_sound(ft)
+
+
+# ---- the simulator's incremental check finds the same corruptions, in what a step touched ------------
+
+@pytest.fixture(params=[64, 0], ids=["frame-by-frame", "numpy"])
+def tracked(request, k, monkeypatch):
+    """A healthy kernel with the simulator's incremental tracker on it (frame-by-frame checks in Python,
+    or with numpy for every change: both ways must find the same things)."""
+    monkeypatch.setattr(checks, "SMALL", request.param)
+    t = checks.KernelTracker(k.core)
+    assert t.check() == []
+    return k, t
+
+
+def call(k: Healthy, t: checks.KernelTracker, who: str, name: str, **args) -> dict:
+    """A kernel call as the simulator's kernel node makes it: the tracker hears which processes it touches."""
+    model = validate(KERNEL_CALLS, name, args)
+    assert not isinstance(model, Error), model
+    t.touch_call(who, name, model)
+    out = k.core.call(who, name, model)
+    assert not isinstance(out, Error), out
+    return out
+
+
+def test_tracker_follows_healthy_calls(tracked):
+    k, t = tracked
+    user = np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))
+    pid = call(k, t, MM, "proc_create", key="C" * 40)["pid"]
+    assert t.check() == []
+    call(k, t, MM, "map", pid=pid, vaddr=V, frames=[[int(user[0]), 3]], prot=RW)
+    call(k, t, MM, "map", pid=pid, vaddr=V + 0x80_0000, frames=[[int(user[5]), 1]], prot=READ)
+    assert t.check() == []
+    call(k, t, "C" * 40, "thread_create")
+    call(k, t, "C" * 40, "endpoint_create")
+    call(k, t, MM, "unmap", pid=pid, vaddr=V + 0x1000, pages=2)
+    assert t.check() == []
+    call(k, t, MM, "reclaim", count=3)
+    call(k, t, MM, "donate", frames=[[int(user[-40]), 30]])
+    assert t.check() == []
+    call(k, t, MM, "unmap", pid=k.b, vaddr=VL, pages=k.core.profile.pages_at(max(k.core.profile.large_levels)))
+    call(k, t, MM, "proc_destroy", pid=k.a)
+    call(k, t, MM, "proc_destroy", pid=pid)
+    assert t.check() == [] and check_kernel(k.core) == []
+
+
+def found_by_both(k: Healthy, t: checks.KernelTracker, prefix: str) -> None:
+    problems = t.check()
+    assert any(p.startswith(prefix) for p in problems), problems
+    assert any(v.startswith(prefix.split(" ")[0]) for v in check_kernel(k.core)), check_kernel(k.core)
+
+
+def test_tracker_finds_a_refcount_bumped(tracked):
+    k, t = tracked
+    k.ft.add_refs(np.array([k.small[2]], dtype=np.int64), +1)
+    found_by_both(k, t, "I4")
+
+
+def test_tracker_finds_an_unmap_that_keeps_a_refcount(tracked):
+    k, t = tracked
+    proc = k.core.procs[k.a]
+    e, i = k.leaf_entry(k.a)
+    vp = (next(tag for tag, a in proc.leaves.items() if a is e) << k.core.leaf_bits) + i
+    call(k, t, MM, "unmap", pid=k.a, vaddr=vp << 12, pages=1)
+    k.ft.add_ref(k.small[0], +1)  # what unmap_forgets_decrement does
+    found_by_both(k, t, "I4")
+
+
+def test_tracker_finds_a_leaf_entry_rewritten(tracked):
+    k, t = tracked
+    proc = k.core.procs[k.a]
+    e, i = k.leaf_entry(k.a)
+    tag = next(tag for tag, a in proc.leaves.items() if a is e)
+    kf = int(np.flatnonzero(k.ft.kind == KERNEL_USED)[-1])
+    e[i] = (kf << ENTRY_SHIFT) | RW  # now maps a kernel frame; the user frame's refcount is too high
+    t.touch(k.a, (tag << k.core.leaf_bits) + i, 1)
+    problems = t.check()
+    assert any(p.startswith("I3") for p in problems) and any(p.startswith("I4") for p in problems), problems
+
+
+def test_tracker_finds_a_client_made_user_mapping(tracked):
+    k, t = tracked
+    proc = k.core.procs[k.a]
+    e, i = k.leaf_entry(k.a)
+    tag = next(tag for tag, a in proc.leaves.items() if a is e)
+    e[i] |= CLIENT_MADE
+    t.touch(k.a, (tag << k.core.leaf_bits) + i, 1)
+    found_by_both(k, t, "I9")
+
+
+def test_tracker_finds_a_mapped_frame_donated(tracked):
+    k, t = tracked
+    f = np.array([k.small[3]], dtype=np.int64)
+    k.ft.set_kind(f, USER, KERNEL_FREE)  # what donate_skips_refcount lets through
+    k.ft.push_free(f)
+    found_by_both(k, t, "I3")
+
+
+def test_tracker_finds_a_cycle_off_the_list(tracked):
+    k, t = tracked
+    walk = k.free_list()
+    x, y, z = walk[-3], walk[-2], walk[-1]
+    k.ft.next[x] = NIL
+    k.ft.next[y], k.ft.prev[y] = z, z
+    k.ft.next[z], k.ft.prev[z] = y, y
+    t.written.append(np.array([x, y, z]))  # as if a frame table method had written them
+    found_by_both(k, t, "I2")
+
+
+def test_tracker_finds_new_free_frames_on_a_cycle_of_their_own(tracked):
+    k, t = tracked
+    u, w = (int(f) for f in np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-2:])
+    k.ft.set_kind(np.array([u, w], dtype=np.int64), USER, KERNEL_FREE)
+    k.ft.free_count += 2
+    k.ft.next[u], k.ft.prev[u] = w, w
+    k.ft.next[w], k.ft.prev[w] = u, u
+    found_by_both(k, t, "I2")
+
+
+def test_tracker_finds_a_free_frame_off_the_list(tracked):
+    k, t = tracked
+    u = int(np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-1])
+    k.ft.set_kind(np.array([u], dtype=np.int64), USER, KERNEL_FREE)
+    k.ft.free_count += 1
+    found_by_both(k, t, "I2")
+
+
+def test_tracker_finds_links_kept_by_a_taken_frame(tracked):
+    k, t = tracked
+    got = k.ft.pop_free(1)
+    k.ft.set_kind(got, KERNEL_FREE, KERNEL_USED)
+    k.core.procs[k.a].threads[999] = int(got[0])
+    t.touch(k.a)
+    k.ft.next[int(got[0])] = k.ft.head
+    assert any(p.startswith("I2") for p in t.check())
+
+
+def test_tracker_finds_a_frame_allocated_twice(tracked):
+    k, t = tracked
+    proc = k.core.procs[k.a]
+    table = next(f for f, _used in proc.tables.values() if f >= 0)
+    proc.threads[999] = table
+    t.touch(k.a)
+    found_by_both(k, t, "I2")
+
+
+def test_tracker_finds_a_kernel_used_frame_nobody_holds(tracked):
+    k, t = tracked
+    u = int(np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-1])
+    k.ft.set_kind(np.array([u], dtype=np.int64), USER, KERNEL_USED)
+    found_by_both(k, t, "I2")
+
+
+def test_tracker_finds_a_table_count_that_lies(tracked):
+    k, t = tracked
+    proc = k.core.procs[k.a]
+    proc.tables[next(key for key in proc.tables if key[0] == k.core.leaf)][1] += 1
+    t.touch(k.a)
+    found_by_both(k, t, "tables")
+
+
+def test_tracker_finds_a_dirty_spare_leaf(tracked):
+    k, t = tracked
+    spare = np.full(k.core.leaf_entries, EMPTY, dtype=np.int32)
+    spare[7] = 3 << ENTRY_SHIFT
+    k.core._spare_leaves.append(spare)
+    found_by_both(k, t, "tables")
+
+
+def test_tracker_finds_a_large_mapping_over_kernel_frames(tracked):
+    k, t = tracked
+    proc = k.core.procs[k.a]
+    level = max(k.core.profile.large_levels)
+    first = int(np.flatnonzero(k.ft.kind == KERNEL_USED)[0])
+    proc.large[VL >> 12] = (level, first, READ)
+    t.touch(k.a)
+    assert any(p.startswith("I") for p in t.check())
+    assert any("covers non-user frames" in v for v in check_kernel(k.core))
+
+
+def test_tracker_finds_counters_that_lie(tracked):
+    k, t = tracked
+    k.ft.user_mapped += 1
+    k.ft.user_free -= 1
+    found_by_both(k, t, "I7")
+
+
+# ---- checks.state: the simulator's exact "nothing changed" for forged requests ----------------------
+
+MUTATIONS = {
+    "kind": lambda k: k.ft.kind.__setitem__(k.small[1], KERNEL_SHARED),
+    "refs": lambda k: k.ft.refs.__setitem__(k.small[1], 7),
+    "next": lambda k: k.ft.next.__setitem__(k.free_list()[1], NIL),
+    "prev": lambda k: k.ft.prev.__setitem__(k.free_list()[1], NIL),
+    "head": lambda k: setattr(k.ft, "head", k.free_list()[1]),
+    "counter": lambda k: setattr(k.ft, "user_free", k.ft.user_free + 1),
+    "table count": lambda k: k.core.procs[k.a].tables.__getitem__(ROOT).__setitem__(1, 99),
+    "leaf entry": lambda k: k.leaf_entry(k.a)[0].__setitem__(k.leaf_entry(k.a)[1], EMPTY),
+    "small pages": lambda k: setattr(k.core.procs[k.a], "small_pages", 0),
+    "large": lambda k: k.core.procs[k.b].large.clear(),
+    "thread": lambda k: k.core.procs[k.a].threads.clear(),
+    "endpoint": lambda k: k.core.procs[k.a].endpoints.clear(),
+    "slab": lambda k: k.core.slabs["endpoint"].free_slots.clear(),
+    "next id": lambda k: k.core.next_id.__setitem__("tid", 77),
+    "event seq": lambda k: setattr(k.core, "event_seq", 5),
+}
+
+
+@pytest.mark.parametrize("what", sorted(MUTATIONS))
+def test_state_sees_every_change_the_digest_sees(k, what):
+    before, digest = checks.state(k.core), k.core.digest()
+    assert checks.state(k.core) == before
+    MUTATIONS[what](k)
+    assert k.core.digest() != digest
+    assert checks.state(k.core) != before
