@@ -238,6 +238,12 @@ class MMCore:
                 todo = result["rest"]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
+    def maintain_due(self) -> bool:
+        """Whether ``maintain`` has anything to do: the pool is outside the watermarks, or enough ops
+        are deferred to force a write."""
+        cfg = self.config
+        return not cfg.low <= self.kernel_free <= cfg.high or len(self.deferred) >= cfg.defer_limit
+
     def maintain(self) -> Op:
         """Keep the kernel's free pool between the watermarks."""
         cfg = self.config
@@ -276,9 +282,12 @@ class MMCore:
         (``caller``, request ``id``, ``digest``) goes into the request's intent, so recovery can
         tell which request an intent it settles belongs to."""
         self.counters.requests += 1
-        fn = {"alloc": self.alloc, "free": self.free, "share": self.share}.get(call)
-        if fn is not None:
-            result = yield from fn(key, args, origin)
+        if call == "alloc":
+            result = yield from self.alloc(key, args, origin)
+        elif call == "free":
+            result = yield from self.free(key, args, origin)
+        elif call == "share":
+            result = yield from self.share(key, args, origin)
         elif call == "stats":
             result = self.stats(key)
         elif call in ("hello", "ping"):

@@ -2,9 +2,11 @@
 
 One CURVE ROUTER for clients (identity = the ZAP User-Id, never the routing
 id), one ``Connection`` (DEALER) to the kernel, one SQLite journal. Requests
-are served one at a time; after each reply and every ``tick`` seconds the mm
-reads the kernel's events (client deaths) and keeps the kernel pool between
-its watermarks.
+are served one at a time, each woken for by a blocking receive (no poll
+first). After a reply the mm brings the kernel pool back between its
+watermarks if it left them (or writes a snapshot when one is due), and every
+``tick`` seconds, also under a flood of requests, it reads the kernel's
+events (client deaths) and checks the watermarks.
 
 The kernel going away is part of the model (DESIGN section 7). Each tick the
 mm runs ``health.check`` (the decision logic, shared with the simulator):
@@ -53,6 +55,7 @@ from protocol.connection import Connection
 from protocol.errors import CallError, Errno, Error
 
 log = logging.getLogger("mmsim.mm")
+SNDMORE = int(zmq.SNDMORE)
 
 
 @dataclass
@@ -280,27 +283,34 @@ class MMServer:
               f"quota {self.core.config.quota} pages per client", flush=True)
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._stop)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        next_tick = time.monotonic()
+        recv, clock = sock.recv, time.monotonic
+        next_tick = clock()
+        timeout = -1  # the receive timeout last set (ms)
         try:
             while self.running:
-                timeout = max(0.0, next_tick - time.monotonic())
-                events = dict(poller.poll(timeout * 1000))
-                if sock in events:
-                    for _ in range(64):  # a burst, then housekeeping
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(sock, frames)
+                # A blocking receive with a timeout (as the kernel's loop): one wake-up per request. A poll,
+                # then non-blocking receives ending in zmq.Again, cost more CPU per request sent one at a
+                # time. The timeout is the time left until the next tick, so the tick's housekeeping
+                # (events, watermarks) and a stop signal are seen on time even under a flood of requests:
+                # the clock is read after every request. (Set only when it changed: setsockopt costs.)
+                left = max(1, int((next_tick - clock()) * 1000) + 1)
+                if left != timeout:
+                    sock.setsockopt(zmq.RCVTIMEO, left)
+                    timeout = left
+                try:
+                    rid = recv()  # the routing id (bytes); the rest of the message is there already
+                except zmq.Again:
+                    rid = None
+                if rid is not None:
+                    self._handle(sock, rid, recv(copy=False))
+                    if self.service.maintain_due():  # after the reply is sent: watermarks, a snapshot
                         self.run_op(self.service.maintain())
-                if time.monotonic() >= next_tick:
+                if clock() >= next_tick:
                     if self.check_kernel():
                         self.run_op(self.core.poll_events())
                         self.run_op(self.service.maintain())
                     self.run_op(self.core.flush())  # what the requests deferred: an idle mm's journal is complete
-                    next_tick = time.monotonic() + self.opts.tick
+                    next_tick = clock() + self.opts.tick
         finally:
             sock.close(0)
             auth.stop()
@@ -314,14 +324,20 @@ class MMServer:
         if self.in_kcall:  # do not sit out a dead kernel's timeouts; the journal makes this safe
             raise SystemExit("mm: stopped by a signal while waiting on the kernel")
 
-    def _handle(self, sock: zmq.Socket, frames: list) -> None:
-        rid = frames[0].bytes
-        if len(frames) != 2:
-            sock.send_multipart([rid, wire.error_reply(None, Error(Errno.EPROTO, f"expected 1 frame, got {len(frames) - 1}"))])
-            return
-        identity = frames[1].get("User-Id")
-        data = frames[1].bytes
-        sock.send_multipart([rid, self.handle(identity, data)])
+    def _handle(self, sock: zmq.Socket, rid: bytes, frame: zmq.Frame) -> None:
+        """Answer one message: ``frame`` is its first part (a Frame, for the CURVE User-Id); a message of
+        more parts is read whole and refused."""
+        if frame.more:
+            parts = 1
+            more = True
+            while more:
+                more = sock.recv(copy=False).more
+                parts += 1
+            reply = wire.error_reply(None, Error(Errno.EPROTO, f"expected 1 frame, got {parts}"))
+        else:
+            reply = self.handle(frame.get("User-Id"), frame.bytes)
+        sock.send(rid, SNDMORE)  # (two sends with a plain int flag: send_multipart costs more per reply)
+        sock.send(reply)
 
     def handle(self, identity: str | None, data: bytes) -> bytes:
         assert self.service is not None

@@ -140,6 +140,10 @@ class MMService:
 
     # ---- housekeeping -----------------------------------------------------------------
 
+    def maintain_due(self) -> bool:
+        """Whether ``maintain`` has anything to do (a cheap test a driver may make after each request)."""
+        return self.core.maintain_due() or self.core.journaled >= self.core.config.compact_every
+
     def maintain(self) -> Op:
         """After a request: the kernel pool's watermarks, and a snapshot when one is due."""
         yield from self.core.maintain()

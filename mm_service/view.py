@@ -33,11 +33,13 @@ from protocol import runs as R
 from protocol.wire import MAX_RUNS
 
 NONE, KERNEL, FREE, USED = 0, 1, 2, 3
+FREE_BYTE = bytes([FREE])  # (``state`` is one byte per frame)
 SNAPSHOT_VERSION = 1
 STATE_NAMES = {NONE: "none", KERNEL: "kernel", FREE: "free", USED: "used"}
 PAGE = 4096
 KERNEL_TAG = 0  # the kernel's owner tag for blocks (donations); clients get 1, 2, ... in arrival order
 VA_START = 0x40_0000  # first virtual address the mm hands out (4 MiB: keep page 0 unmapped)
+SCALAR_SPOILT = 16  # up to this many never-whole blocks, placement's first tier is a plain Python loop
 
 
 def _pack_array(a: np.ndarray) -> dict[str, Any]:
@@ -117,6 +119,7 @@ class View:
         # donations use them first
         self.never_whole = self.bfree < self.block
         self.never_whole_blocks = np.flatnonzero(self.never_whole)  # (constant, as never_whole)
+        self.spoilt_list: list[int] = self.never_whole_blocks.tolist()
         self.clients: dict[str, ClientState] = {}
         self.by_pid: dict[int, str] = {}
         self.pending: dict[int, dict[str, Any]] = {}  # intent number -> op
@@ -176,15 +179,24 @@ class View:
             free = np.flatnonzero(self.state[:top] == FREE)
             return free[:n] if free.size >= n else None
         bfree = self.bfree[: -(-top // B)]
+        state = self.state
+        if n > 0:
+            # the first block in placement order usually has enough (a one-page request): no sort, and no
+            # count of all free frames (it has at least n, then)
+            b = self._first_block(bfree, owner)
+            if b < 0:
+                return None  # not one free frame
+            lo = b * B
+            if n == 1:  # the lowest free frame of the block, found in its bytes
+                i = state[lo:min(lo + B, top)].tobytes().find(FREE_BYTE)
+                if i >= 0:
+                    return np.array([lo + i], dtype=np.int64)
+            else:
+                f = np.flatnonzero(state[lo:min(lo + B, top)] == FREE)
+                if f.size >= n:
+                    return f[:n] + lo
         if int(bfree.sum()) < n:  # (the last block may reach beyond ``top``: the walk below checks)
             return None
-        state = self.state
-        # the first block in placement order usually has enough (a one-page request): no sort
-        b = self._first_block(bfree, owner)
-        lo = b * B
-        f = np.flatnonzero(state[lo:min(lo + B, top)] == FREE)
-        if f.size >= n:
-            return f[:n] + lo
         keys = self._pick_keys(bfree, owner)
         out: list[np.ndarray] = []
         got = 0
@@ -199,17 +211,29 @@ class View:
         return None
 
     def _first_block(self, bfree: np.ndarray, owner: int) -> int:
-        """The first block of ``_pick_keys``' order, tier by tier (most requests stop at the first tier).
-        ``bfree`` has at least one free frame."""
+        """The first block of ``_pick_keys``' order, tier by tier (most requests stop at the first tier);
+        -1 if no block has a free frame."""
         B = self.block
         nb = bfree.size
-        spoilt = self.never_whole_blocks
-        if nb < self.bfree.size:
-            spoilt = spoilt[spoilt < nb]
-        bf = bfree[spoilt]
-        ok = (bf > 0) & (bf < B)
-        if ok.any():
-            return int(spoilt[ok][np.argmin(bf[ok])])
+        if nb == self.bfree.size and len(self.spoilt_list) <= SCALAR_SPOILT:
+            # the first tier in plain Python: a few blocks, read one by one, cost less than the array
+            # operations (same answer: the fullest, the first in block order among equals)
+            best, low = -1, B
+            item = bfree.item
+            for b in self.spoilt_list:
+                v = item(b)
+                if 0 < v < low:
+                    best, low = b, v
+            if best >= 0:
+                return best
+        else:
+            spoilt = self.never_whole_blocks
+            if nb < self.bfree.size:
+                spoilt = spoilt[spoilt < nb]
+            bf = bfree[spoilt]
+            ok = (bf > 0) & (bf < B)
+            if ok.any():
+                return int(spoilt[ok][np.argmin(bf[ok])])
         has = bfree > 0
         whole = bfree == B
         nw = self.never_whole[:nb]
@@ -227,6 +251,8 @@ class View:
         if cand.size:  # most free first, the highest block among equals
             return int(cand[cand.size - 1 - np.argmax(bfree[cand][::-1])])
         cand = rest[settled]
+        if not cand.size:
+            return -1
         return int(cand[np.argmin(bfree[cand])])
 
     def _pick_keys(self, bfree: np.ndarray, owner: int) -> np.ndarray:
@@ -338,32 +364,26 @@ class View:
 
     def _set1(self, f: int, new: int, owner: int = -1) -> None:
         """``_set`` of one frame, without the array machinery (the one-page request path)."""
-        old = self.state[f]
+        old = self.state.item(f)
         if old == new:
             return
         self.changes += 1
         b = f // self.block
         if old == FREE:
+            free = self.bfree.item(b)
             if owner >= 0:
-                bo = int(self.bowner[b])
-                if self.bfree[b] == self.block or (not self.never_whole[b] and bo != owner and (
-                        not (0 <= bo < self.alive_tags.size and self.alive_tags[bo]) or bo > owner)):
+                bo = self.bowner.item(b)
+                if free == self.block or (not self.never_whole.item(b) and bo != owner and (
+                        not (0 <= bo < self.alive_tags.size and self.alive_tags.item(bo)) or bo > owner)):
                     self.bowner[b] = owner
-            self.bfree[b] -= 1
+            self.bfree[b] = free - 1
         elif new == FREE:
-            self.bfree[b] += 1
+            self.bfree[b] = self.bfree.item(b) + 1
         self.state[f] = new
 
     def _refs(self, frames: np.ndarray, delta: int, owner: int = -1) -> None:
         if frames.size == 1:
-            f = int(frames[0])
-            r = (int(self.refs[f]) + (1 if delta > 0 else -1)) & 0xFFFFFFFF
-            self.refs[f] = r
-            st = self.state[f]
-            if r > 0 and st != USED:
-                self._set1(f, USED, owner)
-            elif r == 0 and st == USED:
-                self._set1(f, FREE)
+            self._ref1(int(frames[0]), delta, owner)
             return
         if frames.size == 0:
             return
@@ -373,20 +393,36 @@ class View:
         self._set(uniq[(r > 0) & (self.state[uniq] != USED)], USED, owner)
         self._set(uniq[(r == 0) & (self.state[uniq] == USED)], FREE)
 
+    def _ref1(self, f: int, delta: int, owner: int = -1) -> None:
+        """``_refs`` of one frame (the one-page request path)."""
+        r = (self.refs.item(f) + (1 if delta > 0 else -1)) & 0xFFFFFFFF
+        self.refs[f] = r
+        st = self.state.item(f)
+        if r > 0 and st != USED:
+            self._set1(f, USED, owner)
+        elif r == 0 and st == USED:
+            self._set1(f, FREE)
+
+    def _refs_runs(self, runs: list[list[int]], delta: int, owner: int = -1) -> None:
+        if len(runs) == 1 and runs[0][1] == 1:  # one page: no array
+            self._ref1(int(runs[0][0]), delta, owner)
+        else:
+            self._refs(R.to_array(runs), delta, owner)
+
     def _add_mapping(self, c: ClientState, m: Mapping) -> None:
         c.maps[m.vaddr] = m
         bisect.insort(c.starts, m.vaddr)
         if m.owner:
             c.charged += m.pages
         c.va_next = max(c.va_next, m.vaddr + m.pages * PAGE)
-        self._refs(R.to_array(m.frames), +1, c.tag)
+        self._refs_runs(m.frames, +1, c.tag)
 
     def _drop_mapping(self, c: ClientState, vaddr: int) -> Mapping:
         m = c.maps.pop(vaddr)
         c.starts.pop(bisect.bisect_left(c.starts, vaddr))
         if m.owner:
             c.charged -= m.pages
-        self._refs(R.to_array(m.frames), -1)
+        self._refs_runs(m.frames, -1)
         return m
 
     def apply(self, op: dict[str, Any]) -> None:

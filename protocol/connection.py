@@ -70,6 +70,7 @@ class Connection:
         s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
         s.connect(self.endpoint)
         self.sock = s
+        self._rcvtimeo = -1  # the receive timeout set on the socket (ms), -1: ZeroMQ's default (none)
 
     def reset(self) -> None:
         """Drop the socket (and any late replies on it) and open a fresh one."""
@@ -111,24 +112,37 @@ class Connection:
         """Send raw request bytes and wait for the reply whose id is ``rid`` (any id if None)."""
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
+        clock = time.monotonic
         for attempt in range(retries + 1):
             if attempt:
                 self.resends += 1
                 self.reset()
-            assert self.sock is not None
-            self.sock.send(data)
-            deadline = time.monotonic() + timeout
+            sock = self.sock
+            assert sock is not None
+            sock.send(data)
+            deadline = clock() + timeout
+            ms = max(1, int(timeout * 1000))
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.sock.poll(left * 1000, zmq.POLLIN):
+                # a blocking receive with a timeout: one wake-up per reply (a poll before the receive
+                # costs a second pass through ZeroMQ's command processing, every call)
+                if ms != self._rcvtimeo:
+                    sock.setsockopt(zmq.RCVTIMEO, ms)
+                    self._rcvtimeo = ms
+                try:
+                    raw = sock.recv()
+                except zmq.Again:
                     break
                 try:
-                    reply = wire.parse_reply(self.sock.recv())
+                    reply = wire.parse_reply(raw)
                 except ValueError:
-                    continue  # not a reply: ignore it
-                if rid is None or reply.get("id") == rid or reply.get("id") is None:
+                    reply = None  # not a reply: ignore it
+                if reply is not None and (rid is None or reply.get("id") == rid or reply.get("id") is None):
                     return reply
-                # a late reply to an earlier request: not ours, keep waiting
+                # a late reply to an earlier request (or garbage): not ours, wait for the rest of the time
+                left = deadline - clock()
+                if left <= 0:
+                    break
+                ms = max(1, int(left * 1000))
         self.reset()
         raise CallError(Error(Errno.EIO, f"no reply from {self.endpoint} after {retries + 1} attempt(s) "
                                          f"of {timeout:g}s", {"endpoint": self.endpoint}), call)

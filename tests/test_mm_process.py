@@ -316,6 +316,84 @@ def test_kill_9_of_a_client_returns_its_frames_to_the_mm(make_system, spawn):
     assert report["divergences"] == 0, report
 
 
+SPARSE_HOLDER_SRC = """
+import sys, time
+from clients.client import Client
+c = Client.from_run_dir(sys.argv[1], sys.argv[2])
+c.start_keepalive()
+for i in range(int(sys.argv[3])):  # 4 MiB apart: a page table each, from the kernel's pool
+    c.alloc(1, vaddr=(i + 1) * 0x40_0000)
+open(sys.argv[4], "w").close()
+time.sleep(120)
+"""
+
+FLOOD_SRC = """
+import os, sys
+from protocol import keys
+from protocol.connection import Connection
+run, name, out, stop = sys.argv[1:5]
+pub, sec = keys.load_keypair(run, name)
+conn = Connection(keys.read_endpoint(run, "mm"), keys.public_key(run, "mm"), pub, sec)
+for _ in range(800):  # so many in flight that the mm's queue never runs dry
+    conn.submit("stats")
+n = 0
+while n % 256 or not os.path.exists(stop):
+    rid, result = conn.collect(timeout=5.0)
+    if rid is None or not isinstance(result, dict):
+        sys.exit(f"flood: {result}")
+    n += 1
+    conn.submit("stats")
+    if n % 256 == 0:
+        with open(out + ".tmp", "w") as f:
+            f.write(str(n))
+        os.replace(out + ".tmp", out)
+conn.close()
+"""
+
+
+def test_a_flood_of_requests_does_not_starve_event_polls_or_watermarks(make_system, spawn):
+    # the mm's tick (read the kernel's events, keep the pool between the watermarks) must come on time
+    # while a client keeps the mm's request queue full: a dead client's frames come back, and the page
+    # tables its death returns to the kernel's pool are reclaimed down to the target
+    low, target, high, tables = 4, 8, 24, 30
+    s = make_system(clients=3, mm_args=["--low", str(low), "--target", str(target), "--high", str(high)])
+    s.start()
+    ready = os.path.join(s.run_dir, "holder.ready")
+    holder = spawn([sys.executable, "-c", SPARSE_HOLDER_SRC, s.run_dir, "client-0", str(tables), ready])
+    wait_for(lambda: os.path.exists(ready), 30, "the client to allocate")
+    before = mm_stats(s)
+    assert before["view"]["used"] == tables and low <= s.kernel_stats()["kernel_free"] <= high
+
+    out, stop = os.path.join(s.run_dir, "flood.count"), os.path.join(s.run_dir, "flood.stop")
+
+    def answered() -> int:
+        try:
+            with open(out) as f:
+                return int(f.read())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    flooder = spawn([sys.executable, "-c", FLOOD_SRC, s.run_dir, "client-2", out, stop], stderr=subprocess.PIPE)
+    wait_for(lambda: answered() >= 2000, 30, "the flood to get going")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(10)
+    killed, at_kill = time.monotonic(), answered()
+    bound = LEASE + 0.2 + 10  # lease expiry, the mm's next tick, and room for a slow machine
+    after = wait_for(lambda: (x := mm_stats(s))["view"]["used"] == 0 and x, bound,
+                     "the dead client's frames to return to the mm's view under the flood")
+    assert after["counters"]["deaths"] == 1
+    wait_for(lambda: s.kernel_stats()["kernel_free"] <= high, bound,
+             "the mm to reclaim the pool the death grew, under the flood")
+    assert mm_stats(s)["counters"]["reclaims"] > before["counters"]["reclaims"]
+    assert time.monotonic() - killed < bound
+    assert flooder.poll() is None and answered() - at_kill >= 1000  # it flooded all along
+    open(stop, "w").close()
+    _, err = flooder.communicate(timeout=20)
+    assert flooder.returncode == 0, err
+    report = s.audit()
+    assert report["divergences"] == 0, report
+
+
 # ---- the audit command ----------------------------------------------------------------------------------
 
 def test_the_audit_command_and_one_mm_per_run_directory(make_system):
