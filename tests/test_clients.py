@@ -35,6 +35,7 @@ from kernel_server.arch import get_profile
 from kernel_server.bootmap import pc_map
 from protocol import keys, wire
 from protocol.errors import Errno, Error
+from support import wait_for
 
 LEASE = 1.0
 
@@ -48,14 +49,6 @@ def summary_of(log_path: str) -> dict[str, Any]:
     raise AssertionError(f"no JSON summary in {log_path}:\n{open(log_path).read()[-2000:]}")
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +137,12 @@ def test_runner_outlives_a_pause_longer_than_its_lease_and_stops_on_sigterm(syst
         system.send_signal("stopper", signal.SIGCONT)
     second = wait_for(pid, 10, "the resumed client to get a new process")
     assert second != first
+
+    def acted_in_new_process() -> bool:  # kernel objects come only after the alloc's reply arrived
+        p = next((p for p in system.kernel_stats()["per_process"] if p["pid"] == second), None)
+        return p is not None and p["threads"] + p["endpoints"] > 0
+
+    wait_for(acted_in_new_process, 10, "the resumed client to use its new process")
     assert system.kill("stopper", signal.SIGTERM) == 0, part.log_tail()
     s = summary_of(part.log_path)
     assert s["stopped"] == "SIGTERM" and s["wrong"] == 0 and s["elapsed"] < 30

@@ -10,59 +10,36 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import zmq
 
 from clients.client import Client
-from clients.system import System, _die_with_parent
-from kernel_server.cli import default_ipc_dir
+from clients.system import System
 from protocol import keys, wire
 from protocol.connection import Connection
 from protocol.errors import CallError
 from protocol.runs import to_array
+from support import LEASE, conserved, mmsim, new_run_dir, remove_run_dir, state, wait_for
 
-LEASE = 1.0
-COUNTERS = ("calls", "refused", "replayed")  # stats fields that count calls, not state
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 
-def new_run_dir() -> str:
-    return tempfile.mkdtemp(prefix="mmt-", dir="/tmp")
 
 
-def remove_run_dir(run_dir: str) -> None:
-    shutil.rmtree(default_ipc_dir(run_dir), ignore_errors=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def state(stats: dict[str, Any]) -> dict[str, Any]:
-    """Kernel stats without the call counters: what a refused call must leave unchanged."""
-    return {k: v for k, v in stats.items() if k not in COUNTERS}
 
 
-def conserved(st: dict[str, Any]) -> bool:
-    return st["kernel_free"] + st["kernel_used"] + st["kernel_shared"] + st["user_free"] + st["user_mapped"] == st["ram"]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -114,44 +91,8 @@ def rpc(sock: zmq.Socket, data: bytes | list[bytes], timeout: float = 2.0) -> di
     return wire.parse_reply(sock.recv())
 
 
-@pytest.fixture
-def make_system():
-    """Make Systems (kernel and mm as real processes); all are stopped and their directories removed."""
-    made: list[System] = []
-
-    def make(**kw: Any) -> System:
-        kw.setdefault("lease", LEASE)
-        kw.setdefault("clients", 2)
-        s = System(new_run_dir(), **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop(timeout=3.0)
-        remove_run_dir(s.run_dir)
 
 
-@pytest.fixture
-def spawn():
-    """Start helper processes (python -c clients, raw commands); each is killed at the end."""
-    procs: list[subprocess.Popen] = []
-
-    def start(argv: list[str], **kw: Any) -> subprocess.Popen:
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, **kw)
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-        for f in (p.stdout, p.stderr):
-            if f is not None:
-                f.close()
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +119,6 @@ def kernel_conn(s: System, name: str, **kw: Any) -> Connection:
     return s.connection("kernel", identity=name, **kw)
 
 
-def mmsim(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    """Run an ``mmsim`` command to its end; a usage error must never show a traceback."""
-    r = subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
 
 
 # ---- boot ------------------------------------------------------------------------------------------
@@ -193,7 +128,7 @@ def test_kernel_prints_endpoint_and_boot_summary_and_boots_a_pc_map(spawn):
     try:
         bind = f"ipc://{run}/k.sock"
         k = spawn([sys.executable, "-m", "clients.cli", "kernel", "--run-dir", run, "--lease", "1",
-                   "--bind", bind])
+                   "--bind", bind], stdout=subprocess.PIPE)
         first = read_line(k, 30)
         assert first == f"kernel listening on {bind}"
         summary = read_line(k, 10)
@@ -391,7 +326,7 @@ def test_killing_a_client_releases_its_process_within_the_lease(make_system, spa
     s = make_system()
     s.start()
     base = s.kernel_stats()
-    c = spawn([sys.executable, "-c", CLIENT_SRC, s.run_dir, "client-0", "24"])
+    c = spawn([sys.executable, "-c", CLIENT_SRC, s.run_dir, "client-0", "24"], stdout=subprocess.PIPE)
     line = read_line(c, 20)
     assert line.startswith("ready"), line
     st = s.kernel_stats()

@@ -12,57 +12,34 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from clients.client import Client
-from clients.system import System, _die_with_parent
-from kernel_server.cli import default_ipc_dir
+from clients.system import System
 from protocol import PROT_READ, PROT_WRITE, keys
 from protocol.connection import Connection
 from protocol.errors import CallError
 from protocol.runs import to_array
+from support import LEASE, conserved, mmsim, state, wait_for
 
-LEASE = 1.0
-COUNTERS = ("calls", "refused", "replayed")  # kernel stats fields that count calls, not state
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 
-def new_run_dir() -> str:
-    return tempfile.mkdtemp(prefix="mmt-", dir="/tmp")
 
 
-def remove_run_dir(run_dir: str) -> None:
-    shutil.rmtree(default_ipc_dir(run_dir), ignore_errors=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def state(stats: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in stats.items() if k not in COUNTERS}
 
 
-def conserved(st: dict[str, Any]) -> bool:
-    """I7 on the kernel's own figures."""
-    return st["kernel_free"] + st["kernel_used"] + st["kernel_shared"] + st["user_free"] + st["user_mapped"] == st["ram"]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 def log_of(s: System, name: str) -> str:
@@ -75,48 +52,10 @@ def mm_stats(s: System) -> dict[str, Any]:
         return conn.call("stats")
 
 
-def mmsim(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
 
 
-@pytest.fixture
-def make_system():
-    """Make Systems (kernel and mm as real processes); all are stopped and their directories removed."""
-    made: list[System] = []
-
-    def make(**kw: Any) -> System:
-        kw.setdefault("lease", LEASE)
-        kw.setdefault("clients", 2)
-        s = System(new_run_dir(), **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop(timeout=3.0)
-        remove_run_dir(s.run_dir)
 
 
-@pytest.fixture
-def spawn():
-    """Start helper processes (python -c clients); each is killed at the end."""
-    procs: list[subprocess.Popen] = []
-
-    def start(argv: list[str], **kw: Any) -> subprocess.Popen:
-        kw.setdefault("stdout", subprocess.DEVNULL)
-        kw.setdefault("stderr", subprocess.DEVNULL)
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, **kw)
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
 
 
 def lines(path: str) -> list[str]:

@@ -1,0 +1,58 @@
+"""Helpers shared by the multi-process tests (imported as ``support``; fixtures are in conftest.py).
+
+Run directories live under /tmp with short names so ipc paths stay short; waiting is polling with a
+deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from kernel_server.cli import default_ipc_dir
+
+LEASE = 1.0  # seconds: the lease of test systems, short so expiry tests are quick
+COUNTERS = ("calls", "refused", "replayed")  # kernel stats fields that count calls, not state
+
+
+def new_run_dir(prefix: str = "mmt-") -> str:
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def remove_run_dir(run_dir: str) -> None:
+    shutil.rmtree(default_ipc_dir(run_dir), ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def state(stats: dict[str, Any]) -> dict[str, Any]:
+    """Kernel stats without the call counters: what a refused call must leave unchanged."""
+    return {k: v for k, v in stats.items() if k not in COUNTERS}
+
+
+def conserved(st: dict[str, Any]) -> bool:
+    """I7 on the kernel's own figures."""
+    return st["kernel_free"] + st["kernel_used"] + st["kernel_shared"] + st["user_free"] + st["user_mapped"] == st["ram"]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``pred`` until it returns something true (returned) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def mmsim(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run an ``mmsim`` command to its end; a usage error must never show a traceback."""
+    r = subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
