@@ -78,6 +78,9 @@ class MMBenchOptions:
         return 2 + self.rounds * 2 + self.chunks
 
 
+STORM_POOL = 8  # frames in the kernel's initial pool for the mm benchmark
+
+
 def run(opts: MMBenchOptions, run_dir: str, step: Step = lambda s: None) -> Report:
     """The mm figures; the system and the floor are started under ``run_dir`` and stopped after."""
     opts.check()
@@ -90,8 +93,11 @@ def run(opts: MMBenchOptions, run_dir: str, step: Step = lambda s: None) -> Repo
         with Floor(os.path.join(run_dir, "floor"), opts.transport) as floor:
             floor_stream = Stream(dealer(ctx, floor.endpoint, floor.server_key, floor.run_dir, "mm"),
                                   [floor.proc.pid])
+            # A small kernel pool and low watermarks: the storm's page tables (one per 4 MiB on i686) keep
+            # the kernel short, so the mm donates again and again while the client allocates.
             system = System(os.path.join(run_dir, "system"), arch=opts.arch, memory=opts.memory(), lease=3600.0,
-                            transport=opts.transport, clients=2, mm_args=["--quota", str(pages + 64)])
+                            transport=opts.transport, clients=2, kernel_pool=STORM_POOL,
+                            mm_args=["--quota", str(pages + 64), "--low", "4", "--target", "8", "--high", "64"])
             try:
                 system.start()
                 rd = system.run_dir
