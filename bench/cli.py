@@ -1,4 +1,4 @@
-"""The ``mmsim bench`` commands: kernel, mm, largepages, all.
+"""The ``mmsim bench`` commands: kernel, mm, largepages, sim, all.
 
 Each starts what it measures as real processes in a fresh run directory
 (a temporary one unless ``--run-dir`` is given), shows progress on stderr,
@@ -139,6 +139,29 @@ def _largepages(seed: int, steps: int, step: Callable[[str], None]):
     return rep
 
 
+def _sim(seconds: float, step: Callable[[str], None]):
+    from bench.report import Figure, Report
+    from clients.sim import bench
+
+    step(f"simulator: {seconds:g} s of CPU over four ways of checking")
+    r = bench(seconds)
+    rep = Report()
+    target = r["target_calls_per_s"]
+    labels = {
+        "full_every_step": "full invariant recomputation after every step",
+        "incremental_every_step_full_every_500_steps": "exact incremental checks every step, full every 500 (default)",
+        "incremental_every_step_full_at_quiet_points": "exact incremental checks every step, full at quiet points",
+        "none_between_quiet_points": "full checks at quiet points only (the loop's own cost)",
+    }
+    for label, words in labels.items():
+        rate = r[f"calls_per_s_checks_{label}"]
+        rep.add(Figure(f"sim.{label}", f"simulated calls per CPU second: {words}", rate, "calls/s", target,
+                       "calls/s", "target", rate / target, ">=", 1.0, f">= {target:,} calls/s on one core",
+                       note=f"{r[f'seeds_checks_{label}']} seeds of {r['steps_per_seed']} steps"))
+    rep.details["sim"] = r
+    return rep
+
+
 def _kernel_opts(seconds: float, rounds: int, transport: str, window: int, batch: int, scale: bool):
     from bench.kernel import KernelBenchOptions
 
@@ -254,6 +277,21 @@ def largepages_cmd(
     _emit(rep, json_out, False, "mmsim bench largepages")
 
 
+@bench_app.command("sim")
+def sim_cmd(
+    seconds: float = typer.Option(8.0, "--seconds", min=0.5, help="CPU seconds in all (a quarter per way of checking)."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+    strict: bool = typer.Option(False, "--strict", help=_STRICT),
+) -> None:
+    """Simulated calls per second in one process (target 20,000 on one core), per way of checking invariants."""
+    with _progress(1) as step:
+        try:
+            rep = _sim(seconds, step)
+        except RuntimeError as exc:  # a seed violated an invariant: that is a bug, not a figure
+            _fail(exc)
+    _emit(rep, json_out, strict, "mmsim bench sim")
+
+
 @bench_app.command("all")
 def all_cmd(
     seconds: float = typer.Option(0.5, "--seconds", min=0.01, help=_SECONDS),
@@ -270,7 +308,7 @@ def all_cmd(
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
-    """Every benchmark (kernel, mm, largepages) in one report: about a minute and a half by default."""
+    """Every benchmark (kernel, mm, largepages, sim) in one report: about a minute and a half by default."""
     from bench.report import Report
     from bench.roundtrip import BenchError
 
@@ -283,10 +321,11 @@ def all_cmd(
     rep = Report()
     with _run_dir(run_dir, keep) as rd:
         try:
-            with _progress(kopts.steps() + mopts.steps() + 1) as step:
+            with _progress(kopts.steps() + mopts.steps() + 2) as step:
                 rep.extend(_kernel(rd, step, kopts))
                 rep.extend(_mm(rd, step, mopts))
                 rep.extend(_largepages(seed, steps, step))
+                rep.extend(_sim(2.0 if quick else 8.0, step))
         except (BenchError, RuntimeError, OSError) as exc:
             _fail(exc)
     _emit(rep, json_out, strict, "mmsim bench all")

@@ -140,7 +140,19 @@ def test_cli_kernel_json_and_largepages_table(tmp_path):
     assert "pageblock" in r.stdout and "first fit" in r.stdout
 
 
+def test_cli_sim_reports_each_way_of_checking():
+    r = runner.invoke(app, ["bench", "sim", "--seconds", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    keys = {f["key"] for f in data["figures"]}
+    assert keys == {"sim.full_every_step", "sim.incremental_every_step_full_every_500_steps",
+                    "sim.incremental_every_step_full_at_quiet_points", "sim.none_between_quiet_points"}
+    _check_figures(data["figures"], keys)
+    assert data["details"]["sim"]["target_calls_per_s"] == 20_000
+
+
 @pytest.mark.parametrize("args", [
+    ["bench", "sim", "--seconds", "0"],
     ["bench", "kernel", "--transport", "udp"],
     ["bench", "mm", "--storm", "lots"],
     ["bench", "all", "--seconds", "0"],
