@@ -24,9 +24,8 @@ from typing import Any
 import msgpack
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
-from protocol import keys, wire
+from protocol import keys, serving, wire
 
 # What the floor answers: the size and shape of the kernel's unmap reply for one page.
 REPLY_RESULT = {"pid": 1, "pages": 1, "frames": [[5000, 1]], "tables_freed": 0, "kernel_free": 256}
@@ -35,17 +34,9 @@ REPLY_RESULT = {"pid": 1, "pages": 1, "frames": [[5000, 1]], "tables_freed": 0, 
 def serve(bind: str, run_dir: str, server: str = "kernel") -> None:
     ctx = zmq.Context()
     ctx.linger = 0
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
     pub, sec = keys.load_keypair(run_dir, server)
-    sock = ctx.socket(zmq.ROUTER)
-    sock.curve_server = True
-    sock.curve_publickey = pub
-    sock.curve_secretkey = sec
-    sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
-    sock.bind(bind)
-    keys.write_endpoint(run_dir, "floor", keys.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT)))
+    sock, auth, endpoint = serving.bind_router(ctx, bind, pub, sec, "floor")  # the servers' very socket set-up
+    keys.write_endpoint(run_dir, "floor", endpoint)
     print("ready", flush=True)
     packb, unpackb = msgpack.packb, msgpack.unpackb
     result = REPLY_RESULT

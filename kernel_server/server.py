@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from kernel_server.service import KernelService
-from protocol import keys, wire
+from protocol import keys, serving, wire
 from protocol.errors import Errno, Error
 
 log = logging.getLogger("mmsim.kernel")
@@ -69,29 +67,11 @@ class KernelServer:
     def serve(self) -> None:
         ctx = zmq.Context()
         ctx.linger = 0
-        auth = ThreadAuthenticator(ctx)
-        auth.start()
-        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-        sock = ctx.socket(zmq.ROUTER)
-        sock.curve_server = True
-        sock.curve_publickey = self.pub
-        sock.curve_secretkey = self.sec
-        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        # Replies queued for one peer: ZeroMQ's default (1000) silently drops replies to a client with
-        # more requests than that in flight (I10: every request gets exactly one reply). Only a peer
-        # that leaves REPLY_QUEUE replies unread loses replies, and our memory stays bounded.
-        sock.sndhwm = wire.REPLY_QUEUE
         try:
-            if keys.ipc_in_use(self.opts.bind):
-                raise zmq.ZMQError(zmq.EADDRINUSE, "Address already in use (another process listens there)")
-            sock.bind(self.opts.bind)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            auth.stop()
+            sock, auth, self.endpoint = serving.bind_router(ctx, self.opts.bind, self.pub, self.sec, "kernel")
+        except SystemExit:
             ctx.term()
-            raise SystemExit(f"kernel: cannot bind {self.opts.bind}: {exc}") from None
-        self.endpoint = keys.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            raise
         keys.write_endpoint(self.opts.run_dir, "kernel", self.endpoint)
         print(f"kernel listening on {self.endpoint}", flush=True)
         print(f"kernel {self.service.summary()}", flush=True)
@@ -100,20 +80,13 @@ class KernelServer:
         svc = self.service
         recv, clock = sock.recv_multipart, time.monotonic
         next_check = 0.0  # when leases are looked at next: the earliest deadline, or STOP_CHECK_MS from now
-        timeout = -1  # the receive timeout last set (ms)
+        wait = serving.Deadline(sock)
         try:
             while self.running:
-                # A blocking receive with a timeout, like the floor's loop: one wake-up per request.
-                # (A poll, then non-blocking receives ending in zmq.Again, took ~30% more server CPU
-                # per request sent one at a time: `mmsim bench kernel` reports CPU per call.) The
-                # timeout is the time left until the next lease check, so a signal's flag is seen
-                # within STOP_CHECK_MS.
-                # (Set only when it changed, with setsockopt: `sock.rcvtimeo = ...` costs ~2 us per
-                # request; under load the timeout changes once a millisecond.)
-                left = max(1, int((next_check - clock()) * 1000) + 1)
-                if left != timeout:
-                    sock.setsockopt(zmq.RCVTIMEO, left)
-                    timeout = left
+                # A blocking receive that returns by the next lease check: one wake-up per request (a
+                # poll, then receives ending in zmq.Again, took ~30% more server CPU per request sent one
+                # at a time), and a signal's flag is seen within STOP_CHECK_MS.
+                wait.until(next_check)
                 try:
                     frames = recv(copy=False)
                 except zmq.Again:

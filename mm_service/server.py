@@ -43,14 +43,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from mm_service import health
 from mm_service.journal import Journal
 from mm_service.policy import Config, MMCore, drive
 from mm_service.service import MMService
-from protocol import keys, wire
+from protocol import keys, serving, wire
 from protocol.connection import Connection
 from protocol.errors import CallError, Errno, Error
 
@@ -256,24 +254,7 @@ class MMServer:
     # ---- serving ---------------------------------------------------------------
 
     def serve(self) -> None:
-        auth = ThreadAuthenticator(self.ctx)
-        auth.start()
-        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.curve_server = True
-        sock.curve_publickey = self.mm_pub
-        sock.curve_secretkey = self.mm_sec
-        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
-        sock.sndhwm = wire.REPLY_QUEUE  # as the kernel: no reply dropped for a client with many in flight
-        try:
-            if keys.ipc_in_use(self.opts.bind):
-                raise zmq.ZMQError(zmq.EADDRINUSE, "Address already in use (another process listens there)")
-            sock.bind(self.opts.bind)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            auth.stop()
-            raise SystemExit(f"mm: cannot bind {self.opts.bind}: {exc}") from None
-        endpoint = keys.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        sock, auth, endpoint = serving.bind_router(self.ctx, self.opts.bind, self.mm_pub, self.mm_sec, "mm")
         keys.write_endpoint(self.opts.run_dir, "mm", endpoint)
         assert self.core is not None
         c = self.core.view.counts()
@@ -285,18 +266,15 @@ class MMServer:
             signal.signal(s, self._stop)
         recv, clock = sock.recv, time.monotonic
         next_tick = clock()
-        timeout = -1  # the receive timeout last set (ms)
+        wait = serving.Deadline(sock)
         try:
             while self.running:
                 # A blocking receive with a timeout (as the kernel's loop): one wake-up per request. A poll,
                 # then non-blocking receives ending in zmq.Again, cost more CPU per request sent one at a
                 # time. The timeout is the time left until the next tick, so the tick's housekeeping
                 # (events, watermarks) and a stop signal are seen on time even under a flood of requests:
-                # the clock is read after every request. (Set only when it changed: setsockopt costs.)
-                left = max(1, int((next_tick - clock()) * 1000) + 1)
-                if left != timeout:
-                    sock.setsockopt(zmq.RCVTIMEO, left)
-                    timeout = left
+                # the clock is read after every request.
+                wait.until(next_tick)
                 try:
                     rid = recv()  # the routing id (bytes); the rest of the message is there already
                 except zmq.Again:
