@@ -72,3 +72,11 @@ def spawn():
         for f in (p.stdout, p.stderr):
             if f is not None:
                 f.close()
+
+
+@pytest.fixture
+def run_dir():
+    """A fresh, short run directory under /tmp, removed (with its ipc sockets) afterwards."""
+    d = new_run_dir()
+    yield d
+    remove_run_dir(d)

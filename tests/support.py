@@ -6,6 +6,7 @@ deadline, never a fixed sleep.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -51,8 +52,10 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
 
 
 def mmsim(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    """Run an ``mmsim`` command to its end; a usage error must never show a traceback."""
+    """Run an ``mmsim`` command to its end; a usage error must never show a traceback. The terminal is
+    wide, so rich's boxed usage errors do not wrap the message a test looks for."""
+    env = {**os.environ, "COLUMNS": "250"}
     r = subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
+                       timeout=timeout, stdin=subprocess.DEVNULL, env=env)
     assert "Traceback" not in r.stderr, r.stderr
     return r

@@ -4,16 +4,12 @@ status catch what they must, and a real run survives every kind of fault with cl
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 
-import pytest
 
 from clients import chaos as C
 from clients.attacks import ATTACKS
 from clients.launcher import final_checks
+from support import mmsim
 
 
 def test_the_plan_is_a_function_of_the_seed():
@@ -97,17 +93,6 @@ def test_final_checks_find_leaks_and_broken_conservation():
 
 # ---- the command ------------------------------------------------------------------------------------
 
-def _mmsim(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], check=False, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, env=env)
-
-
-@pytest.fixture
-def run_dir():
-    d = tempfile.mkdtemp(prefix="mmt-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _plan_lines(out: str) -> list[str]:
@@ -116,19 +101,19 @@ def _plan_lines(out: str) -> list[str]:
 
 def test_plan_only_prints_the_same_plan_for_the_same_seed(run_dir):
     fresh = os.path.join(run_dir, "never")
-    a = _mmsim("chaos", "--duration", "12", "--seed", "5", "--plan-only", "--run-dir", fresh)
-    b = _mmsim("chaos", "--duration", "12", "--seed", "5", "--plan-only")
-    c = _mmsim("chaos", "--duration", "12", "--seed", "6", "--plan-only")
+    a = mmsim("chaos", "--duration", "12", "--seed", "5", "--plan-only", "--run-dir", fresh)
+    b = mmsim("chaos", "--duration", "12", "--seed", "5", "--plan-only")
+    c = mmsim("chaos", "--duration", "12", "--seed", "6", "--plan-only")
     assert a.returncode == b.returncode == c.returncode == 0, a.stderr
     assert a.stdout == b.stdout and len(_plan_lines(a.stdout)) == int(12 / 1.5)
     assert _plan_lines(a.stdout) != _plan_lines(c.stdout)
     assert not os.path.exists(fresh)  # nothing was started
-    bad = _mmsim("chaos", "--memory", "12 parsecs", "--plan-only")
+    bad = mmsim("chaos", "--memory", "12 parsecs", "--plan-only")
     assert bad.returncode == 2 and "--memory" in bad.stderr
 
 
 def test_chaos_survives_every_kind_of_fault(run_dir):
-    r = _mmsim("chaos", "--duration", "8", "--seed", "1", "--run-dir", run_dir, timeout=120)
+    r = mmsim("chaos", "--duration", "8", "--seed", "1", "--run-dir", run_dir, timeout=120)
     out = r.stdout
     assert r.returncode == 0, out[-4000:] + r.stderr[-2000:]
     plan = _plan_lines(out)

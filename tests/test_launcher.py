@@ -6,19 +6,15 @@ from __future__ import annotations
 import html
 import io
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
-import pytest
 from rich.console import Console
 
 from clients import picture as P
 from kernel_server import core as kcore
 from kernel_server.service import KernelService
 from protocol import PROT_READ, PROT_WRITE
+from support import mmsim
 
 MM = "M" * 40
 A = "A" * 40
@@ -171,17 +167,6 @@ def test_stats_counts_calls_and_refusals():
 
 # ---- processes ----------------------------------------------------------------------------------
 
-def _mmsim(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}  # rich boxes usage errors: wide enough not to wrap a message
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args], check=False, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, env=env)
-
-
-@pytest.fixture
-def run_dir():
-    d = tempfile.mkdtemp(prefix="mmt-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_status_draws_a_running_system_and_saves_svg(run_dir):
@@ -206,7 +191,7 @@ def test_status_draws_a_running_system_and_saves_svg(run_dir):
             assert counts["user_shared"] == 2
             assert counts["user_mapped"] == 3 + 1
             svg = os.path.join(run_dir, "pic.svg")
-            r = _mmsim("status", "--run-dir", run_dir, "--svg", svg, "--interval", "0.2")
+            r = mmsim("status", "--run-dir", run_dir, "--svg", svg, "--interval", "0.2")
             assert r.returncode == 0, r.stderr
             assert "user large page" in r.stdout and "client-0" in r.stdout
             with open(svg) as f:
@@ -220,20 +205,20 @@ def test_status_draws_a_running_system_and_saves_svg(run_dir):
 
 
 def test_status_and_up_refuse_bad_input(run_dir):
-    r = _mmsim("status", "--run-dir", os.path.join(run_dir, "nothing"))
+    r = mmsim("status", "--run-dir", os.path.join(run_dir, "nothing"))
     assert r.returncode == 2 and "not a run directory" in r.stderr
-    r = _mmsim("up", "--arch", "z80", "--run-dir", os.path.join(run_dir, "x"))
+    r = mmsim("up", "--arch", "z80", "--run-dir", os.path.join(run_dir, "x"))
     assert r.returncode == 2 and "unknown architecture" in r.stderr
-    r = _mmsim("up", "--workloads", "steady,nope", "--run-dir", os.path.join(run_dir, "x"))
+    r = mmsim("up", "--workloads", "steady,nope", "--run-dir", os.path.join(run_dir, "x"))
     assert r.returncode == 2 and "nope" in r.stderr
     with open(os.path.join(run_dir, "file"), "w") as f:
         f.write("x")
-    r = _mmsim("up", "--run-dir", run_dir)
+    r = mmsim("up", "--run-dir", run_dir)
     assert r.returncode == 2 and "not an empty directory" in r.stderr
 
 
 def test_up_runs_the_system_and_the_audit_is_clean(run_dir):
-    r = _mmsim("up", "--duration", "5", "--no-live", "--run-dir", run_dir, timeout=80)
+    r = mmsim("up", "--duration", "5", "--no-live", "--run-dir", run_dir, timeout=80)
     out = r.stdout
     assert r.returncode == 0, out[-3000:] + r.stderr[-2000:]
     assert "audit (I8)" in out and "0 divergent frame(s)" in out
