@@ -141,7 +141,7 @@ def _largepages(seed: int, steps: int, step: Callable[[str], None]):
 
 def _sim(seconds: float, step: Callable[[str], None]):
     from bench.report import Figure, Report
-    from clients.sim import bench
+    from simulator import bench
 
     step(f"simulator: {seconds:g} s of CPU over four ways of checking")
     r = bench(seconds)

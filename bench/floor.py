@@ -25,7 +25,7 @@ import msgpack
 import zmq
 import zmq.auth
 
-from protocol import keys, serving, wire
+from protocol import rundir, serving, wire
 
 # What the floor answers: the size and shape of the kernel's unmap reply for one page.
 REPLY_RESULT = {"pid": 1, "pages": 1, "frames": [[5000, 1]], "tables_freed": 0, "kernel_free": 256}
@@ -34,9 +34,9 @@ REPLY_RESULT = {"pid": 1, "pages": 1, "frames": [[5000, 1]], "tables_freed": 0, 
 def serve(bind: str, run_dir: str, server: str = "kernel") -> None:
     ctx = zmq.Context()
     ctx.linger = 0
-    pub, sec = keys.load_keypair(run_dir, server)
+    pub, sec = rundir.load_keypair(run_dir, server)
     sock, auth, endpoint = serving.bind_router(ctx, bind, pub, sec, "floor")  # the servers' very socket set-up
-    keys.write_endpoint(run_dir, "floor", endpoint)
+    rundir.write_endpoint(run_dir, "floor", endpoint)
     print("ready", flush=True)
     packb, unpackb = msgpack.packb, msgpack.unpackb
     result = REPLY_RESULT
@@ -56,29 +56,23 @@ def serve(bind: str, run_dir: str, server: str = "kernel") -> None:
 
 def remove_ipc_dir(run_dir: str) -> None:
     """Remove the ipc socket directory of ``run_dir`` (under /tmp), once its servers have stopped."""
-    import shutil
-
-    from kernel_server.cli import default_ipc_dir
-
-    shutil.rmtree(default_ipc_dir(run_dir), ignore_errors=True)
+    rundir.remove_ipc_dir(run_dir)
 
 
 def bind_for(run_dir: str, transport: str) -> str:
     if transport == "tcp":
         return "tcp://127.0.0.1:*"
-    from kernel_server.cli import default_ipc_dir
-
-    return f"ipc://{default_ipc_dir(run_dir)}/floor.sock"
+    return rundir.default_bind(run_dir, "floor")
 
 
 class Floor:
     """The floor echo as a child process of this one (``with Floor(run_dir, "ipc") as f: f.endpoint``)."""
 
     def __init__(self, run_dir: str, transport: str = "ipc", timeout: float = 20.0) -> None:
-        from clients.system import _die_with_parent  # the children of a benchmark die with it
+        from mmsim.system import _die_with_parent  # the children of a benchmark die with it
 
         self.run_dir = os.path.abspath(run_dir)
-        keys.init(self.run_dir, clients=0)
+        rundir.init(self.run_dir, clients=0)
         path = os.path.join(self.run_dir, "floor.endpoint")
         if os.path.exists(path):
             os.remove(path)
@@ -95,7 +89,7 @@ class Floor:
         except BaseException:
             self.close()
             raise
-        self.server_key = keys.public_key(self.run_dir, "kernel")
+        self.server_key = rundir.public_key(self.run_dir, "kernel")
 
     def _wait(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -103,7 +97,7 @@ class Floor:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the floor echo exited with status {self.proc.returncode}: {self._tail()}")
             try:
-                endpoint = keys.read_endpoint(self.run_dir, "floor")
+                endpoint = rundir.read_endpoint(self.run_dir, "floor")
             except FileNotFoundError:
                 time.sleep(0.02)
                 continue
@@ -116,8 +110,8 @@ class Floor:
         ctx.linger = 0
         s = ctx.socket(zmq.DEALER)
         try:
-            s.curve_serverkey = keys.public_key(self.run_dir, "kernel")
-            s.curve_publickey, s.curve_secretkey = keys.fresh_keypair()
+            s.curve_serverkey = rundir.public_key(self.run_dir, "kernel")
+            s.curve_publickey, s.curve_secretkey = rundir.fresh_keypair()
             s.connect(endpoint)
             s.send(wire.request(0, "ping"))
             return bool(s.poll(timeout * 1000, zmq.POLLIN))

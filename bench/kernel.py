@@ -1,6 +1,6 @@
 """Kernel benchmarks: map+unmap against the floor, batches of 4096 frames, scale with RAM size.
 
-The kernel runs alone (``clients.system.System.start_kernel``): the benchmark
+The kernel runs alone (``mmsim.system.System.start_kernel``): the benchmark
 acts as the memory manager with the mm's key pair, creates one process for a
 client key and maps/unmaps user frames into it, so nothing else hands those
 frames out. Every figure is compared with the floor echo (``bench.floor``)
@@ -44,9 +44,9 @@ import zmq
 from bench.floor import Floor, remove_ipc_dir
 from bench.report import Figure, Report
 from bench.roundtrip import BenchError, Sample, Stream, alternate, dealer
-from clients.system import System
+from mmsim.system import System
 from kernel_server.bootmap import parse_size
-from protocol import keys
+from protocol import rundir
 
 Step = Callable[[str], None]
 VADDR = 0x1000_0000  # where the one-page mapping comes and goes
@@ -91,14 +91,14 @@ class KernelAsMM:
         try:
             self.part = self.system.start_kernel(timeout=120.0)
             self.boot_seconds = time.perf_counter() - t0
-            self.stream = Stream(dealer(ctx, keys.read_endpoint(self.system.run_dir, "kernel"),
-                                        keys.public_key(self.system.run_dir, "kernel"), self.system.run_dir, "mm"),
+            self.stream = Stream(dealer(ctx, rundir.read_endpoint(self.system.run_dir, "kernel"),
+                                        rundir.public_key(self.system.run_dir, "kernel"), self.system.run_dir, "mm"),
                                  [self.part.pid])
             self.hello = self.stream.call("hello")
             if not self.hello.get("is_mm"):
                 raise BenchError("the kernel does not take the benchmark's key as the mm's")
             self.amap = self.stream.call("address_map")
-            client_key = keys.public_key(self.system.run_dir, "client-0").decode()
+            client_key = rundir.public_key(self.system.run_dir, "client-0").decode()
             self.pid = self.stream.call("proc_create", {"key": client_key})["pid"]
         except BaseException:
             self.system.stop()

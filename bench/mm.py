@@ -1,6 +1,6 @@
 """Memory-manager benchmarks: alloc+free end to end, and a donation storm.
 
-A whole system runs (``clients.system.System``: kernel and mm processes) next
+A whole system runs (``mmsim.system.System``: kernel and mm processes) next
 to the floor echo (``bench.floor``) on the same transport. Figures:
 
 - ``mm.alloc_free``: a client's one-page ``alloc`` and ``free`` requests per
@@ -40,9 +40,9 @@ import zmq
 from bench.floor import Floor, remove_ipc_dir
 from bench.report import Figure, Report
 from bench.roundtrip import BenchError, Sample, Stream, alternate, cpu_seconds, dealer
-from clients.system import System
+from mmsim.system import System
 from kernel_server.bootmap import MiB, parse_size
-from protocol import keys
+from protocol import rundir
 
 Step = Callable[[str], None]
 PAGE = 4096
@@ -101,7 +101,7 @@ def run(opts: MMBenchOptions, run_dir: str, step: Step = lambda s: None) -> Repo
             try:
                 system.start()
                 rd = system.run_dir
-                mm_key, mm_end = keys.public_key(rd, "mm"), keys.read_endpoint(rd, "mm")
+                mm_key, mm_end = rundir.public_key(rd, "mm"), rundir.read_endpoint(rd, "mm")
                 pids = [system.parts["mm"].pid, system.parts["kernel"].pid]
                 e2e = Stream(dealer(ctx, mm_end, mm_key, rd, "client-0"), pids)
                 storm = Stream(dealer(ctx, mm_end, mm_key, rd, "client-1"))

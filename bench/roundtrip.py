@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import msgpack
 import zmq
 
-from protocol import keys, wire
+from protocol import rundir, wire
 
 RECV_TIMEOUT_MS = 10_000
 
@@ -36,7 +36,7 @@ class BenchError(RuntimeError):
 
 def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes, run_dir: str, name: str) -> zmq.Socket:
     """A CURVE DEALER to ``endpoint`` with key pair ``name`` of ``run_dir``."""
-    pub, sec = keys.load_keypair(run_dir, name)
+    pub, sec = rundir.load_keypair(run_dir, name)
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     s.curve_serverkey = server_key

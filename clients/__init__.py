@@ -1,4 +1,7 @@
-"""Clients of the kernel and the memory manager, and the ``mmsim`` command line.
+"""Clients of the kernel and the memory manager.
 
-- ``cli``: the ``mmsim`` typer application (every command registers here).
+- ``client``: the client library (one identity, two connections: kernel and mm).
+- ``workloads``: sans-I/O workload generators (steady, sparse, kobjects, sharer).
+- ``runner``: the workload client process (``mmsim client run``).
+- ``attacks``: lying clients (``mmsim client attack``).
 """

@@ -36,7 +36,7 @@ import typer
 import zmq
 
 from clients.client import Client
-from protocol import PROT_EXEC, PROT_READ, PROT_WRITE, keys, wire
+from protocol import PROT_EXEC, PROT_READ, PROT_WRITE, rundir, wire
 from protocol.calls import MAX_FRAME, MAX_PAGES_PER_CALL
 from protocol.errors import CallError, Errno
 
@@ -269,12 +269,12 @@ class Ctx:
         self.timeout = timeout
         self.zctx = zmq.Context()
         self.zctx.linger = 0
-        keys.generate(run_dir, "attacker")
-        keys.generate(run_dir, "victim")
-        self.keypair = keys.load_keypair(run_dir, "attacker")
+        rundir.generate(run_dir, "attacker")
+        rundir.generate(run_dir, "victim")
+        self.keypair = rundir.load_keypair(run_dir, "attacker")
         self.identity = self.keypair[0].decode()
-        self.endpoints = {s: keys.read_endpoint(run_dir, s) for s in ("kernel", "mm")}
-        self.server_keys = {s: keys.public_key(run_dir, s) for s in ("kernel", "mm")}
+        self.endpoints = {s: rundir.read_endpoint(run_dir, s) for s in ("kernel", "mm")}
+        self.server_keys = {s: rundir.public_key(run_dir, s) for s in ("kernel", "mm")}
         self._ids = itertools.count(secrets.randbits(63))  # fresh per run, like protocol.connection
         self.lines: dict[str, Line] = {s: self.line(s) for s in ("kernel", "mm")}
         self.hello = result_of(self.lines["kernel"].ask("hello", timeout=timeout), "kernel hello")
@@ -490,7 +490,7 @@ def forged_routing_id(ctx: Ctx, c: Check) -> None:
 @attack("throwaway-key", "kernel", "pid None; EPERM/ESRCH")
 def throwaway_key(ctx: Ctx, c: Check) -> None:
     """A fresh CURVE key nobody knows: served, but with no process and no privilege."""
-    kp = keys.fresh_keypair()
+    kp = rundir.fresh_keypair()
     with ctx.line("kernel", keypair=kp) as line:
         r = line.ask("hello", timeout=ctx.timeout)
         res = (r or {}).get("result") or {}
@@ -513,7 +513,7 @@ def anonymous(ctx: Ctx, c: Check, server: str) -> None:
 @for_both("wrong-server-key", "no reply")
 def wrong_server_key(ctx: Ctx, c: Check, server: str) -> None:
     """CURVE towards a made-up server key (a man in the middle's): the handshake fails, nothing is served."""
-    with ctx.line(server, server_key=keys.fresh_keypair()[0]) as line:
+    with ctx.line(server, server_key=rundir.fresh_keypair()[0]) as line:
         c.unanswered("ping", line.ask("ping", timeout=NO_REPLY_WAIT))
 
 
@@ -537,7 +537,7 @@ def reclaim_unprivileged(ctx: Ctx, c: Check) -> None:
 @attack("proc-create-unprivileged", "kernel", "EPERM")
 def proc_create_unprivileged(ctx: Ctx, c: Check) -> None:
     """Create processes (for a made-up key, for itself) without being the mm."""
-    c.refused("fresh key", ctx.ask("kernel", "proc_create", {"key": keys.fresh_keypair()[0].decode()}), Errno.EPERM)
+    c.refused("fresh key", ctx.ask("kernel", "proc_create", {"key": rundir.fresh_keypair()[0].decode()}), Errno.EPERM)
     c.refused("own key", ctx.ask("kernel", "proc_create", {"key": ctx.identity}), Errno.EPERM)
 
 
@@ -755,7 +755,7 @@ def mm_quota(ctx: Ctx, c: Check) -> None:
 def mm_share_more_rights(ctx: Ctx, c: Check) -> None:
     """Share a read-only allocation writable (to its own peer key)."""
     ctx.need_process()
-    peer = keys.fresh_keypair()[0].decode()
+    peer = rundir.fresh_keypair()[0].decode()
     c.refused("RO shared RW", ctx.ask("mm", "share", {"vaddr": OWN_RO, "pages": 1, "peer": peer,
                                                       "peer_vaddr": ATTACK_VA, "prot": RW}), Errno.EPERM)
 
@@ -1097,7 +1097,7 @@ def attack_cmd(
         raise typer.BadParameter(f"unknown attack(s) {', '.join(unknown)}; --list shows them", param_hint="--kind")
     if run_dir is None:
         raise typer.BadParameter("the run directory of a running system is required", param_hint="--run-dir")
-    if not os.path.isfile(os.path.join(keys.keys_dir(run_dir), "kernel.key")):
+    if not os.path.isfile(os.path.join(rundir.keys_dir(run_dir), "kernel.key")):
         raise typer.BadParameter(f"{run_dir} is not a run directory (no keys/kernel.key)", param_hint="--run-dir")
     table = sys.stderr if json_out else sys.stdout
     try:

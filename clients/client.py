@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from protocol import PROT_READ, PROT_WRITE, keys
+from protocol import PROT_READ, PROT_WRITE, rundir
 from protocol.connection import Connection
 from protocol.errors import CallError
 
@@ -49,11 +49,11 @@ class Client:
                      **kw: Any) -> "Client":
         """A client using key pair ``name`` of the run directory (made if missing and ``create_key``)."""
         if create_key:
-            keys.generate(run_dir, name)
-        pub, sec = keys.load_keypair(run_dir, name)
-        return cls(kernel_endpoint or keys.read_endpoint(run_dir, "kernel"),
-                   mm_endpoint or keys.read_endpoint(run_dir, "mm"),
-                   keys.public_key(run_dir, "kernel"), keys.public_key(run_dir, "mm"), pub, sec, **kw)
+            rundir.generate(run_dir, name)
+        pub, sec = rundir.load_keypair(run_dir, name)
+        return cls(kernel_endpoint or rundir.read_endpoint(run_dir, "kernel"),
+                   mm_endpoint or rundir.read_endpoint(run_dir, "mm"),
+                   rundir.public_key(run_dir, "kernel"), rundir.public_key(run_dir, "mm"), pub, sec, **kw)
 
     @property
     def identity(self) -> str:

@@ -36,7 +36,7 @@ import typer
 
 from clients.client import Client
 from clients.workloads import PAGE, WORKLOADS, Req, env_from, make
-from protocol import keys
+from protocol import rundir
 from protocol.connection import Connection
 from protocol.errors import CallError, Errno, Error
 
@@ -225,8 +225,8 @@ class Runner:
         why = ""
         while self.stop_reason is None:
             try:
-                kernel_ep = o.kernel or keys.read_endpoint(o.run_dir, "kernel")
-                mm_ep = o.mm or keys.read_endpoint(o.run_dir, "mm")
+                kernel_ep = o.kernel or rundir.read_endpoint(o.run_dir, "kernel")
+                mm_ep = o.mm or rundir.read_endpoint(o.run_dir, "mm")
                 if self.client is None:
                     self.client = self._new_client(o.name, kernel_ep, mm_ep)
                     if o.workload == "sharer":
@@ -260,7 +260,7 @@ class Runner:
         if getattr(self.opts, target):
             return False  # given explicitly: the endpoint files may name another host's view
         try:
-            endpoint = keys.read_endpoint(self.opts.run_dir, target)
+            endpoint = rundir.read_endpoint(self.opts.run_dir, target)
         except FileNotFoundError:
             return False  # it is (re)starting: keep the old endpoint, the Lazy Pirate retries it
         moved = False
@@ -492,10 +492,10 @@ def run_cmd(
 
         name = "client-" + re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
     for n in (name, f"{name}-peer"):
-        if not keys.NAME_RE.match(n):
+        if not rundir.NAME_RE.match(n):
             raise typer.BadParameter(f"{name!r}: letters, digits, '_', '.', '-' only, at most 59 characters",
                                      param_hint="--name")
-    if not os.path.isfile(os.path.join(keys.keys_dir(run_dir), "kernel.key")):
+    if not os.path.isfile(os.path.join(rundir.keys_dir(run_dir), "kernel.key")):
         raise typer.BadParameter(f"{run_dir} is not a run directory (no keys/kernel.key): start the system "
                                  "with `mmsim kernel`/`mmsim mm` or run `mmsim keys init` first",
                                  param_hint="--run-dir")

@@ -1,8 +1,7 @@
-"""The ``mmsim kernel`` command, and where ipc sockets of a run live."""
+"""The ``mmsim kernel`` command."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Optional
@@ -10,18 +9,6 @@ from typing import Optional
 import typer
 
 KERNEL_HELP = "Start the kernel: the authoritative frame table and the system calls, on one CURVE ROUTER socket."
-
-
-def default_ipc_dir(run_dir: str) -> str:
-    """A short per-run directory under /tmp for ipc sockets (ipc paths must stay under 107 bytes)."""
-    tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:10]
-    d = f"/tmp/mmsim-{tag}"
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
-
-
-def default_bind(run_dir: str) -> str:
-    return f"ipc://{default_ipc_dir(run_dir)}/kernel.sock"
 
 
 def kernel(
@@ -43,7 +30,7 @@ def kernel(
     from kernel_server.arch import PROFILES
     from kernel_server.bootmap import parse_size, pc_map
     from kernel_server.server import KernelOptions, run
-    from protocol import keys
+    from protocol import rundir
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s kernel %(levelname)s %(message)s")
     if arch not in PROFILES:
@@ -62,10 +49,10 @@ def kernel(
         raise typer.Exit(2) from None
     os.makedirs(run_dir, exist_ok=True)
     if mm_key is None:
-        keys.init(run_dir, clients=0)  # the default set-up makes its own keys; existing ones are kept
+        rundir.init(run_dir, clients=0)  # the default set-up makes its own keys; existing ones are kept
     else:
-        keys.generate(run_dir, "kernel")
-    opts = KernelOptions(run_dir=run_dir, bind=bind or default_bind(run_dir), arch=arch, memory=size,
+        rundir.generate(run_dir, "kernel")
+    opts = KernelOptions(run_dir=run_dir, bind=bind or rundir.default_bind(run_dir, "kernel"), arch=arch, memory=size,
                          lease_seconds=lease, kernel_pool_frames=kernel_pool, mm_key=mm_key)
     try:
         run(opts)

@@ -11,6 +11,7 @@ not in the core.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import uuid
@@ -20,7 +21,7 @@ from typing import Any
 import zmq
 
 from kernel_server.service import KernelService
-from protocol import keys, serving, wire
+from protocol import rundir, serving, wire
 from protocol.errors import Errno, Error
 
 log = logging.getLogger("mmsim.kernel")
@@ -41,8 +42,8 @@ class KernelOptions:
 class KernelServer:
     def __init__(self, opts: KernelOptions) -> None:
         self.opts = opts
-        mm_key = opts.mm_key or keys.public_key(opts.run_dir, "mm").decode()
-        self.pub, self.sec = keys.load_keypair(opts.run_dir, "kernel")
+        mm_key = opts.mm_key or rundir.public_key(opts.run_dir, "mm").decode()
+        self.pub, self.sec = rundir.load_keypair(opts.run_dir, "kernel")
         self.service = KernelService.boot(
             arch=opts.arch,
             memory=opts.memory,
@@ -72,7 +73,7 @@ class KernelServer:
         except SystemExit:
             ctx.term()
             raise
-        keys.write_endpoint(self.opts.run_dir, "kernel", self.endpoint)
+        rundir.write_endpoint(self.opts.run_dir, "kernel", self.endpoint)
         print(f"kernel listening on {self.endpoint}", flush=True)
         print(f"kernel {self.service.summary()}", flush=True)
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -120,4 +121,8 @@ class KernelServer:
 
 
 def run(opts: KernelOptions) -> None:
-    KernelServer(opts).serve()
+    lock = rundir.lock(opts.run_dir, "kernel")  # one kernel per run directory, whatever it binds
+    try:
+        KernelServer(opts).serve()
+    finally:
+        os.close(lock)

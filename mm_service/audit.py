@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol import keys
+from protocol import rundir
 from protocol.connection import Connection
 
 
 def run_audit(run_dir: str, endpoint: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     """The audit report; raises CallError if the mm cannot be reached or refuses (EIO when nothing
     answers within ``timeout`` seconds: one attempt, since a resend would only queue behind the first)."""
-    pub, sec = keys.load_keypair(run_dir, "mm")
-    mm_pub = keys.public_key(run_dir, "mm")
-    with Connection(endpoint or keys.read_endpoint(run_dir, "mm"), mm_pub, pub, sec, timeout=timeout, retries=0) as conn:
+    pub, sec = rundir.load_keypair(run_dir, "mm")
+    mm_pub = rundir.public_key(run_dir, "mm")
+    with Connection(endpoint or rundir.read_endpoint(run_dir, "mm"), mm_pub, pub, sec, timeout=timeout, retries=0) as conn:
         return conn.call("audit")
 
 

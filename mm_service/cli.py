@@ -12,12 +12,6 @@ from mm_service.policy import Config
 MM_HELP = "Start the memory manager: its own view of frame ownership, client memory service, kernel pool upkeep."
 
 
-def default_bind(run_dir: str) -> str:
-    from kernel_server.cli import default_ipc_dir  # one place decides where ipc sockets live
-
-    return f"ipc://{default_ipc_dir(run_dir)}/mm.sock"
-
-
 def mm(
     kernel: Optional[str] = typer.Option(None, "--kernel", help="Kernel endpoint (default: read RUN/kernel.endpoint)."),
     bind: Optional[str] = typer.Option(None, "--bind", help="Endpoint for clients, ipc://... or tcp://... "
@@ -35,6 +29,7 @@ def mm(
 ) -> None:
     """Start the memory manager (mm) process."""
     from mm_service.server import MMOptions, run
+    from protocol import rundir
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s mm %(levelname)s %(message)s")
     cfg = Config(low=low, target=target, high=high, quota=quota, compact_every=compact_every)
@@ -43,14 +38,12 @@ def mm(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if kernel is None:
-        from protocol import keys
-
         try:
-            kernel = keys.read_endpoint(run_dir, "kernel")
+            kernel = rundir.read_endpoint(run_dir, "kernel")
         except FileNotFoundError as exc:
             typer.echo(f"error: no --kernel given and {exc} (start `mmsim kernel` first)", err=True)
             raise typer.Exit(2) from None
-    run(MMOptions(run_dir=run_dir, kernel=kernel, bind=bind or default_bind(run_dir), config=cfg, fsync=fsync))
+    run(MMOptions(run_dir=run_dir, kernel=kernel, bind=bind or rundir.default_bind(run_dir, "mm"), config=cfg, fsync=fsync))
 
 
 def audit(

@@ -48,7 +48,7 @@ from mm_service import health
 from mm_service.journal import Journal
 from mm_service.policy import Config, MMCore, drive
 from mm_service.service import MMService
-from protocol import keys, serving, wire
+from protocol import rundir, serving, wire
 from protocol.connection import Connection
 from protocol.errors import CallError, Errno, Error
 
@@ -74,8 +74,8 @@ class MMServer:
         self.opts = opts
         self.ctx = zmq.Context()
         self.ctx.linger = 0
-        self.mm_pub, self.mm_sec = keys.load_keypair(opts.run_dir, "mm")
-        self.kernel_pub = keys.public_key(opts.run_dir, "kernel")
+        self.mm_pub, self.mm_sec = rundir.load_keypair(opts.run_dir, "mm")
+        self.kernel_pub = rundir.public_key(opts.run_dir, "kernel")
         self.kernel = Connection(opts.kernel, self.kernel_pub, self.mm_pub, self.mm_sec,
                                  timeout=opts.kernel_timeout, retries=2, ctx=self.ctx)
         self.core: MMCore | None = None
@@ -255,7 +255,7 @@ class MMServer:
 
     def serve(self) -> None:
         sock, auth, endpoint = serving.bind_router(self.ctx, self.opts.bind, self.mm_pub, self.mm_sec, "mm")
-        keys.write_endpoint(self.opts.run_dir, "mm", endpoint)
+        rundir.write_endpoint(self.opts.run_dir, "mm", endpoint)
         assert self.core is not None
         c = self.core.view.counts()
         print(f"mm listening on {endpoint}; kernel {self.opts.kernel}; view: free {c['free']}, used {c['used']}, "
@@ -322,28 +322,10 @@ class MMServer:
         return self.run_op(self.service.handle(identity, data))
 
 
-def lock_run_dir(run_dir: str) -> int:
-    """Hold RUN/mm.lock for the life of this process: one mm per run directory (one journal, one
-    donor). The OS drops the lock when the process dies, even by ``kill -9``. Returns the fd."""
-    import fcntl
-
-    path = os.path.join(run_dir, "mm.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise SystemExit(f"mm: another mm (pid {other}) is running with the run directory {run_dir}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 def run(opts: MMOptions) -> None:
-    lock = lock_run_dir(opts.run_dir)
+    lock = rundir.lock(opts.run_dir, "mm")
     try:
-        if keys.ipc_in_use(opts.bind):
+        if rundir.ipc_in_use(opts.bind):
             raise SystemExit(f"mm: cannot bind {opts.bind}: another process listens there")
         server = MMServer(opts)
         server.start()

@@ -19,7 +19,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from protocol import keys, wire
+from protocol import rundir, wire
 
 
 def bind_router(ctx: zmq.Context, bind: str, public: bytes, secret: bytes,
@@ -39,14 +39,14 @@ def bind_router(ctx: zmq.Context, bind: str, public: bytes, secret: bytes,
     # and the server's memory stays bounded.
     sock.sndhwm = wire.REPLY_QUEUE
     try:
-        if keys.ipc_in_use(bind):  # ZeroMQ's ipc bind would silently take the path over
+        if rundir.ipc_in_use(bind):  # ZeroMQ's ipc bind would silently take the path over
             raise zmq.ZMQError(zmq.EADDRINUSE, "Address already in use (another process listens there)")
         sock.bind(bind)
     except zmq.ZMQError as exc:
         sock.close(0)
         auth.stop()
         raise SystemExit(f"{who}: cannot bind {bind}: {exc}") from None
-    return sock, auth, keys.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    return sock, auth, rundir.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
 
 class Deadline:

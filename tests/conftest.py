@@ -29,7 +29,7 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from clients.system import System, _die_with_parent  # noqa: E402
+from mmsim.system import System, _die_with_parent  # noqa: E402
 from support import LEASE, new_run_dir, remove_run_dir  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from kernel_server.cli import default_ipc_dir
+from protocol import rundir
 
 LEASE = 1.0  # seconds: the lease of test systems, short so expiry tests are quick
 COUNTERS = ("calls", "refused", "replayed")  # kernel stats fields that count calls, not state
@@ -25,7 +25,7 @@ def new_run_dir(prefix: str = "mmt-") -> str:
 
 
 def remove_run_dir(run_dir: str) -> None:
-    shutil.rmtree(default_ipc_dir(run_dir), ignore_errors=True)
+    rundir.remove_ipc_dir(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -55,7 +55,7 @@ def mmsim(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run an ``mmsim`` command to its end; a usage error must never show a traceback. The terminal is
     wide, so rich's boxed usage errors do not wrap the message a test looks for."""
     env = {**os.environ, "COLUMNS": "250"}
-    r = subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "mmsim.cli", *args], capture_output=True, text=True,
                        timeout=timeout, stdin=subprocess.DEVNULL, env=env)
     assert "Traceback" not in r.stderr, r.stderr
     return r

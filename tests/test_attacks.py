@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from clients.attacks import ATTACKS, run_attacks, verdict_error, verdict_no_reply
-from clients.cli import app
-from clients.system import System
+from mmsim.cli import app
+from mmsim.system import System
 from protocol.errors import Errno
 from test_clients import LyingServers, plausible  # the fake servers live with the runner's tests
 
@@ -74,7 +74,7 @@ def system():
 
 
 def test_attack_all_is_refused_by_the_real_system(system: System) -> None:
-    p = subprocess.run([sys.executable, "-m", "clients.cli", "client", "attack", "--run-dir", system.run_dir, "--all",
+    p = subprocess.run([sys.executable, "-m", "mmsim.cli", "client", "attack", "--run-dir", system.run_dir, "--all",
                         "--json"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout.strip().splitlines()[-1])
@@ -96,7 +96,7 @@ def test_attack_all_is_refused_by_the_real_system(system: System) -> None:
 
 
 def test_one_kind_from_the_command_line(system: System) -> None:
-    p = subprocess.run([sys.executable, "-m", "clients.cli", "client", "attack", "--run-dir", system.run_dir,
+    p = subprocess.run([sys.executable, "-m", "mmsim.cli", "client", "attack", "--run-dir", system.run_dir,
                         "--kind", "donate-unprivileged", "--kind", "mm-garbage-bytes"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -154,7 +154,7 @@ def test_every_attack_fails_against_servers_that_accept_every_lie(liar: str) -> 
     outcomes = run_attacks(liar, kinds, timeout=1.0)
     passed = [o.kind for o in outcomes if o.passed]
     assert passed == [], passed
-    p = subprocess.run([sys.executable, "-m", "clients.cli", "client", "attack", "--run-dir", liar, "--kind",
+    p = subprocess.run([sys.executable, "-m", "mmsim.cli", "client", "attack", "--run-dir", liar, "--kind",
                         "donate-unprivileged", "--json"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "ok (expected EPERM)" in json.loads(p.stdout.strip().splitlines()[-1])["attacks"][0]["got"]

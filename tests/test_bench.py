@@ -21,7 +21,7 @@ from bench import mm as mb
 from bench.floor import Floor
 from bench.report import Figure, Report
 from bench.roundtrip import Stream, dealer
-from clients.cli import app
+from mmsim.cli import app
 
 FIGURE_KEYS = {"key", "name", "value", "unit", "floor", "ratio", "target", "passed", "verdict"}
 

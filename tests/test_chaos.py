@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 
-from clients import chaos as C
+from mmsim import chaos as C
 from clients.attacks import ATTACKS
-from clients.launcher import final_checks
+from mmsim.launcher import final_checks
 from support import mmsim
 
 

@@ -27,13 +27,13 @@ import zmq.auth
 from typer.testing import CliRunner
 from zmq.auth.thread import ThreadAuthenticator
 
-from clients.cli import app
+from mmsim.cli import app
 from clients.runner import Bounds, check_reply
-from clients.system import System
+from mmsim.system import System
 from clients.workloads import Req
 from kernel_server.arch import get_profile
 from kernel_server.bootmap import pc_map
-from protocol import keys, wire
+from protocol import rundir, wire
 from protocol.errors import Errno, Error
 from support import wait_for
 
@@ -71,7 +71,7 @@ def test_each_workload_runs_as_a_process_and_the_views_agree_after(system: Syste
     workloads = ("steady", "sparse", "kobjects", "sharer")
     parts = {w: system.start_client(f"w-{w}", w, seed=7, duration=2.0, extra=["--json", "--progress", "0.5"])
              for w in workloads}
-    kobj_key = keys.public_key(system.run_dir, "w-kobjects").decode()
+    kobj_key = rundir.public_key(system.run_dir, "w-kobjects").decode()
     shared_seen = 0  # kernel stats that prove a frame had a reference count above 1
     while any(p.alive() for p in parts.values()):
         st = system.kernel_stats()
@@ -106,7 +106,7 @@ def test_each_workload_runs_as_a_process_and_the_views_agree_after(system: Syste
 def test_runner_survives_the_mm_being_killed_and_restarted(system: System) -> None:
     part = system.start_client("survivor", "steady", seed=3, duration=4.0,
                                extra=["--json", "--progress", "0.1", "--timeout", "0.3", "--retries", "1"])
-    key = keys.public_key(system.run_dir, "survivor").decode()
+    key = rundir.public_key(system.run_dir, "survivor").decode()
     wait_for(lambda: any(p["key"] == key and p["pages"] for p in system.kernel_stats()["per_process"]), 10,
              "the client's first allocation")
     system.kill("mm", signal.SIGKILL)
@@ -124,7 +124,7 @@ def test_runner_survives_the_mm_being_killed_and_restarted(system: System) -> No
 
 def test_runner_outlives_a_pause_longer_than_its_lease_and_stops_on_sigterm(system: System) -> None:
     part = system.start_client("stopper", "kobjects", seed=5, duration=60.0, extra=["--json", "--progress", "0"])
-    key = keys.public_key(system.run_dir, "stopper").decode()
+    key = rundir.public_key(system.run_dir, "stopper").decode()
 
     def pid() -> int | None:
         return next((p["pid"] for p in system.kernel_stats()["per_process"] if p["key"] == key), None)
@@ -161,7 +161,7 @@ def test_bad_options_exit_2(tmp_path) -> None:
     assert r.exit_code == 2 and "unknown workload" in flat(r.output)
     r = runner.invoke(app, ["client", "run", "--run-dir", str(tmp_path), "--name", "x", "--workload", "steady"])
     assert r.exit_code == 2 and "not a run directory" in flat(r.output)
-    keys.init(str(tmp_path), clients=0)
+    rundir.init(str(tmp_path), clients=0)
     r = runner.invoke(app, ["client", "run", "--run-dir", str(tmp_path), "--name", "bad name", "--workload", "steady"])
     assert r.exit_code == 2
     r = runner.invoke(app, ["client", "run", "--run-dir", str(tmp_path), "--name", "x", "--workload", "steady",
@@ -213,7 +213,7 @@ class LyingServers:
     identity)`` (a result dict), garbage and all: a server that accepts every lie and tells its own."""
 
     def __init__(self, run_dir: str, answer: Callable[[str, str, Any, str], dict[str, Any]]) -> None:
-        keys.init(run_dir, clients=0)
+        rundir.init(run_dir, clients=0)
         self.answer = answer
         self.ctx = zmq.Context()
         self.ctx.linger = 0
@@ -224,9 +224,9 @@ class LyingServers:
         for server in ("kernel", "mm"):
             s = self.ctx.socket(zmq.ROUTER)
             s.curve_server = True
-            s.curve_publickey, s.curve_secretkey = keys.load_keypair(run_dir, server)
+            s.curve_publickey, s.curve_secretkey = rundir.load_keypair(run_dir, server)
             s.bind(f"ipc://{run_dir}/{server}.sock")
-            keys.write_endpoint(run_dir, server, s.getsockopt_string(zmq.LAST_ENDPOINT))
+            rundir.write_endpoint(run_dir, server, s.getsockopt_string(zmq.LAST_ENDPOINT))
             self.socks[s] = server
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -286,7 +286,7 @@ def test_runner_exits_1_when_the_mm_lies_about_frames(liar_dir: str) -> None:
 
     liar = LyingServers(liar_dir, answer)
     try:
-        p = subprocess.run([sys.executable, "-m", "clients.cli", "client", "run", "--run-dir", liar_dir, "--name", "c",
+        p = subprocess.run([sys.executable, "-m", "mmsim.cli", "client", "run", "--run-dir", liar_dir, "--name", "c",
                             "--workload", "steady", "--duration", "0.5", "--json", "--progress", "0"],
                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     finally:

@@ -11,7 +11,7 @@ import pytest
 import typer
 import yaml
 
-from clients.cli import app
+from mmsim.cli import app
 from clients.workloads import WORKLOADS
 from kernel_server.arch import PROFILES
 

@@ -1,6 +1,6 @@
 """The invariant checkers find what they must: each test plants one kind of corruption in a healthy kernel
 (built through real calls on every profile) and expects ``check_kernel`` to name it, and the simulator's
-exact incremental check (``clients.sim.checks.KernelTracker``) to find it when a step touched it.
+exact incremental check (``simulator.checks.KernelTracker``) to find it when a step touched it.
 
 A checker that is fast but blind is worse than a slow one, so every check it makes (free-list links,
 allocated kernel frames, mappings, refcounts, counters, page-table accounting) has a planted corruption
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clients.sim import checks
+from simulator import checks
 from kernel_server.core import CLIENT_MADE, EMPTY, ENTRY_SHIFT, ROOT
 from kernel_server.frames import (
     KERNEL_FREE,

@@ -21,8 +21,8 @@ import pytest
 import zmq
 
 from clients.client import Client
-from clients.system import System
-from protocol import keys, wire
+from mmsim.system import System
+from protocol import rundir, wire
 from protocol.connection import Connection
 from protocol.errors import CallError
 from protocol.runs import to_array
@@ -127,7 +127,7 @@ def test_kernel_prints_endpoint_and_boot_summary_and_boots_a_pc_map(spawn):
     run = new_run_dir()
     try:
         bind = f"ipc://{run}/k.sock"
-        k = spawn([sys.executable, "-m", "clients.cli", "kernel", "--run-dir", run, "--lease", "1",
+        k = spawn([sys.executable, "-m", "mmsim.cli", "kernel", "--run-dir", run, "--lease", "1",
                    "--bind", bind], stdout=subprocess.PIPE)
         first = read_line(k, 30)
         assert first == f"kernel listening on {bind}"
@@ -138,10 +138,10 @@ def test_kernel_prints_endpoint_and_boot_summary_and_boots_a_pc_map(spawn):
         frames, ram, kfree, kused, kshared, ufree, umapped = map(int, m.groups())
         assert frames == 65536 and ram == 65536 - 256  # 256 MiB, the low 1 MiB is not RAM for us
         assert kfree + kused + kshared + ufree + umapped == ram and umapped == 0
-        assert keys.read_endpoint(run, "kernel") == bind
+        assert rundir.read_endpoint(run, "kernel") == bind
 
-        pub, sec = keys.fresh_keypair()
-        with Connection(bind, keys.public_key(run, "kernel"), pub, sec, timeout=2) as conn:
+        pub, sec = rundir.fresh_keypair()
+        with Connection(bind, rundir.public_key(run, "kernel"), pub, sec, timeout=2) as conn:
             st = conn.call("stats")
             assert (st["kernel_free"], st["kernel_used"], st["kernel_shared"], st["user_free"]) == \
                 (kfree, kused, kshared, ufree)
@@ -162,12 +162,12 @@ def test_kernel_prints_endpoint_and_boot_summary_and_boots_a_pc_map(spawn):
 
 def test_hello_reports_the_callers_curve_identity(kernel_only):
     s = kernel_only
-    client_pub = keys.public_key(s.run_dir, "client-0").decode()
+    client_pub = rundir.public_key(s.run_dir, "client-0").decode()
     with kernel_conn(s, "client-0") as conn:
         h = conn.call("hello")
     assert h["identity"] == client_pub and h["is_mm"] is False and h["pid"] is None
     assert h["arch"] == "i686" and h["lease_seconds"] == 30.0 and h["boot_id"]
-    mm_pub = keys.public_key(s.run_dir, "mm").decode()
+    mm_pub = rundir.public_key(s.run_dir, "mm").decode()
     with kernel_conn(s, "mm") as conn:
         h = conn.call("hello")
     assert h["identity"] == mm_pub and h["is_mm"] is True
@@ -175,10 +175,10 @@ def test_hello_reports_the_callers_curve_identity(kernel_only):
 
 def test_a_forged_routing_id_gains_nothing(kernel_only, zctx):
     s = kernel_only
-    endpoint = keys.read_endpoint(s.run_dir, "kernel")
-    kernel_key = keys.public_key(s.run_dir, "kernel")
-    mm_pub = keys.public_key(s.run_dir, "mm")
-    pub, sec = keys.fresh_keypair()
+    endpoint = rundir.read_endpoint(s.run_dir, "kernel")
+    kernel_key = rundir.public_key(s.run_dir, "kernel")
+    mm_pub = rundir.public_key(s.run_dir, "mm")
+    pub, sec = rundir.fresh_keypair()
     before = s.kernel_stats()
     with kernel_conn(s, "mm") as conn:
         amap = conn.call("address_map")
@@ -202,7 +202,7 @@ def test_only_the_mm_key_may_donate_reclaim_create_or_read_frames(kernel_only):
         amap = conn.call("address_map")
     user = [e for e in amap["entries"] if e["kind"] == "user"][-1]
     pool = [e for e in amap["entries"] if e["kind"] == "kernel_pool"][0]
-    victim = keys.public_key(s.run_dir, "client-1").decode()
+    victim = rundir.public_key(s.run_dir, "client-1").decode()
     attempts = [
         ("donate", {"frames": [[user["first"], 8]]}),
         ("reclaim", {"count": 4}),
@@ -229,9 +229,9 @@ def test_only_the_mm_key_may_donate_reclaim_create_or_read_frames(kernel_only):
 
 def test_garbage_multipart_oversized_and_anonymous_input(kernel_only, zctx):
     s = kernel_only
-    endpoint = keys.read_endpoint(s.run_dir, "kernel")
-    kernel_key = keys.public_key(s.run_dir, "kernel")
-    pub, sec = keys.load_keypair(s.run_dir, "client-0")
+    endpoint = rundir.read_endpoint(s.run_dir, "kernel")
+    kernel_key = rundir.public_key(s.run_dir, "kernel")
+    pub, sec = rundir.load_keypair(s.run_dir, "client-0")
     before = s.kernel_stats()
     sock = raw_dealer(zctx, endpoint, kernel_key, pub, sec)
     try:
@@ -266,11 +266,11 @@ def test_garbage_multipart_oversized_and_anonymous_input(kernel_only, zctx):
     try:
         assert rpc(anon, wire.request(20, "hello"), timeout=1.0) is None
         with kernel_conn(s, "client-1") as conn:
-            assert conn.call("hello")["identity"] == keys.public_key(s.run_dir, "client-1").decode()
+            assert conn.call("hello")["identity"] == rundir.public_key(s.run_dir, "client-1").decode()
     finally:
         anon.close(0)
     # CURVE, but not this kernel's key: also nothing
-    wrong = raw_dealer(zctx, endpoint, keys.fresh_keypair()[0], pub, sec)
+    wrong = raw_dealer(zctx, endpoint, rundir.fresh_keypair()[0], pub, sec)
     try:
         assert rpc(wrong, wire.request(21, "hello"), timeout=1.0) is None
     finally:
@@ -282,7 +282,7 @@ def test_garbage_multipart_oversized_and_anonymous_input(kernel_only, zctx):
 
 def test_a_resent_request_executes_once(kernel_only):
     s = kernel_only
-    key = keys.public_key(s.run_dir, "client-1").decode()
+    key = rundir.public_key(s.run_dir, "client-1").decode()
     with kernel_conn(s, "mm") as mm:
         pid = mm.call("proc_create", {"key": key})["pid"]
         try:
@@ -377,12 +377,12 @@ def test_a_taken_bind_fails_cleanly(kernel_only):
         assert r.returncode != 0 and "cannot bind" in r.stderr and "in use" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         # the ipc path of a running kernel: refused, not stolen (zmq would silently unlink and rebind it)
-        endpoint = keys.read_endpoint(s.run_dir, "kernel")
+        endpoint = rundir.read_endpoint(s.run_dir, "kernel")
         r = mmsim("kernel", "--run-dir", run, "--bind", endpoint)
         assert r.returncode != 0 and "cannot bind" in r.stderr and "in use" in r.stderr, r.stderr
         with kernel_conn(s, "observer") as conn:
             assert conn.call("ping") == {"pid": None}
-        assert keys.read_endpoint(s.run_dir, "kernel") == endpoint
+        assert rundir.read_endpoint(s.run_dir, "kernel") == endpoint
     finally:
         remove_run_dir(run)
 

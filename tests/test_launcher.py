@@ -10,7 +10,7 @@ import os
 import numpy as np
 from rich.console import Console
 
-from clients import picture as P
+from mmsim import picture as P
 from kernel_server import core as kcore
 from kernel_server.service import KernelService
 from protocol import PROT_READ, PROT_WRITE
@@ -171,7 +171,7 @@ def test_stats_counts_calls_and_refusals():
 
 def test_status_draws_a_running_system_and_saves_svg(run_dir):
     from clients.client import Client
-    from clients.system import System
+    from mmsim.system import System
 
     system = System(run_dir, lease=5.0, clients=2)
     try:

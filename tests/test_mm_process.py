@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from clients.client import Client
-from clients.system import System
-from protocol import PROT_READ, PROT_WRITE, keys
+from mmsim.system import System
+from protocol import PROT_READ, PROT_WRITE, rundir
 from protocol.connection import Connection
 from protocol.errors import CallError
 from protocol.runs import to_array
@@ -268,11 +268,11 @@ time.sleep(120)
 
 FLOOD_SRC = """
 import os, sys
-from protocol import keys
+from protocol import rundir
 from protocol.connection import Connection
 run, name, out, stop = sys.argv[1:5]
-pub, sec = keys.load_keypair(run, name)
-conn = Connection(keys.read_endpoint(run, "mm"), keys.public_key(run, "mm"), pub, sec)
+pub, sec = rundir.load_keypair(run, name)
+conn = Connection(rundir.read_endpoint(run, "mm"), rundir.public_key(run, "mm"), pub, sec)
 for _ in range(800):  # so many in flight that the mm's queue never runs dry
     conn.submit("stats")
 n = 0
@@ -376,9 +376,9 @@ def test_a_lying_holder_of_the_mm_key_is_refused_and_changes_nothing(make_system
         got = c.alloc(4)
         in_use = to_array(got["frames"])
         pid = c.hello()["pid"]
-        mm_pub, mm_sec = keys.load_keypair(s.run_dir, "mm")
-        endpoint = keys.read_endpoint(s.run_dir, "kernel")
-        with Connection(endpoint, keys.public_key(s.run_dir, "kernel"), mm_pub, mm_sec, timeout=2) as liar:
+        mm_pub, mm_sec = rundir.load_keypair(s.run_dir, "mm")
+        endpoint = rundir.read_endpoint(s.run_dir, "kernel")
+        with Connection(endpoint, rundir.public_key(s.run_dir, "kernel"), mm_pub, mm_sec, timeout=2) as liar:
             amap = liar.call("address_map")
             region = {e["kind"]: e for e in amap["entries"]}
             pool = region["kernel_pool"]

@@ -8,10 +8,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from clients.cli import app
-from clients.sim import checks, lies, mutants
-from clients.sim.runner import BENCH_SETTINGS, bench, run_seed, run_seeds
-from clients.sim.world import World
+from mmsim.cli import app
+from simulator import checks, lies, mutants
+from simulator.runner import BENCH_SETTINGS, bench, run_seed, run_seeds
+from simulator.world import World
 
 SWEEP_SEEDS = 300
 SWEEP_STEPS = 1000
@@ -134,7 +134,7 @@ def test_planted_bug_is_found(bug):
 def test_mm_crash_finds_unjournaled_replies_without_the_write_ahead_check(monkeypatch):
     """The write-ahead check finds an mm that replies before journaling at once; without it, crashes and
     restarts find it too (what the mm confirmed to a client is missing from its rebuilt view)."""
-    from clients.sim import mm_node
+    from simulator import mm_node
 
     class Everything:
         def __contains__(self, item: object) -> bool:

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clients.sim import checks
+from simulator import checks
 from kernel_server.frames import KERNEL_FREE, KERNEL_SHARED, KERNEL_USED, USER
 from protocol import wire
 
 if TYPE_CHECKING:
-    from clients.sim.world import World
+    from simulator.world import World
 
 LIE_ID_BASE = 1 << 60  # the lying mm's request ids: clear of the real mm's
 _OVERSIZED: bytes | None = None

@@ -9,10 +9,10 @@ import typer
 
 from bench.cli import bench_app
 from clients.attacks import ATTACK_HELP, attack_cmd
-from clients.chaos import CHAOS_HELP, chaos
-from clients.launcher import STATUS_HELP, UP_HELP, status, up
+from mmsim.chaos import CHAOS_HELP, chaos
+from mmsim.launcher import STATUS_HELP, UP_HELP, status, up
 from clients.runner import RUN_HELP, run_cmd
-from clients.sim.cli import SIM_HELP, sim
+from simulator.cli import SIM_HELP, sim
 from kernel_server.cli import KERNEL_HELP, kernel
 from mm_service.cli import MM_HELP, audit, mm
 
@@ -36,12 +36,12 @@ def keys_init(
                                "recognising its peers)."),
 ) -> None:
     """Write kernel, mm and client key pairs (zmq.auth certificates) into RUN/keys/."""
-    from protocol import keys
+    from protocol import rundir
 
-    made = keys.init(run_dir, clients=clients, overwrite=force)
+    made = rundir.init(run_dir, clients=clients, overwrite=force)
     for name, pub in made.items():
         typer.echo(f"{name:<12} {pub}")
-    typer.echo(f"{len(made)} key pair(s) in {keys.keys_dir(run_dir)}")
+    typer.echo(f"{len(made)} key pair(s) in {rundir.keys_dir(run_dir)}")
 
 
 client_app = typer.Typer(help="Client processes: workload runners and lying clients.", no_args_is_help=True)

@@ -1,7 +1,7 @@
 """The process supervisor: kernel, mm and clients as separate OS processes of one run.
 
 ``System(run_dir)`` makes the run directory and its keys, then starts each
-part with ``python -m clients.cli ...`` (no reliance on PATH), its output in
+part with ``python -m mmsim.cli ...`` (no reliance on PATH), its output in
 ``RUN/logs/<name>.log``. Starting waits for readiness (the endpoint file
 published and a real reply over CURVE), never for a fixed time, and fails
 with the log's tail if the process dies first. Children get SIGKILL if the
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from protocol import keys
+from protocol import rundir
 from protocol.connection import Connection
 from protocol.errors import CallError
 
@@ -84,8 +84,8 @@ class System:
         if fresh and os.path.isdir(self.run_dir):
             shutil.rmtree(self.run_dir)
         os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
-        keys.init(self.run_dir, clients=clients)
-        keys.generate(self.run_dir, "observer")  # for status/stats calls: an identity with no process
+        rundir.init(self.run_dir, clients=clients)
+        rundir.generate(self.run_dir, "observer")  # for status/stats calls: an identity with no process
         self.arch, self.memory, self.lease = arch, memory, lease
         self.kernel_pool = kernel_pool
         self.transport = transport
@@ -96,11 +96,11 @@ class System:
     # ---- processes ----------------------------------------------------------------
 
     def spawn(self, name: str, role: str, args: Sequence[str], env: dict[str, str] | None = None) -> Part:
-        """Start ``python -m clients.cli ARGS`` as part ``name`` (replacing a dead part of that name)."""
+        """Start ``python -m mmsim.cli ARGS`` as part ``name`` (replacing a dead part of that name)."""
         old = self.parts.get(name)
         if old is not None and old.alive():
             raise ValueError(f"part {name!r} is already running (pid {old.pid})")
-        argv = [sys.executable, "-m", "clients.cli", *args]
+        argv = [sys.executable, "-m", "mmsim.cli", *args]
         log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
         log = open(log_path, "ab", buffering=0)
         log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(args)}\n".encode())
@@ -117,9 +117,7 @@ class System:
     def _bind(self, name: str) -> str:
         if self.transport == "tcp":
             return "tcp://127.0.0.1:*"
-        from kernel_server.cli import default_ipc_dir
-
-        return f"ipc://{default_ipc_dir(self.run_dir)}/{name}.sock"
+        return rundir.default_bind(self.run_dir, name)
 
     def _forget_endpoint(self, name: str) -> None:
         try:
@@ -130,8 +128,8 @@ class System:
     def _wait_ready(self, part: Part, server: str, timeout: float) -> str:
         """Wait until ``server`` published its endpoint and answers a ping; its endpoint."""
         deadline = time.monotonic() + timeout
-        pub, sec = keys.load_keypair(self.run_dir, "observer")
-        server_key = keys.public_key(self.run_dir, server)
+        pub, sec = rundir.load_keypair(self.run_dir, "observer")
+        server_key = rundir.public_key(self.run_dir, server)
         endpoint = None
         while time.monotonic() < deadline:
             if not part.alive():
@@ -139,7 +137,7 @@ class System:
                                  f"{part.log_tail()}")
             if endpoint is None:
                 try:
-                    endpoint = keys.read_endpoint(self.run_dir, server)
+                    endpoint = rundir.read_endpoint(self.run_dir, server)
                 except FileNotFoundError:
                     time.sleep(0.02)
                     continue
@@ -163,7 +161,7 @@ class System:
 
     def start_mm(self, timeout: float = 30.0) -> Part:
         self._forget_endpoint("mm")
-        args = ["mm", "--run-dir", self.run_dir, "--kernel", keys.read_endpoint(self.run_dir, "kernel"),
+        args = ["mm", "--run-dir", self.run_dir, "--kernel", rundir.read_endpoint(self.run_dir, "kernel"),
                 "--bind", self._bind("mm"), *self.mm_args]
         part = self.spawn("mm", "mm", args)
         self._wait_ready(part, "mm", timeout)
@@ -178,7 +176,7 @@ class System:
     def start_client(self, name: str, workload: str, seed: int = 1, duration: float = 10.0,
                      extra: Sequence[str] = ()) -> Part:
         """A workload client process (``mmsim client run``) with key pair ``name``."""
-        keys.generate(self.run_dir, name)
+        rundir.generate(self.run_dir, name)
         return self.spawn(name, "client", ["client", "run", "--run-dir", self.run_dir, "--name", name,
                                            "--workload", workload, "--seed", str(seed),
                                            "--duration", str(duration), *extra])
@@ -245,8 +243,8 @@ class System:
 
     def connection(self, server: str, identity: str = "observer", timeout: float = 2.0, retries: int = 1) -> Connection:
         """A Connection to ``kernel`` or ``mm`` with key pair ``identity`` (close it after use)."""
-        pub, sec = keys.load_keypair(self.run_dir, identity)
-        return Connection(keys.read_endpoint(self.run_dir, server), keys.public_key(self.run_dir, server),
+        pub, sec = rundir.load_keypair(self.run_dir, identity)
+        return Connection(rundir.read_endpoint(self.run_dir, server), rundir.public_key(self.run_dir, server),
                           pub, sec, timeout=timeout, retries=retries)
 
     def kernel_stats(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import typer
 
-from clients.launcher import (
+from mmsim.launcher import (
     DEFAULT_WORKLOADS,
     Check,
     check_system_options,
@@ -159,7 +159,7 @@ def inject(run: Run, f: Fault, t0: float) -> Outcome:
         new = run.start_client(f.target, t0)
         out.note = f"killed {victim}, started {new}"
     elif f.action == "kill_mm":
-        from clients.system import StartError
+        from mmsim.system import StartError
 
         system.kill("mm", signal.SIGKILL)
         run.killed.add("mm")
@@ -224,7 +224,7 @@ def chaos(
     """Inject faults into a running system and check its invariants."""
     from rich.console import Console
 
-    from clients.system import StartError, System
+    from mmsim.system import StartError, System
 
     check_system_options(arch, memory, transport)
     kinds = attack_kinds()

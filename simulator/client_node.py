@@ -15,14 +15,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clients.runner import Bounds, check_reply
-from clients.sim.faults import child
-from clients.sim.net import Msg
+from simulator.faults import child
+from simulator.net import Msg
 from clients.workloads import Req, env_from, make
 from protocol import wire
 from protocol.errors import Errno, Error
 
 if TYPE_CHECKING:
-    from clients.sim.world import World
+    from simulator.world import World
 
 LIMITS = {"max_live": 24, "slots": 48, "threads": 8, "endpoints": 48}
 

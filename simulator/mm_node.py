@@ -37,9 +37,9 @@ from collections import deque
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from clients.sim.faults import child
-from clients.sim.mutants import Journal
-from clients.sim.net import Msg
+from simulator.faults import child
+from simulator.mutants import Journal
+from simulator.net import Msg
 from mm_service import health
 from mm_service.policy import Config, KCall, MMCore, Persist
 from mm_service.service import MMService
@@ -47,7 +47,7 @@ from protocol import wire
 from protocol.errors import Errno, Error
 
 if TYPE_CHECKING:
-    from clients.sim.world import World
+    from simulator.world import World
 
 MUTATING = frozenset(("alloc", "alloc(large)", "free", "share"))
 KERNEL_MUTATING = frozenset(("donate", "reclaim", "map", "unmap", "proc_create", "proc_destroy"))

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from clients.sim.clock import Clock
+from simulator.clock import Clock
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from clients.sim import FULL_EVERY
+from simulator import FULL_EVERY
 
 SIM_HELP = ("Deterministic simulation of the whole system (kernel, mm, clients) in one process: simulated time "
             "and network, faults chosen by the seed (client deaths, mm crashes at any effect boundary, lost/"
@@ -45,17 +45,17 @@ def sim(
                                     "I9 on both views) from scratch every N steps (1: after every step), at every "
                                     "quiet point and at the end; 0: at quiet points and the end only. Between, "
                                     "an exact incremental check of what each step changed runs after every step "
-                                    "(see clients/sim/checks.py). The per-call checks (I6, I9, I10, I11, I12, "
+                                    "(see simulator/checks.py). The per-call checks (I6, I9, I10, I11, I12, "
                                     "write-ahead) always run."),
     incremental: bool = typer.Option(True, "--incremental/--no-incremental", help="Run the exact incremental "
                                      "check after every step between full ones (--no-incremental: nothing "
                                      "between them, to measure what the checks cost)."),
-    zombies: bool = typer.Option(False, "--zombies", help="Break the transport assumption (clients/sim/net.py): "
+    zombies: bool = typer.Option(False, "--zombies", help="Break the transport assumption (simulator/net.py): "
                                  "the mm gives up on the kernel and restarts sooner than the slowest message, so "
                                  "its old requests may still run later. Nothing fences them: expect violations."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; only the verdict."),
 ) -> None:
-    from clients.sim import mutants
+    from simulator import mutants
 
     if list_bugs:
         for name, b in mutants.BUGS.items():
@@ -83,7 +83,7 @@ def sim(
         _usage(str(exc))
     if mem % 4096 or not 4 * MiB <= mem <= 1024 * MiB:
         _usage(f"--memory must be a whole number of pages between 4MiB and 1GiB (got {memory})")
-    from clients.sim.runner import Summary, run_seed
+    from simulator.runner import Summary, run_seed
 
     arch_arg = None if arch == "any" else arch
     if seed is not None:
@@ -112,7 +112,7 @@ def _sweep(seed_range: range, steps: int, arch: str | None, mem: int, bug: str |
         TimeElapsedColumn,
     )
 
-    from clients.sim.runner import run_seeds
+    from simulator.runner import run_seeds
 
     if quiet:
         return run_seeds(seed_range, steps, arch, mem, bug, check_every, zombies=zombies, incremental=incremental)

@@ -6,7 +6,7 @@ then ``run()`` processes one event per step (a message delivered, an mm
 effect, a client's next request, a timeout, a tick), applies the faults the
 plan puts at that step, and checks the invariants after it (the state
 checks: the exact incremental check of what the step changed, and the full
-recomputation every ``check_every`` steps; ``clients/sim/checks.py`` says
+recomputation every ``check_every`` steps; ``simulator/checks.py`` says
 what runs when). The first violation stops the run; ``World.result()`` says
 what happened.
 
@@ -24,14 +24,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import IO, Any
 
-from clients.sim import checks, lies, mutants
-from clients.sim.client_node import ClientNode
-from clients.sim.clock import Clock
-from clients.sim.faults import WORKLOADS, Plan, child, make_plan
-from clients.sim.kernel_node import KernelNode
-from clients.sim.mm_node import MMNode
-from clients.sim.net import Msg, Net
-from clients.sim.trace import Trace
+from simulator import checks, lies, mutants
+from simulator.client_node import ClientNode
+from simulator.clock import Clock
+from simulator.faults import WORKLOADS, Plan, child, make_plan
+from simulator.kernel_node import KernelNode
+from simulator.mm_node import MMNode
+from simulator.net import Msg, Net
+from simulator.trace import Trace
 from kernel_server.arch import get_profile
 from kernel_server.bootmap import pc_map
 from kernel_server.service import KernelService
@@ -113,7 +113,7 @@ class World:
         p = self.plan
         if not p.zombies and not (p.timing.mm_timeout > p.net.max_delay
                                   and p.timing.mm_restart[0] > p.net.max_delay):
-            raise ValueError("the timing breaks the transport assumption (see clients/sim/net.py)")
+            raise ValueError("the timing breaks the transport assumption (see simulator/net.py)")
         mm_key = key_of("mm")
         self.names[mm_key] = "mm"
         self.outsider = key_of("outsider")
@@ -270,7 +270,7 @@ class World:
         """The state checks of each view that changed since its last check: the full recomputation
         (``full``), or the exact incremental check of what changed (``checks.KernelTracker`` /
         ``ViewTracker``; a full recomputation instead when the tracker has no sound copy to start from).
-        What runs when is documented in ``clients/sim/checks.py``."""
+        What runs when is documented in ``simulator/checks.py``."""
         kt = self.ktrack
         if (self.kernel_dirty or (full and self.kernel_partial)) and (full or kt is not None):
             self.kernel_dirty = False

@@ -185,8 +185,8 @@ def up(
     rows: int = typer.Option(16, "--rows", min=1, max=256, help="Rows of the frame picture."),
 ) -> None:
     """Run the whole system for a while and check it."""
-    from clients.picture import Observer, render, summary_line
-    from clients.system import StartError, System
+    from mmsim.picture import Observer, render, summary_line
+    from mmsim.system import StartError, System
     from clients.workloads import WORKLOADS
 
     check_system_options(arch, memory, transport)
@@ -351,10 +351,10 @@ def status(
     """Draw the frame picture of a running system once."""
     from rich.console import Console
 
-    from clients.picture import Observer, render
-    from protocol import keys
+    from mmsim.picture import Observer, render
+    from protocol import rundir
 
-    if not os.path.isdir(keys.keys_dir(run_dir)):
+    if not os.path.isdir(rundir.keys_dir(run_dir)):
         raise typer.BadParameter(f"{run_dir} has no keys/ directory: not a run directory", param_hint="--run-dir")
     try:
         with Observer(run_dir, kernel, mm) as obs:

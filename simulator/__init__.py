@@ -24,13 +24,13 @@ FULL_EVERY = 500  # steps between full recomputations of the state checks by def
 
 def run_seed(seed: int, **kw: Any) -> Any:
     """One seed (see ``runner.run_seed``); imported lazily so ``mmsim --help`` stays quick."""
-    from clients.sim.runner import run_seed as _run_seed
+    from simulator.runner import run_seed as _run_seed
 
     return _run_seed(seed, **kw)
 
 
 def bench(seconds: float = 3.0) -> dict:
     """Simulated calls per second under each way of checking the state (see ``runner.bench``)."""
-    from clients.sim.runner import bench as _bench
+    from simulator.runner import bench as _bench
 
     return _bench(seconds)

@@ -1,4 +1,13 @@
-"""Key pairs and the run-directory layout.
+"""The run directory's layout: key pairs, published endpoints, ipc sockets and locks.
+
+Everything a run keeps on disk is named here, and only here:
+
+    RUN/keys/              key pairs (below)
+    RUN/kernel.endpoint    the endpoint the kernel bound (``write_endpoint``/``read_endpoint``)
+    RUN/mm.endpoint        the endpoint the mm bound
+    RUN/kernel.lock        held by the running kernel (``lock``)
+    RUN/mm.lock            held by the running mm; the mm's journal is RUN/mm.db
+    /tmp/mmsim-<hash>/     the run's ipc sockets (``ipc_dir``: ipc paths must stay under 107 bytes)
 
 A process is a CURVE key pair (its identity is the Z85 public key the server's
 ZAP handler reports as ``User-Id``). ``init(run_dir)`` writes pairs for the
@@ -14,6 +23,7 @@ Endpoints are published next to them (``RUN/kernel.endpoint``,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -145,3 +155,63 @@ def ipc_in_use(endpoint: str) -> bool:
         return False
     finally:
         s.close()
+
+
+# ---- ipc sockets and locks ---------------------------------------------------------
+
+def ipc_dir(run_dir: str, create: bool = True) -> str:
+    """A short per-run directory under /tmp for ipc sockets (ipc paths must stay under 107 bytes)."""
+    tag = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:10]
+    d = f"/tmp/mmsim-{tag}"
+    if create:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def default_bind(run_dir: str, name: str) -> str:
+    """The ipc endpoint server ``name`` (kernel, mm, floor) binds by default for ``run_dir``."""
+    return f"ipc://{ipc_dir(run_dir)}/{name}.sock"
+
+
+def remove_ipc_dir(run_dir: str) -> None:
+    """Remove the run's ipc socket directory (once its servers have stopped)."""
+    import shutil
+
+    shutil.rmtree(ipc_dir(run_dir, create=False), ignore_errors=True)
+
+
+def lock(run_dir: str, name: str) -> int:
+    """Hold ``RUN/<name>.lock`` for the life of this process: one kernel and one mm per run directory.
+    The OS drops the lock when the process dies, even by ``kill -9``. Returns the fd; raises
+    ``SystemExit`` naming the holder's pid when another live process holds it."""
+    import fcntl
+
+    path = os.path.join(run_dir, f"{name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SystemExit(f"{name}: another {name} (pid {other}) is running with the run directory {run_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def held(run_dir: str, name: str) -> bool:
+    """Whether a live process holds ``RUN/<name>.lock`` (is the kernel / the mm of this run running?)."""
+    import fcntl
+
+    path = os.path.join(run_dir, f"{name}.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from clients.sim import checks
-from clients.sim.net import Msg
+from simulator import checks
+from simulator.net import Msg
 from kernel_server.service import KernelService
 from protocol.errors import Error
 
 if TYPE_CHECKING:
-    from clients.sim.world import World
+    from simulator.world import World
 
 READ_ONLY = checks.READ_ONLY
 

@@ -4,7 +4,7 @@
 runs many, stops at the first violation (the run that matters), and adds up
 what happened: steps, calls by kind and result, faults by kind. ``bench``
 measures simulated calls per second in this process under each way of
-checking the state (``clients/sim/checks.py`` says what runs when).
+checking the state (``simulator/checks.py`` says what runs when).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from clients.sim import FULL_EVERY
-from clients.sim.world import SimResult, World
+from simulator import FULL_EVERY
+from simulator.world import SimResult, World
 
 
 def run_seed(seed: int, steps: int = 2000, arch: str | None = None, memory: int = 16 << 20,
              bug: str | None = None, check_every: int = FULL_EVERY, trace_path: str | None = None,
              zombies: bool = False, incremental: bool = True) -> SimResult:
     """Run one seed; with ``trace_path`` every call and fault goes there as JSON lines. ``check_every``
-    and ``incremental``: which state checks run when (``World``, ``clients/sim/checks.py``)."""
+    and ``incremental``: which state checks run when (``World``, ``simulator/checks.py``)."""
     if trace_path is None:
         return World(seed, steps, arch, memory, bug, check_every, zombies=zombies, incremental=incremental).run()
     with open(trace_path, "w", encoding="ascii", newline="\n") as sink:

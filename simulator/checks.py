@@ -84,7 +84,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.sim import FULL_EVERY
+from simulator import FULL_EVERY
 from kernel_server.arch import PAGE_SHIFT
 from kernel_server.core import (
     CLIENT_MADE,

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from clients.sim.net import NetPlan
+from simulator.net import NetPlan
 
 ARCHES = ("i686", "i686-pae", "x86_64")
 WORKLOADS = ("steady", "sparse", "kobjects", "sharer")

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from protocol import keys
+from protocol import rundir
 from protocol.connection import Connection
 from protocol.errors import CallError
 
@@ -159,20 +159,20 @@ class Observer:
         self.kernel_endpoint, self.mm_endpoint = kernel_endpoint, mm_endpoint
         self.timeout = timeout
         self.labels = dict(labels or {})
-        keys.generate(run_dir, "observer")  # an identity with no process: asking never renews a lease
-        self.observer = keys.load_keypair(run_dir, "observer")
-        self.operator = keys.load_keypair(run_dir, "mm")  # frame_info is for the mm's key only
-        self.kernel_key = keys.public_key(run_dir, "kernel")
-        self.mm_key = keys.public_key(run_dir, "mm")
+        rundir.generate(run_dir, "observer")  # an identity with no process: asking never renews a lease
+        self.observer = rundir.load_keypair(run_dir, "observer")
+        self.operator = rundir.load_keypair(run_dir, "mm")  # frame_info is for the mm's key only
+        self.kernel_key = rundir.public_key(run_dir, "kernel")
+        self.mm_key = rundir.public_key(run_dir, "mm")
         self._conns: dict[str, tuple[str, Connection]] = {}
         self._names: dict[str, str] = {}
 
     def _conn(self, which: str) -> Connection:
         if which == "mm":
-            endpoint = self.mm_endpoint or keys.read_endpoint(self.run_dir, "mm")
+            endpoint = self.mm_endpoint or rundir.read_endpoint(self.run_dir, "mm")
             server, pair = self.mm_key, self.observer
         else:
-            endpoint = self.kernel_endpoint or keys.read_endpoint(self.run_dir, "kernel")
+            endpoint = self.kernel_endpoint or rundir.read_endpoint(self.run_dir, "kernel")
             server, pair = self.kernel_key, self.operator if which == "operator" else self.observer
         have = self._conns.get(which)
         if have is not None and have[0] == endpoint:
@@ -197,9 +197,9 @@ class Observer:
     def names(self, wanted: list[str]) -> dict[str, str]:
         """Public key -> key-pair name for the keys of the run directory (re-read for unknown keys)."""
         if any(k not in self._names for k in wanted):
-            for name in keys.names(self.run_dir):
+            for name in rundir.names(self.run_dir):
                 try:
-                    self._names.setdefault(keys.public_key(self.run_dir, name).decode(), name)
+                    self._names.setdefault(rundir.public_key(self.run_dir, name).decode(), name)
                 except FileNotFoundError:
                     pass
         return self._names
