@@ -45,7 +45,7 @@ def serve(bind: str, run_dir: str, server: str = "kernel") -> None:
             rid, payload = sock.recv_multipart(copy=False)
             _ = payload.get("User-Id")  # the kernel reads it too
             req = unpackb(payload.bytes, raw=False, strict_map_key=False)
-            sock.send_multipart([rid.bytes, packb({"v": 1, "id": req["id"], "ok": True, "result": result})])
+            serving.send_reply(sock, rid.bytes, packb({"v": 1, "id": req["id"], "ok": True, "result": result}))
     except KeyboardInterrupt:
         pass
     finally:

@@ -42,7 +42,7 @@ def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes, run_dir: str, nam
     s.curve_serverkey = server_key
     s.curve_publickey = pub
     s.curve_secretkey = sec
-    s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
+    s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_REPLY_BYTES)
     s.rcvtimeo = RECV_TIMEOUT_MS
     s.connect(endpoint)
     return s

@@ -12,6 +12,7 @@ key) for clients that may sit idle longer than the lease.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -47,9 +48,12 @@ class Client:
     def from_run_dir(cls, run_dir: str, name: str = "client-0", *, create_key: bool = True,
                      kernel_endpoint: str | None = None, mm_endpoint: str | None = None,
                      **kw: Any) -> "Client":
-        """A client using key pair ``name`` of the run directory (made if missing and ``create_key``)."""
+        """A client using key pair ``name`` of the run directory (made and admitted if missing and
+        ``create_key``: whoever may write the run directory acts as its operator)."""
         if create_key:
             rundir.generate(run_dir, name)
+            if not os.path.exists(os.path.join(rundir.admitted_dir(run_dir), f"{name}.key")):
+                rundir.admit(run_dir, name)
         pub, sec = rundir.load_keypair(run_dir, name)
         return cls(kernel_endpoint or rundir.read_endpoint(run_dir, "kernel"),
                    mm_endpoint or rundir.read_endpoint(run_dir, "mm"),

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from protocol import PAGE_SHIFT, PAGE_SIZE
+
+__all__ = ["PAGE_SHIFT", "PAGE_SIZE", "PROFILES", "Profile", "get_profile"]
 
 
 @dataclass(frozen=True)

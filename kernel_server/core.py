@@ -9,6 +9,17 @@ everything, computes every kernel frame it will take and may return an Error
 without having changed anything; ``_commit_<call>`` applies the plan and cannot
 fail. Donate and reclaim take no kernel memory at all.
 
+Kernel memory is charged (I13). Every kernel frame a process causes (its
+object frame: the process object, and with PAE its PDPT; its page tables;
+its threads; its own endpoint slab frames) is charged to that process, up to
+the ``kernel_quota`` the mm set at ``proc_create``; past it a call fails with
+ENOMEM carrying ``limit`` and ``used``. The pool always holds the unused part
+of every quota (``reserved``): ``proc_create`` takes a quota only from
+unreserved free frames and ``reclaim`` never takes reserved ones, so a process
+within its quota never finds the pool empty. Slab frames are per process, so
+every kernel frame in use is charged to exactly one process (or, for the
+frame table, to the kernel since boot).
+
 Mappings are kept as a page table tree keeps them: every table of a process
 is ``tables[(level, tag)] = [frame, used]``, and each leaf table (the last
 level: 4 KiB mappings) also has its entries in ``leaves[tag]``, a flat int32
@@ -93,16 +104,27 @@ def _merged(runs: list[list[int]]) -> list[list[int]]:
 class Process:
     pid: int
     key: str
-    obj: tuple[int, int]  # process slab object (frame, slot)
-    root_frame: int  # page directory / PML4 frame, or -1 when the root is a slab PDPT
-    pdpt: tuple[int, int] | None  # PAE: the PDPT slab object
+    obj_frame: int  # the process object (and, with PAE, its PDPT): one frame of the process's own
+    root_frame: int  # page directory / PML4 frame, or -1 when the root is the PDPT in the object frame
     leaf_bits: int  # log2 of the entries of a leaf table: vpage = tag << leaf_bits | index
+    kernel_limit: int = 0  # kernel frames this process may hold (its quota, set by the mm)
+    kernel_used: int = 0  # kernel frames it holds (charged to it)
+    user_quota: int = 0  # user pages the mm granted it (the mm enforces it; shown in stats)
     tables: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # (level, tag) -> [frame, used]
     leaves: dict[int, np.ndarray] = field(default_factory=dict)  # leaf table tag -> its entries (int32)
     small_pages: int = 0  # 4 KiB mappings: non-empty leaf entries
     large: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # base vpage -> (level, frame, prot)
     threads: dict[int, int] = field(default_factory=dict)  # tid -> frame
     endpoints: dict[int, tuple[int, int]] = field(default_factory=dict)  # eid -> slab object
+    slab: SlabCache = field(default_factory=lambda: SlabCache("endpoint"))  # its own endpoint slab frames
+
+    def kernel_frames(self) -> list[int]:
+        """Every kernel frame charged to this process (derived from its objects, not its counter)."""
+        out = [self.obj_frame]
+        out.extend(t[0] for t in self.tables.values() if t[0] >= 0)
+        out.extend(self.threads.values())
+        out.extend(self.slab.used)
+        return out
 
     def entries(self) -> tuple[np.ndarray, np.ndarray]:
         """(vpages, leaf entries) of every 4 KiB mapping, in virtual address order (int64 arrays)."""
@@ -132,18 +154,23 @@ class Process:
             "tables": len(self.tables) - 1 + (1 if self.root_frame >= 0 else 0),
             "threads": len(self.threads),
             "endpoints": len(self.endpoints),
+            "kernel_used": self.kernel_used,
+            "kernel_limit": self.kernel_limit,
+            "user_quota": self.user_quota,
         }
 
 
 class KernelCore:
     """The kernel: one frame table, processes, slabs, and the system calls."""
 
-    def __init__(self, profile: Profile, bootmap: BootMap, mm_key: str) -> None:
+    def __init__(self, profile: Profile, bootmap: BootMap, mm_key: str, operator_key: str | None = None) -> None:
         self.profile = profile
         self.bootmap = bootmap
         self.mm_key = mm_key
+        self.operator_key = operator_key  # may read what the mm reads (frame_info, mappings, listings)
         self.frames = FrameTable(bootmap, profile.kernel_limit)
-        self.slabs = {kind: SlabCache(kind) for kind in ("process", "endpoint", "pdpt")}
+        self.reserved = 0  # free frames promised to processes: the sum of (kernel_limit - kernel_used)
+        self.base_cost = 1 if profile.root_is_slab else 2  # a process's object frame (+ its root table)
         self.procs: dict[int, Process] = {}
         self.by_key: dict[str, int] = {}
         self.next_id = {"pid": 1, "tid": 1, "eid": 1}
@@ -168,6 +195,7 @@ class KernelCore:
             "endpoint_create": self.endpoint_create,
             "endpoint_destroy": self.endpoint_destroy,
             "frame_info": self.frame_info,
+            "mappings": self.mappings,
             "stats": self.stats,
             "ping": self.ping,
             "events": self.read_events,
@@ -187,6 +215,15 @@ class KernelCore:
     def _need_mm(self, caller: str, what: str) -> Error | None:
         if caller != self.mm_key:
             return _err(Errno.EPERM, f"only the memory manager may {what}")
+        return None
+
+    def is_reader(self, caller: str) -> bool:
+        """The mm or the operator: may read the frame table, mappings and per-process listings."""
+        return caller == self.mm_key or (self.operator_key is not None and caller == self.operator_key)
+
+    def _need_reader(self, caller: str, what: str) -> Error | None:
+        if not self.is_reader(caller):
+            return _err(Errno.EPERM, f"only the memory manager and the operator may {what}")
         return None
 
     def _own_process(self, caller: str) -> Process | Error:
@@ -232,23 +269,43 @@ class KernelCore:
 
     # ---- kernel memory (commit-side helpers; the check phase counted) -------
 
-    def _kalloc(self, n: int) -> list[int]:
+    def _kalloc(self, proc: Process, n: int) -> list[int]:
+        """Take ``n`` frames from the pool, charged to ``proc`` (within its quota: the check said so)."""
         got = self.frames.pop_free(n)
         self.frames.set_kind(got, KERNEL_FREE, KERNEL_USED)
+        proc.kernel_used += n
+        self.reserved -= n
         return got.tolist()
 
-    def _kfree(self, frames: list[int]) -> None:
+    def _kfree(self, proc: Process, frames: list[int]) -> None:
+        """Give ``proc``'s kernel frames back to the pool (their charge goes back to its reservation)."""
         if frames:
             a = np.asarray(frames, dtype=np.int64)
             self.frames.set_kind(a, KERNEL_USED, KERNEL_FREE)
             self.frames.push_free(a)
+            proc.kernel_used -= len(frames)
+            self.reserved += len(frames)
 
-    def _enomem(self, needed: int, what: str) -> Error | None:
+    def unreserved(self) -> int:
+        """Free kernel frames promised to no process: what proc_create and reclaim may take."""
+        return self.frames.free_count - self.reserved
+
+    def _over_quota(self, proc: Process, needed: int, what: str) -> Error | None:
+        """ENOMEM if ``needed`` more kernel frames would take ``proc`` past its quota (I13). Within its
+        quota the pool always has them: the check after this one cannot fail while I13 holds."""
+        if proc.kernel_used + needed > proc.kernel_limit:
+            return _err(Errno.ENOMEM, f"{what} needs {needed} kernel frame(s); process {proc.pid} has used "
+                        f"{proc.kernel_used} of its kernel quota of {proc.kernel_limit}",
+                        needed=needed, limit=proc.kernel_limit, used=proc.kernel_used, pid=proc.pid)
         available = self.frames.free_count
-        if needed > available:
+        if needed > available:  # unreachable while the reservation holds; kept so a broken one is refused
             return _err(Errno.ENOMEM, f"{what} needs {needed} kernel frame(s), {available} free",
                         needed=needed, available=available)
         return None
+
+    def _pool(self) -> dict[str, int]:
+        """The pool figures every call that changes it reports (the mm's watermarks use ``unreserved``)."""
+        return {"kernel_free": self.frames.free_count, "kernel_reserved": self.reserved}
 
     def _new_id(self, kind: str) -> int:
         n = self.next_id[kind]
@@ -269,7 +326,9 @@ class KernelCore:
             "kernel_limit": p.kernel_limit,
             "identity": caller,
             "is_mm": caller == self.mm_key,
+            "is_operator": self.operator_key is not None and caller == self.operator_key,
             "pid": self.by_key.get(caller),
+            "process_cost": self.base_cost,
         }
 
     def address_map(self, caller: str, args: Any) -> dict:
@@ -284,16 +343,29 @@ class KernelCore:
     def ping(self, caller: str, args: Any) -> dict:
         return {"pid": self.by_key.get(caller)}
 
-    def stats(self, caller: str, args: Any) -> dict:
-        return {
+    def stats(self, caller: str, args: Any) -> dict | Error:
+        """Counts for anyone (and the caller's own usage); the per-process listing, a page of it from
+        ``from_pid`` on, for the mm and the operator only (a listing grows with the processes)."""
+        listing = args is not None and args.from_pid is not None
+        if listing and (e := self._need_reader(caller, "list processes")) is not None:
+            return e
+        pid = self.by_key.get(caller)
+        out: dict[str, Any] = {
             **self.frames.counts(),
+            "kernel_reserved": self.reserved,
             "frames": self.frames.n,
             "processes": len(self.procs),
-            "slab_frames": {k: len(s.used) for k, s in self.slabs.items()},
-            "per_process": [p.usage() for p in self.procs.values()],
+            "slab_frames": sum(len(p.slab.used) for p in self.procs.values()),
             "event_seq": self.event_seq,
-            "large_mappings": self._large_runs(),
+            "you": self.procs[pid].usage() if pid is not None else None,
         }
+        if listing:
+            pids = sorted(p for p in self.procs if p >= args.from_pid)
+            page = pids[: args.limit]
+            out["per_process"] = [self.procs[p].usage() for p in page]
+            out["next_pid"] = pids[args.limit] if len(pids) > args.limit else None
+            out["large_mappings"] = self._large_runs()
+        return out
 
     def _large_runs(self) -> list[list[int]]:
         """Frames under large mappings, as sorted merged runs (at most LARGE_RUNS_SHOWN): for pictures."""
@@ -308,7 +380,7 @@ class KernelCore:
         return runs[:LARGE_RUNS_SHOWN]
 
     def read_events(self, caller: str, args: Any) -> dict | Error:
-        if (e := self._need_mm(caller, "read kernel events")) is not None:
+        if (e := self._need_reader(caller, "read kernel events")) is not None:
             return e
         oldest = self.events[0]["seq"] if self.events else self.event_seq + 1
         out = [ev for ev in self.events if ev["seq"] > args.since][: args.limit]
@@ -317,11 +389,11 @@ class KernelCore:
             "next": out[-1]["seq"] if out else max(args.since, 0),
             "lost": bool(self.events) and args.since + 1 < oldest,
             "latest": self.event_seq,
-            "kernel_free": self.frames.free_count,  # the mm's figure of the pool stays fresh after deaths
+            **self._pool(),  # the mm's figure of the pool stays fresh after deaths
         }
 
     def frame_info(self, caller: str, args: Any) -> dict | Error:
-        if (e := self._need_mm(caller, "read the frame table")) is not None:
+        if (e := self._need_reader(caller, "read the frame table")) is not None:
             return e
         ft = self.frames
         segments: list[list[Any]] = []
@@ -345,41 +417,103 @@ class KernelCore:
                 break
         return {"segments": segments, "rest": rest}
 
+    def mappings(self, caller: str, args: Any) -> dict | Error:
+        """What process ``pid`` maps over [vaddr, vaddr + pages pages), in virtual address order, as
+        segments ``[vaddr, pages, first frame, prot, made_by, page_size]``: consecutive pages mapping
+        consecutive frames with the same protection, made by the same party ("mm" or "client"), with
+        the same page size. At most ``max_segments``; ``rest`` is the virtual address to ask from next
+        (None: the range is covered). Read-only: how the mm settles an intent whose reply was lost."""
+        if (e := self._need_reader(caller, "list a process's mappings")) is not None:
+            return e
+        proc = self.procs.get(args.pid)
+        if proc is None:
+            return _err(Errno.ESRCH, f"no process {args.pid}", pid=args.pid)
+        if args.vaddr % PAGE_SIZE:
+            return _err(Errno.EINVAL, f"args.vaddr: {args.vaddr:#x} is not page-aligned", field="vaddr")
+        vp0 = args.vaddr >> PAGE_SHIFT
+        vp1 = vp0 + args.pages
+        if vp1 > self.user_top_page:
+            return _err(Errno.EINVAL, f"args.vaddr: the range goes beyond user space ({self.profile.user_top:#x})",
+                        field="vaddr")
+        pieces: list[list[int]] = []  # [vpage, pages, frame, prot, by_client, page_size]
+        bits, size = self.leaf_bits, self.leaf_entries
+        t0, t1 = vp0 >> bits, (vp1 - 1) >> bits
+        tags = range(t0, t1 + 1) if t1 - t0 < len(proc.leaves) else sorted(t for t in proc.leaves if t0 <= t <= t1)
+        for tag in tags:
+            e = proc.leaves.get(tag)
+            if e is None:
+                continue
+            base = tag << bits
+            lo, hi = max(vp0, base) - base, min(vp1, base + size) - base
+            idx = np.flatnonzero(e[lo:hi] != EMPTY)
+            if not idx.size:
+                continue
+            ents = e[lo:hi][idx].astype(np.int64)
+            cut = np.flatnonzero((np.diff(idx) != 1) | (np.diff(ents) != (1 << ENTRY_SHIFT))) + 1
+            for a, b in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [idx.size])).tolist()):
+                ent = int(ents[a])
+                pieces.append([base + lo + int(idx[a]), b - a, ent >> ENTRY_SHIFT, ent & PROT_MASK,
+                               1 if ent & CLIENT_MADE else 0, PAGE_SIZE])
+        for b, (lv, f, prot) in proc.large.items():
+            n = self.profile.pages_at(lv)
+            if b < vp1 and b + n > vp0:
+                pieces.append([b, n, f, prot, 0, n << PAGE_SHIFT])
+        pieces.sort()
+        segments: list[list[Any]] = []
+        for vp, n, f, prot, by, ps in pieces:  # join what continues across leaf tables
+            last = segments[-1] if segments else None
+            if (last is not None and ps == PAGE_SIZE and last[5] == PAGE_SIZE and last[0] + last[1] == vp
+                    and last[2] + last[1] == f and last[3] == prot and last[4] == by):
+                last[1] += n
+            else:
+                segments.append([vp, n, f, prot, by, ps])
+        rest = None
+        if len(segments) > args.max_segments:
+            rest = segments[args.max_segments][0] << PAGE_SHIFT
+            segments = segments[: args.max_segments]
+        return {"pid": proc.pid,
+                "segments": [[vp << PAGE_SHIFT, n, f, prot, "client" if by else "mm", ps]
+                             for vp, n, f, prot, by, ps in segments],
+                "rest": rest}
+
     # ---- processes --------------------------------------------------------
 
-    def _check_proc_create(self, caller: str, args: Any) -> int | Error:
+    def _check_proc_create(self, caller: str, args: Any) -> Error | None:
         if (e := self._need_mm(caller, "create processes")) is not None:
             return e
-        if args.key == self.mm_key:
-            return _err(Errno.EINVAL, "args.key: the memory manager's key cannot own a process", field="key")
+        if args.key == self.mm_key or args.key == self.operator_key:
+            return _err(Errno.EINVAL, "args.key: a server's key (the mm's, the operator's) cannot own a process",
+                        field="key")
         if args.key in self.by_key:
             pid = self.by_key[args.key]
-            return _err(Errno.EBUSY, f"key already has process {pid}", pid=pid)
-        needed = self.slabs["process"].needs_frame()
-        needed += self.slabs["pdpt"].needs_frame() if self.profile.root_is_slab else 1
-        if (e := self._enomem(needed, "proc_create")) is not None:
-            return e
-        return needed
+            p = self.procs[pid]
+            return _err(Errno.EBUSY, f"key already has process {pid}", pid=pid, kernel_limit=p.kernel_limit,
+                        kernel_used=p.kernel_used, user_quota=p.user_quota)
+        if args.kernel_quota < self.base_cost:
+            return _err(Errno.EINVAL, f"args.kernel_quota: a process needs at least {self.base_cost} kernel "
+                        f"frame(s) on {self.profile.name} (its object frame and root table)", field="kernel_quota")
+        available = self.unreserved()
+        if args.kernel_quota > available:  # the quota is reserved in the pool whole, now (no overcommit)
+            return _err(Errno.ENOMEM, f"proc_create needs {args.kernel_quota} unreserved kernel frame(s) for the "
+                        f"quota, {available} free and unreserved", needed=args.kernel_quota, available=available)
+        return None
 
     def proc_create(self, caller: str, args: Any) -> dict | Error:
-        needed = self._check_proc_create(caller, args)
-        if isinstance(needed, Error):
-            return needed
+        if (e := self._check_proc_create(caller, args)) is not None:
+            return e
         # commit
-        fresh = self._kalloc(needed)
-        take = fresh.pop if fresh else (lambda: None)
-        obj = self.slabs["process"].alloc(take() if self.slabs["process"].needs_frame() else None)
-        if self.profile.root_is_slab:
-            pdpt = self.slabs["pdpt"].alloc(take() if self.slabs["pdpt"].needs_frame() else None)
-            root = -1
-        else:
-            pdpt, root = None, take()
         pid = self._new_id("pid")
-        proc = Process(pid=pid, key=args.key, obj=obj, root_frame=root, pdpt=pdpt, leaf_bits=self.leaf_bits)
-        proc.tables[ROOT] = [root, 0]
+        self.reserved += args.kernel_quota
+        proc = Process(pid=pid, key=args.key, obj_frame=-1, root_frame=-1, leaf_bits=self.leaf_bits,
+                       kernel_limit=args.kernel_quota, user_quota=args.user_quota)
+        fresh = self._kalloc(proc, self.base_cost)
+        proc.obj_frame = fresh[0]
+        if not self.profile.root_is_slab:
+            proc.root_frame = fresh[1]
+        proc.tables[ROOT] = [proc.root_frame, 0]
         self.procs[pid] = proc
         self.by_key[args.key] = pid
-        return {"pid": pid, "kernel_frames": needed}
+        return {"pid": pid, "kernel_frames": self.base_cost, "kernel_limit": proc.kernel_limit, **self._pool()}
 
     def proc_destroy_call(self, caller: str, args: Any) -> dict | Error:
         if (e := self._need_mm(caller, "destroy processes")) is not None:
@@ -399,22 +533,15 @@ class KernelCore:
         self.frames.add_refs(released, -1)
         user = released[self.frames.kind[released] == USER]
         shared_unmapped = int(released.size - user.size)
-        kfree = [t[0] for k, t in proc.tables.items() if t[0] >= 0]
-        kfree.extend(proc.threads.values())
-        for eid, (frame, slot) in proc.endpoints.items():
-            if (empty := self.slabs["endpoint"].free(frame, slot)) is not None:
-                kfree.append(empty)
-        if (empty := self.slabs["process"].free(*proc.obj)) is not None:
-            kfree.append(empty)
-        if proc.pdpt is not None and (empty := self.slabs["pdpt"].free(*proc.pdpt)) is not None:
-            kfree.append(empty)
-        self._kfree(kfree)
+        kfree = proc.kernel_frames()
+        self._kfree(proc, kfree)
+        self.reserved -= proc.kernel_limit  # (nothing is charged to it now: its whole quota was reserved)
         frames = R.from_array(np.unique(user)) if user.size else []
         self.event_seq += 1
         self.events.append({"seq": self.event_seq, "kind": "proc_destroyed", "pid": pid, "key": proc.key,
                             "reason": reason, "frames": frames, "shared_unmapped": shared_unmapped})
         return {"pid": pid, "unmapped_pages": int(released.size), "kernel_frames_freed": len(kfree),
-                "frames": frames, "shared_unmapped": shared_unmapped}
+                "frames": frames, "shared_unmapped": shared_unmapped, **self._pool()}
 
     def _mapped_frames(self, proc: Process) -> np.ndarray:
         """The frame of every mapping of ``proc``, once per 4 KiB page (a large mapping: each frame)."""
@@ -461,7 +588,7 @@ class KernelCore:
         run = len(args.frames) == 1
         self.frames.set_kind(a, USER, KERNEL_FREE, run)
         self.frames.push_free(a, run)  # the first donated frame is handed out first
-        return {"donated": int(a.size), "kernel_free": self.frames.free_count}
+        return {"donated": int(a.size), **self._pool()}
 
     @staticmethod
     def _index(runs: list[list[int]], a: np.ndarray) -> slice | np.ndarray:
@@ -475,7 +602,7 @@ class KernelCore:
         if (e := self._need_mm(caller, "reclaim frames")) is not None:
             return e
         if args.count is not None:
-            return min(args.count, self.frames.free_count)
+            return min(args.count, self.unreserved())
         a = self._frames_arg(args.frames)
         if isinstance(a, Error):
             return a
@@ -493,6 +620,10 @@ class KernelCore:
         bad = a[kinds != KERNEL_FREE]
         if bad.size:
             return _err(Errno.EBUSY, f"kernel frame {int(bad[0])} is in use", frames=_runs_of(bad))
+        if a.size > self.unreserved():
+            return _err(Errno.EBUSY, f"reclaiming {a.size} frame(s) would leave fewer free kernel frames than the "
+                        f"{self.reserved} reserved for processes' kernel quotas", reserved=self.reserved,
+                        kernel_free=self.frames.free_count)
         return a
 
     def reclaim(self, caller: str, args: Any) -> dict | Error:
@@ -509,7 +640,7 @@ class KernelCore:
             self.frames.unlink_free(a, run)
             self.frames.set_kind(a, KERNEL_FREE, USER, run)
             frames = _merged(args.frames)
-        return {"frames": frames, "reclaimed": int(a.size), "kernel_free": self.frames.free_count}
+        return {"frames": frames, "reclaimed": int(a.size), **self._pool()}
 
     # ---- map / unmap ----------------------------------------------------------
 
@@ -640,7 +771,7 @@ class KernelCore:
                             return _err(Errno.EBUSY, f"virtual address {hit[0] << PAGE_SHIFT:#x} is already "
                                         "mapped by a large page", vaddr=hit[0] << PAGE_SHIFT)
         missing = self._missing_tables(proc, vp0, vp1, level)
-        if (e := self._enomem(len(missing), "map")) is not None:
+        if (e := self._over_quota(proc, len(missing), "map")) is not None:
             return e
         return proc, a, vp0, level, step, missing, is_mm
 
@@ -686,12 +817,11 @@ class KernelCore:
         else:
             self._write_small(proc, vp0, a, args.prot if is_mm else args.prot | CLIENT_MADE, len(args.frames) == 1)
         self.frames.add_refs(a, +1, run=len(args.frames) == 1)
-        return {"pid": proc.pid, "pages": int(a.size), "tables_allocated": len(missing),
-                "kernel_free": self.frames.free_count}
+        return {"pid": proc.pid, "pages": int(a.size), "tables_allocated": len(missing), **self._pool()}
 
     def _add_tables(self, proc: Process, keys: list[tuple[int, int]]) -> None:
         """Allocate the tables ``keys`` (parents first) and hang each in its parent (commit)."""
-        for key, frame in zip(keys, self._kalloc(len(keys))):
+        for key, frame in zip(keys, self._kalloc(proc, len(keys))):
             proc.tables[key] = [frame, 0]
             if key[0] == self.leaf:
                 spare = self._spare_leaves
@@ -792,8 +922,7 @@ class KernelCore:
             proc.small_pages -= 1
             freed = self._drop_entries(proc, {(self.leaf, tag): 1})
             self.frames.add_ref(f, -1)
-            return {"pid": proc.pid, "pages": 1, "frames": [[f, 1]], "tables_freed": freed,
-                    "kernel_free": self.frames.free_count}
+            return {"pid": proc.pid, "pages": 1, "frames": [[f, 1]], "tables_freed": freed, **self._pool()}
         p = self.profile
         parts: list[np.ndarray] = []
         drops: dict[tuple[int, int], int] = {}  # table -> entries cleared in it
@@ -823,8 +952,7 @@ class KernelCore:
             frames = [[f, e - s] for f, s, e in zip(a[starts].tolist(), starts.tolist(), ends.tolist())]
         else:
             frames = [[int(a[0]), int(a.size)]]
-        return {"pid": proc.pid, "pages": int(a.size), "frames": frames, "tables_freed": freed,
-                "kernel_free": self.frames.free_count}
+        return {"pid": proc.pid, "pages": int(a.size), "frames": frames, "tables_freed": freed, **self._pool()}
 
     def _drop_entries(self, proc: Process, entries: dict[tuple[int, int], int]) -> int:
         """Decrement table entry counts; free tables that become empty, bottom-up."""
@@ -846,7 +974,7 @@ class KernelCore:
         if ROOT in entries:
             proc.tables[ROOT][1] -= entries.pop(ROOT)
         if to_free:
-            self._kfree(to_free)
+            self._kfree(proc, to_free)
         return len(to_free)
 
     # ---- threads and endpoints (the client's own kernel objects) ------------
@@ -855,9 +983,9 @@ class KernelCore:
         proc = self._own_process(caller)
         if isinstance(proc, Error):
             return proc
-        if (e := self._enomem(1, "thread_create")) is not None:
+        if (e := self._over_quota(proc, 1, "thread_create")) is not None:
             return e
-        frame = self._kalloc(1)[0]
+        frame = self._kalloc(proc, 1)[0]
         tid = self._new_id("tid")
         proc.threads[tid] = frame
         return {"tid": tid, "kernel_frames": 1}
@@ -868,18 +996,18 @@ class KernelCore:
             return proc
         if args.tid not in proc.threads:
             return _err(Errno.ESRCH, f"no thread {args.tid} in process {proc.pid}", tid=args.tid)
-        self._kfree([proc.threads.pop(args.tid)])
+        self._kfree(proc, [proc.threads.pop(args.tid)])
         return {"tid": args.tid}
 
     def endpoint_create(self, caller: str, args: Any) -> dict | Error:
         proc = self._own_process(caller)
         if isinstance(proc, Error):
             return proc
-        needed = self.slabs["endpoint"].needs_frame()
-        if (e := self._enomem(needed, "endpoint_create")) is not None:
+        needed = proc.slab.needs_frame()
+        if (e := self._over_quota(proc, needed, "endpoint_create")) is not None:
             return e
-        fresh = self._kalloc(needed)
-        obj = self.slabs["endpoint"].alloc(fresh[0] if fresh else None)
+        fresh = self._kalloc(proc, needed)
+        obj = proc.slab.alloc(fresh[0] if fresh else None)
         eid = self._new_id("eid")
         proc.endpoints[eid] = obj
         return {"eid": eid, "kernel_frames": needed}
@@ -890,8 +1018,8 @@ class KernelCore:
             return proc
         if args.eid not in proc.endpoints:
             return _err(Errno.ESRCH, f"no endpoint {args.eid} in process {proc.pid}", eid=args.eid)
-        empty = self.slabs["endpoint"].free(*proc.endpoints.pop(args.eid))
-        self._kfree([] if empty is None else [empty])
+        empty = proc.slab.free(*proc.endpoints.pop(args.eid))
+        self._kfree(proc, [] if empty is None else [empty])
         return {"eid": args.eid}
 
     # ---- state for checks and tests ------------------------------------------
@@ -903,12 +1031,12 @@ class KernelCore:
         h = hashlib.sha256(self.frames.digest().encode())
         for pid in sorted(self.procs):
             pr = self.procs[pid]
-            h.update(repr((pid, pr.key, pr.obj, pr.root_frame, pr.pdpt, sorted(pr.tables.items()),
-                           pr.small_pages, sorted(pr.large.items()), sorted(pr.threads.items()),
-                           sorted(pr.endpoints.items()), sorted(pr.leaves))).encode())
+            h.update(repr((pid, pr.key, pr.obj_frame, pr.root_frame, pr.kernel_limit, pr.kernel_used,
+                           pr.user_quota, sorted(pr.tables.items()), pr.small_pages, sorted(pr.large.items()),
+                           sorted(pr.threads.items()), sorted(pr.endpoints.items()), sorted(pr.leaves),
+                           sorted(pr.slab.used.items()),
+                           sorted((f, sorted(v)) for f, v in pr.slab.free_slots.items()))).encode())
             for tag in sorted(pr.leaves):
                 h.update(pr.leaves[tag].tobytes())
-        for k, s in sorted(self.slabs.items()):
-            h.update(repr((k, sorted(s.used.items()), sorted((f, sorted(v)) for f, v in s.free_slots.items()))).encode())
-        h.update(repr((self.next_id, self.event_seq)).encode())
+        h.update(repr((self.next_id, self.event_seq, self.reserved)).encode())
         return h.hexdigest()

@@ -1,4 +1,4 @@
-"""Invariant checks I1-I4 and I7 on a ``KernelCore``, recomputed from scratch (and the page
+"""Invariant checks I1-I4, I7 and the kernel's half of I13 (charges) on a ``KernelCore``, recomputed from scratch (and the page
 tables' own accounting: entry counts, leaf entries, who made each mapping).
 
 Used by the property-based tests, the simulator and debugging sessions. Each
@@ -77,6 +77,7 @@ def check_kernel(core: KernelCore) -> list[str]:
         if stale.size:
             v.append(f"I2: frame(s) {stale[:4].tolist()} are not free kernel frames but keep free-list links")
     v.extend(_check_allocated(core, kind, free_mask))
+    v.extend(charge_problems(core))
     # I3 and I4: mappings
     counts, bad = _mapped_frames(core)
     v.extend(bad)
@@ -180,10 +181,28 @@ def kernel_allocated(core: KernelCore) -> list[int]:
     """Every frame the kernel handed out for its own objects (with repeats, if any)."""
     out: list[int] = []
     for proc in core.procs.values():
-        out.extend(t[0] for t in proc.tables.values() if t[0] >= 0)
-        out.extend(proc.threads.values())
-    for slab in core.slabs.values():
-        out.extend(slab.used)
+        out.extend(proc.kernel_frames())
+    return out
+
+
+def charge_problems(core: KernelCore) -> list[str]:
+    """I13 in the kernel: each process's charge is the kernel frames its objects hold, within its quota;
+    the reservation is the sum of the unused quotas, and the pool holds it."""
+    out: list[str] = []
+    reserved = 0
+    for proc in core.procs.values():
+        held = len(proc.kernel_frames())
+        if proc.kernel_used != held:
+            out.append(f"I13: pid {proc.pid} is charged {proc.kernel_used} kernel frame(s), its objects hold {held}")
+        if proc.kernel_used > proc.kernel_limit:
+            out.append(f"I13: pid {proc.pid} holds {proc.kernel_used} kernel frame(s), beyond its quota of "
+                       f"{proc.kernel_limit}")
+        reserved += proc.kernel_limit - proc.kernel_used
+    if reserved != core.reserved:
+        out.append(f"I13: the kernel counts {core.reserved} reserved frame(s), the unused quotas add up to {reserved}")
+    if core.frames.free_count < core.reserved:
+        out.append(f"I13: {core.frames.free_count} free kernel frame(s) cannot back the {core.reserved} reserved "
+                   "for processes' quotas")
     return out
 
 
@@ -367,4 +386,4 @@ def proc_table_problems(core: KernelCore, proc, in_use: list[int] | None = None,
     return out
 
 
-__all__ = ["check_kernel", "free_list_sound", "kernel_allocated", "proc_table_problems"]
+__all__ = ["charge_problems", "check_kernel", "free_list_sound", "kernel_allocated", "proc_table_problems"]

@@ -52,7 +52,10 @@ class KernelServer:
             kernel_pool_frames=opts.kernel_pool_frames,
             on_refused=self._log_refused,
             boot_id=uuid.uuid4().hex,
+            operator_key=rundir.operator_key(opts.run_dir),
         )
+        self.admission = rundir.Admission(opts.run_dir, always=tuple(k for k in (mm_key, rundir.operator_key(
+            opts.run_dir)) if k))
         self.running = True
         self.endpoint = ""
 
@@ -69,7 +72,8 @@ class KernelServer:
         ctx = zmq.Context()
         ctx.linger = 0
         try:
-            sock, auth, self.endpoint = serving.bind_router(ctx, self.opts.bind, self.pub, self.sec, "kernel")
+            sock, auth, self.endpoint = serving.bind_router(ctx, self.opts.bind, self.pub, self.sec, "kernel",
+                                                            self.admission)
         except SystemExit:
             ctx.term()
             raise
@@ -96,6 +100,7 @@ class KernelServer:
                     self._handle(sock, frames)
                 now = clock()
                 if now >= next_check:  # leases are checked on time even under a flood of requests
+                    self.admission.refresh()
                     for ev in svc.expire(now):
                         log.info("lease of pid %d expired: destroyed, %d pages unmapped", ev["pid"],
                                  sum(c for _, c in ev["frames"]))
@@ -113,11 +118,11 @@ class KernelServer:
         if len(frames) != 2:
             err = Error(Errno.EPROTO, f"expected one message frame, got {len(frames) - 1}")
             self._log_refused(frames[-1].get("User-Id") if len(frames) > 1 else None, "?", err)
-            sock.send_multipart([rid, wire.error_reply(None, err)])
+            serving.send_reply(sock, rid, wire.error_reply(None, err))
             return
         identity = frames[1].get("User-Id")
         reply = self.service.handle(identity, frames[1].bytes, time.monotonic())
-        sock.send_multipart([rid, reply])
+        serving.send_reply(sock, rid, reply)
 
 
 def run(opts: KernelOptions) -> None:

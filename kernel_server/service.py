@@ -47,10 +47,11 @@ class KernelService:
         on_refused: Refused | None = None,
         bootmap: BootMap | None = None,
         boot_id: str = "0",
+        operator_key: str | None = None,
     ) -> "KernelService":
         profile = get_profile(arch)
         bm = bootmap if bootmap is not None else pc_map(profile, memory, kernel_pool_frames)
-        return cls(KernelCore(profile, bm, mm_key), lease_seconds, on_refused, boot_id)
+        return cls(KernelCore(profile, bm, mm_key, operator_key), lease_seconds, on_refused, boot_id)
 
     # ---- requests ---------------------------------------------------------
 

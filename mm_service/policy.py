@@ -34,6 +34,7 @@ import numpy as np
 from mm_service.view import FREE, KERNEL, KERNEL_TAG, PAGE, USED, View
 from protocol import runs as R
 from protocol.errors import Errno, Error
+from protocol.calls import MAX_SEGMENTS
 from protocol.wire import MAX_RUNS
 
 ENOMEM_RETRIES = 3
@@ -59,6 +60,7 @@ class Config:
     target: int = 256  # what donate/reclaim aim for
     headroom: int = 32  # extra frames donated on ENOMEM beyond what the error says
     quota: int | None = None  # pages per client (None: a quarter of user RAM)
+    kernel_quota: int = 64  # kernel frames per client (page tables, threads, endpoints, its address space)
     max_alloc: int = 1 << 18  # pages in one alloc
     placement: str = "pageblock"  # or "first-fit" (naive, for comparison)
     compact_every: int = 2000  # journal ops between snapshots (a restart replays at most about this many)
@@ -230,7 +232,7 @@ class MMCore:
         for i in range(0, len(runs), MAX_RUNS):
             todo = runs[i:i + MAX_RUNS]
             while todo:
-                result = yield KCall("frame_info", {"frames": todo, "max_segments": 65536})
+                result = yield KCall("frame_info", {"frames": todo, "max_segments": MAX_SEGMENTS})
                 if isinstance(result, Error):
                     return result
                 out.extend(np.arange(first, first + count, dtype=np.int64)
@@ -304,7 +306,8 @@ class MMCore:
         c = self.view.clients.get(key)
         if c is not None:
             return c
-        result = yield from self._kcall("proc_create", {"key": key})
+        result = yield from self._kcall("proc_create", {"key": key, "kernel_quota": self.config.kernel_quota,
+                                                        "user_quota": self.config.quota})
         if isinstance(result, Error):
             if result.code == Errno.EBUSY and "pid" in result.details:
                 pid = int(result.details["pid"])  # the kernel already has one (we lost track of it)
@@ -509,7 +512,7 @@ class MMCore:
         refs = np.zeros(n, dtype=np.uint32)
         todo = [[0, n]]
         while todo:
-            result = yield KCall("frame_info", {"frames": todo, "max_segments": 65536})
+            result = yield KCall("frame_info", {"frames": todo, "max_segments": MAX_SEGMENTS})
             if isinstance(result, Error):
                 return result
             for first, count, kind, r in result["segments"]:

@@ -53,7 +53,6 @@ from protocol.connection import Connection
 from protocol.errors import CallError, Errno, Error
 
 log = logging.getLogger("mmsim.mm")
-SNDMORE = int(zmq.SNDMORE)
 
 
 @dataclass
@@ -254,7 +253,10 @@ class MMServer:
     # ---- serving ---------------------------------------------------------------
 
     def serve(self) -> None:
-        sock, auth, endpoint = serving.bind_router(self.ctx, self.opts.bind, self.mm_pub, self.mm_sec, "mm")
+        self.admission = rundir.Admission(self.opts.run_dir, always=tuple(
+            k for k in (self.mm_pub.decode(), rundir.operator_key(self.opts.run_dir)) if k))
+        sock, auth, endpoint = serving.bind_router(self.ctx, self.opts.bind, self.mm_pub, self.mm_sec, "mm",
+                                                   self.admission)
         rundir.write_endpoint(self.opts.run_dir, "mm", endpoint)
         assert self.core is not None
         c = self.core.view.counts()
@@ -284,6 +286,7 @@ class MMServer:
                     if self.service.maintain_due():  # after the reply is sent: watermarks, a snapshot
                         self.run_op(self.service.maintain())
                 if clock() >= next_tick:
+                    self.admission.refresh()
                     if self.check_kernel():
                         self.run_op(self.core.poll_events())
                         self.run_op(self.service.maintain())
@@ -314,8 +317,7 @@ class MMServer:
             reply = wire.error_reply(None, Error(Errno.EPROTO, f"expected 1 frame, got {parts}"))
         else:
             reply = self.handle(frame.get("User-Id"), frame.bytes)
-        sock.send(rid, SNDMORE)  # (two sends with a plain int flag: send_multipart costs more per reply)
-        sock.send(reply)
+        serving.send_reply(sock, rid, reply)
 
     def handle(self, identity: str | None, data: bytes) -> bytes:
         assert self.service is not None

@@ -15,8 +15,11 @@ from protocol.errors import Errno, Error
 from protocol.wire import MAX_RUNS
 
 MAX_FRAME = (1 << 40) - 1  # 4 PiB of 4 KiB frames; profiles narrow it further
-MAX_FRAMES_PER_CALL = 1 << 25
-MAX_PAGES_PER_CALL = 1 << 20
+MAX_FRAMES_PER_CALL = 1 << 25  # donate/reclaim/frame_info: runs, never expanded before their range is checked
+MAX_PAGES_PER_CALL = 1 << 20  # map/unmap/alloc/free: 4 GiB of virtual space
+MAX_QUOTA = 1 << 40  # pages or frames in one quota
+MAX_SEGMENTS = 1 << 14  # segments in one frame_info or mappings reply (a page of a listing)
+MAX_LISTING = 1000  # processes in one page of the kernel's per-process listing
 MAX_VADDR = (1 << 64) - 1
 MAX_OBJECT_ID = (1 << 63) - 1
 KEY_LEN = 40  # a Z85-encoded CURVE public key
@@ -56,8 +59,13 @@ class Empty(Args):
 
 # ---- kernel calls ---------------------------------------------------------
 
+Quota = Annotated[int, Field(ge=1, le=MAX_QUOTA)]
+
+
 class ProcCreate(Args):
     key: Key
+    kernel_quota: Quota  # kernel frames this process may cause (address space, tables, threads, endpoints)
+    user_quota: Annotated[int, Field(ge=0, le=MAX_QUOTA)] = 0  # user pages the mm granted (shown in stats)
 
 
 class ProcDestroy(Args):
@@ -104,12 +112,27 @@ class EndpointDestroy(Args):
 
 class FrameInfo(Args):
     frames: Runs
-    max_segments: Annotated[int, Field(ge=1, le=1 << 16)] = 4096
+    max_segments: Annotated[int, Field(ge=1, le=MAX_SEGMENTS)] = 4096
+
+
+class Mappings(Args):
+    """What is mapped in process ``pid`` over [vaddr, vaddr + pages pages): the mm settles an intent
+    whose reply was lost by asking exactly this (one intent at a time), never by guessing."""
+    pid: Pid
+    vaddr: Vaddr
+    pages: Annotated[int, Field(ge=1, le=1 << 52)]
+    max_segments: Annotated[int, Field(ge=1, le=MAX_SEGMENTS)] = 1024
 
 
 class Events(Args):
     since: Annotated[int, Field(ge=0, le=MAX_OBJECT_ID)] = 0
-    limit: Annotated[int, Field(ge=1, le=10000)] = 1000
+    limit: Annotated[int, Field(ge=1, le=1000)] = 256
+
+
+class Stats(Args):
+    """``from_pid``/``limit`` page through the per-process listing (the mm and the operator only)."""
+    from_pid: Optional[Annotated[int, Field(ge=0, le=MAX_OBJECT_ID)]] = None
+    limit: Annotated[int, Field(ge=1, le=MAX_LISTING)] = 100
 
 
 KERNEL_CALLS: dict[str, TypeAdapter] = {
@@ -128,7 +151,8 @@ KERNEL_CALLS: dict[str, TypeAdapter] = {
         "endpoint_create": Empty,
         "endpoint_destroy": EndpointDestroy,
         "frame_info": FrameInfo,
-        "stats": Empty,
+        "mappings": Mappings,
+        "stats": Stats,
         "ping": Empty,
         "events": Events,
     }.items()
@@ -150,11 +174,18 @@ class Free(Args):
 
 
 class Share(Args):
+    """An offer of the allocation at ``vaddr`` to ``peer`` (an admitted client with a live process);
+    nothing is mapped until the peer accepts it."""
     vaddr: Vaddr
     pages: Pages
     peer: Key
-    peer_vaddr: Vaddr
     prot: Prot = 1
+
+
+class Accept(Args):
+    """Map an offer made to the caller, at ``vaddr`` or where the mm places it, charged to the caller."""
+    offer: ObjId
+    vaddr: Optional[Vaddr] = None
 
 
 MM_CALLS: dict[str, TypeAdapter] = {
@@ -164,9 +195,10 @@ MM_CALLS: dict[str, TypeAdapter] = {
         "alloc": Alloc,
         "free": Free,
         "share": Share,
+        "accept": Accept,
         "stats": Empty,
         "ping": Empty,
-        "audit": Empty,  # the operator only (the mm's own key)
+        "audit": Empty,  # the operator only
     }.items()
 }
 

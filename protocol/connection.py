@@ -67,7 +67,7 @@ class Connection:
         s.curve_serverkey = self.server_key
         s.curve_publickey = self.public
         s.curve_secretkey = self.secret
-        s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
+        s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_REPLY_BYTES)
         s.connect(self.endpoint)
         self.sock = s
         self._rcvtimeo = -1  # the receive timeout set on the socket (ms), -1: ZeroMQ's default (none)

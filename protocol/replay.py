@@ -2,25 +2,40 @@
 
 A request that arrives again with the same identity, id and bytes gets the
 cached reply without being executed again; the same id with different bytes
-is refused. Bounded: ``per_identity`` replies per caller, ``identities``
-callers (least recently seen forgotten first). No I/O, no clocks.
+is refused. No I/O, no clocks.
+
+Bounded, and fair (I13): each caller keeps its ``per_identity`` most recent
+replies (its own traffic evicts its own oldest ones). Callers the server
+*pins* (``pinned(identity)`` is true: an admitted client with a live
+process, the mm, the operator) are never evicted by anyone else's traffic;
+the others (a caller with no process yet, or one whose process is gone) share
+``identities`` places, least recently seen forgotten first. How many callers
+can be pinned is bounded by admission and quotas, not here.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Callable
 
 from protocol import wire
 from protocol.errors import Errno, Error
 
 
+def _never(identity: str) -> bool:
+    return False
+
+
 class ReplayCache:
-    def __init__(self, per_identity: int = 256, identities: int = 4096) -> None:
+    def __init__(self, per_identity: int = 256, identities: int = 4096,
+                 pinned: Callable[[str], bool] | None = None) -> None:
         self.per_identity = per_identity
-        self.identities = identities
+        self.identities = identities  # places for callers that are not pinned
+        self.pinned = pinned or _never
         self.replies: OrderedDict[str, OrderedDict[int, tuple[bytes, bytes]]] = OrderedDict()
         self.hits = 0
+        self.evicted = 0  # callers forgotten to make room (never a pinned one)
 
     @staticmethod
     def digest(data: bytes) -> bytes:
@@ -43,9 +58,21 @@ class ReplayCache:
         if cache is None:
             cache = self.replies[identity] = OrderedDict()
             if len(self.replies) > self.identities:
-                self.replies.popitem(last=False)
+                self._evict()
         else:
             self.replies.move_to_end(identity)
         cache[req_id] = (digest, reply)
         if len(cache) > self.per_identity:
             cache.popitem(last=False)
+
+    def _evict(self) -> None:
+        """Forget the least recently seen callers that are not pinned until at most ``identities`` of
+        the unpinned remain (pinned callers found on the way are skipped, never dropped)."""
+        unpinned = [k for k in self.replies if not self.pinned(k)]
+        for k in unpinned[: max(0, len(unpinned) - self.identities)]:
+            del self.replies[k]
+            self.evicted += 1
+
+    def forget(self, identity: str) -> None:
+        """Drop a caller's replies (its process is gone and a new one starts afresh)."""
+        self.replies.pop(identity, None)

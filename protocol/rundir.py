@@ -3,6 +3,7 @@
 Everything a run keeps on disk is named here, and only here:
 
     RUN/keys/              key pairs (below)
+    RUN/keys/admitted/     the public keys of the admitted clients (``admit``/``revoke``/``Admission``)
     RUN/kernel.endpoint    the endpoint the kernel bound (``write_endpoint``/``read_endpoint``)
     RUN/mm.endpoint        the endpoint the mm bound
     RUN/kernel.lock        held by the running kernel (``lock``)
@@ -15,7 +16,20 @@ kernel, the mm and some clients with ``zmq.auth.create_certificates``:
 
     RUN/keys/kernel.key         public certificate
     RUN/keys/kernel.key_secret  secret certificate (mode 0600)
-    RUN/keys/mm.key ...         and client-0, client-1, ...
+    RUN/keys/mm.key ...         and operator, client-0, client-1, ...
+
+The ``operator`` key is the human's (``mmsim audit``, ``status``): the kernel
+and the mm always admit it and it may read what only the mm may otherwise
+read (frame_info, mappings, per-process listings), never change anything.
+
+Admission (who may talk to the servers at all) follows pyzmq's certificate
+directory convention: ``RUN/keys/admitted/<name>.key`` is a public
+certificate, optionally with a ``metadata`` section naming per-key quotas
+(``quota`` user pages, ``kernel_quota`` kernel frames). Both servers' ZAP
+handlers accept the mm, the operator and the keys in that directory, and
+refuse every other key at the CURVE handshake. ``Admission`` re-reads the
+directory when it changes, so a key admitted while the servers run is
+accepted without a restart.
 
 Endpoints are published next to them (``RUN/kernel.endpoint``,
 ``RUN/mm.endpoint``) by the servers (``write_endpoint``/``read_endpoint``). Nothing here is ever committed to git.
@@ -27,11 +41,16 @@ import hashlib
 import os
 import re
 import socket
+import time
+from dataclasses import dataclass
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 
 KEYS_DIR = "keys"
+ADMITTED_DIR = "admitted"  # under KEYS_DIR
+SERVERS = ("kernel", "mm", "operator")  # the key pairs every run has
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -61,11 +80,16 @@ def generate(run_dir: str, name: str, overwrite: bool = False) -> bytes:
 
 
 def init(run_dir: str, clients: int = 4, overwrite: bool = False) -> dict[str, str]:
-    """Key pairs for the kernel, the mm and ``clients`` clients; returns name -> public key."""
+    """Key pairs for the kernel, the mm, the operator and ``clients`` clients (admitted); returns
+    name -> public key."""
     if clients < 0:
         raise ValueError("the number of client keys cannot be negative")
-    names = ["kernel", "mm"] + [f"client-{i}" for i in range(clients)]
-    return {n: generate(run_dir, n, overwrite).decode() for n in names}
+    out = {n: generate(run_dir, n, overwrite).decode() for n in SERVERS}
+    for i in range(clients):
+        name = f"client-{i}"
+        out[name] = generate(run_dir, name, overwrite).decode()
+        admit(run_dir, name)
+    return out
 
 
 def public_key(run_dir: str, name: str) -> bytes:
@@ -77,6 +101,14 @@ def public_key(run_dir: str, name: str) -> bytes:
         raise FileNotFoundError(f"no public key {name!r} in {keys_dir(run_dir)} "
                                 f"(run `mmsim keys init {run_dir}`): {exc}") from None
     return pub
+
+
+def operator_key(run_dir: str) -> str | None:
+    """The operator's public key (Z85), or None if this run directory has none."""
+    try:
+        return public_key(run_dir, "operator").decode()
+    except FileNotFoundError:
+        return None
 
 
 def load_keypair(run_dir: str, name: str) -> tuple[bytes, bytes]:
@@ -98,6 +130,154 @@ def names(run_dir: str) -> list[str]:
     if not os.path.isdir(d):
         return []
     return sorted(f[: -len(".key_secret")] for f in os.listdir(d) if f.endswith(".key_secret"))
+
+
+# ---- admission ---------------------------------------------------------------------
+
+def admitted_dir(run_dir: str) -> str:
+    return os.path.join(keys_dir(run_dir), ADMITTED_DIR)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """An admitted key and its per-key quota overrides (None: the mm's defaults)."""
+
+    name: str
+    key: str
+    quota: int | None = None  # user pages
+    kernel_quota: int | None = None  # kernel frames
+
+
+_KEY_LINE = re.compile(r'^\s*public-key\s*=\s*"(.{40})"\s*$', re.M)
+_META_LINE = re.compile(r'^\s+([a-z_]+)\s*=\s*"([^"]*)"\s*$')
+
+
+def _read_grant(path: str, name: str) -> Grant | None:
+    """The grant a public certificate describes, or None if it is not one."""
+    try:
+        with open(path) as f:
+            text = f.read(4096)
+    except OSError:
+        return None
+    m = _KEY_LINE.search(text)
+    if m is None:
+        return None
+    meta: dict[str, int] = {}
+    section = ""
+    for line in text.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            section = line.strip()
+        elif section == "metadata" and (mm := _META_LINE.match(line)) and mm.group(2).isdigit():
+            meta[mm.group(1)] = int(mm.group(2))
+    return Grant(name, m.group(1), meta.get("quota"), meta.get("kernel_quota"))
+
+
+def admit(run_dir: str, name: str, key: str | bytes | None = None, quota: int | None = None,
+          kernel_quota: int | None = None) -> Grant:
+    """Admit a client key: ``RUN/keys/admitted/<name>.key`` (the public key of the pair ``name``, or
+    ``key`` given as Z85), with optional quota overrides. Replaces an earlier admission of ``name``."""
+    _check_name(name)
+    if name in SERVERS:
+        raise ValueError(f"{name!r} is a server's key pair: it is always admitted, as itself")
+    if key is None:
+        key = public_key(run_dir, name)
+    key = key.decode() if isinstance(key, bytes) else key
+    if len(key) != 40:
+        raise ValueError(f"a Z85 public key has 40 characters, not {len(key)}")
+    try:
+        zmq.utils.z85.decode(key)
+    except Exception:
+        raise ValueError(f"{key!r} is not a Z85-encoded key") from None
+    for what, v in (("quota", quota), ("kernel_quota", kernel_quota)):
+        if v is not None and v < 1:
+            raise ValueError(f"{what} must be at least 1, not {v}")
+    d = admitted_dir(run_dir)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    meta = "".join(f'    {k} = "{v}"\n' for k, v in (("quota", quota), ("kernel_quota", kernel_quota)) if v)
+    text = ("#   ****  mmsim: an admitted client key  ****\n#   ZeroMQ CURVE Public Certificate\n\n"
+            + (f"metadata\n{meta}" if meta else "") + f'curve\n    public-key = "{key}"\n')
+    path = os.path.join(d, f"{name}.key")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # atomic: a server re-reading the directory sees the old file or the new one
+    return Grant(name, key, quota, kernel_quota)
+
+
+def revoke(run_dir: str, name: str) -> bool:
+    """Take back an admission; False if ``name`` was not admitted. (Connections already made stay up
+    until they close: ZAP runs at the handshake; the client's process ends with its lease.)"""
+    _check_name(name)
+    try:
+        os.remove(os.path.join(admitted_dir(run_dir), f"{name}.key"))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def admitted(run_dir: str) -> dict[str, Grant]:
+    """Every admitted key: public key (Z85) -> Grant."""
+    d = admitted_dir(run_dir)
+    try:
+        files = sorted(f for f in os.listdir(d) if f.endswith(".key"))
+    except FileNotFoundError:
+        return {}
+    out: dict[str, Grant] = {}
+    for f in files:
+        g = _read_grant(os.path.join(d, f), f[: -len(".key")])
+        if g is not None:
+            out[g.key] = g
+    return out
+
+
+class Admission:
+    """The admitted keys of a run directory as a server sees them: always the ``always`` keys (the
+    mm, the operator), plus ``RUN/keys/admitted/``, re-read when the directory changes (looked at
+    no more often than every ``recheck`` seconds, so a stranger's handshakes cost a cached lookup).
+    Safe to read from the ZAP thread while the server thread refreshes it."""
+
+    def __init__(self, run_dir: str | None, always: tuple[str, ...] = (), recheck: float = 0.25) -> None:
+        self.run_dir = run_dir
+        self.always = frozenset(always)
+        self.recheck = recheck
+        self.grants: dict[str, Grant] = {}
+        self._stamp: int | None = None
+        self._looked = -1e9
+        self.reloads = 0
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Re-read the directory if it changed (or ``force``); True if the grants changed."""
+        if self.run_dir is None:
+            return False
+        self._looked = time.monotonic()
+        try:
+            stamp = os.stat(admitted_dir(self.run_dir)).st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        if not force and stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        grants = admitted(self.run_dir)
+        changed = grants != self.grants
+        self.grants = grants  # one assignment: readers see the old dict or the new one
+        self.reloads += 1
+        return changed
+
+    def allowed(self, key: str) -> bool:
+        if key in self.always or key in self.grants:
+            return True
+        if time.monotonic() - self._looked >= self.recheck:  # maybe admitted since we last looked
+            self.refresh()
+            return key in self.grants
+        return False
+
+    def grant(self, key: str) -> Grant | None:
+        return self.grants.get(key)
+
+    def callback(self, domain: str, key: bytes | str) -> bool:
+        """pyzmq's CURVE credentials-provider hook (``Authenticator.configure_curve_callback``)."""
+        return self.allowed(key.decode() if isinstance(key, bytes) else key)
 
 
 def fresh_keypair() -> tuple[bytes, bytes]:

@@ -1,14 +1,18 @@
 """The server side of a socket, shared by the kernel, the mm and the benchmark floor.
 
 ``bind_router`` opens the CURVE ROUTER every server uses: pyzmq's
-``ThreadAuthenticator`` as the ZAP handler, accepting any CURVE key and
-reporting it as the ``User-Id`` of every frame (the caller's identity);
-the transport size limit; a reply queue deep enough that no reply is dropped
-for a client with many requests in flight (I10); and a bind that refuses an
-ipc path another process listens on. ``Deadline`` sets a socket's receive
-timeout so that a blocking receive returns in time for the server's next
-housekeeping (one wake-up per request, unlike a poll followed by receives
-that end in ``zmq.Again``).
+``ThreadAuthenticator`` as the ZAP handler, reporting the client's CURVE key
+as the ``User-Id`` of every frame (the caller's identity) and admitting only
+the keys ``admission`` allows (``rundir.Admission``: the mm, the operator and
+the admitted clients; every other key is refused at the handshake, before it
+costs the server anything); the transport size limit; a bounded reply queue
+per peer; and a bind that refuses an ipc path another process listens on.
+
+``send_reply`` never blocks and never buffers without bound: a peer that
+leaves ``wire.REPLY_QUEUE`` replies unread (or has gone) loses the reply,
+which is counted; it gets it again by resending its request (the replay
+cache answers). ``Deadline`` sets a socket's receive timeout so that a
+blocking receive returns in time for the server's next housekeeping.
 """
 
 from __future__ import annotations
@@ -21,23 +25,30 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from protocol import rundir, wire
 
+SEND = int(zmq.NOBLOCK)
+SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
-def bind_router(ctx: zmq.Context, bind: str, public: bytes, secret: bytes,
-                who: str) -> tuple[zmq.Socket, ThreadAuthenticator, str]:
-    """(socket, authenticator, connectable endpoint); SystemExit naming ``who`` if the bind fails."""
+
+def bind_router(ctx: zmq.Context, bind: str, public: bytes, secret: bytes, who: str,
+                admission: rundir.Admission | None = None) -> tuple[zmq.Socket, ThreadAuthenticator, str]:
+    """(socket, authenticator, connectable endpoint); SystemExit naming ``who`` if the bind fails.
+    ``admission`` None admits any CURVE key (the benchmark floor only)."""
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+    if admission is None:
+        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+    else:
+        auth.configure_curve_callback(domain="*", credentials_provider=admission)
     sock = ctx.socket(zmq.ROUTER)
     sock.curve_server = True
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_TRANSPORT_BYTES)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-    # Replies queued for one peer: ZeroMQ's default (1000) silently drops replies to a client with more
-    # requests than that in flight. Only a peer that leaves REPLY_QUEUE replies unread loses replies,
-    # and the server's memory stays bounded.
+    # A reply that cannot be routed (the peer's queue is full, or the peer is gone) raises instead of
+    # vanishing silently, so ``send_reply`` can count it.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.sndhwm = wire.REPLY_QUEUE
+    sock.rcvhwm = wire.REPLY_QUEUE
     try:
         if rundir.ipc_in_use(bind):  # ZeroMQ's ipc bind would silently take the path over
             raise zmq.ZMQError(zmq.EADDRINUSE, "Address already in use (another process listens there)")
@@ -47,6 +58,17 @@ def bind_router(ctx: zmq.Context, bind: str, public: bytes, secret: bytes,
         auth.stop()
         raise SystemExit(f"{who}: cannot bind {bind}: {exc}") from None
     return sock, auth, rundir.connectable(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+
+def send_reply(sock: zmq.Socket, rid: bytes, reply: bytes) -> bool:
+    """Send one reply to the peer ``rid`` without blocking; False if it was dropped (the peer's reply
+    queue is full: it does not read; or the peer is gone)."""
+    try:
+        sock.send(rid, SEND_MORE)
+    except zmq.ZMQError:  # EAGAIN (queue full) or EHOSTUNREACH (gone): nothing was queued
+        return False
+    sock.send(reply, SEND)  # (the rest of a message whose first part was queued cannot fail)
+    return True
 
 
 class Deadline:

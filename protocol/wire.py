@@ -6,6 +6,14 @@ Reply:   ``{"v": 1, "id": <same>, "ok": true, "result": {...}}`` or
 
 ``parse_request`` never raises: undecodable or malformed input comes back as
 an ``Error`` (EPROTO or E2BIG) so a server can answer it and carry on.
+
+Bounded work: a request is at most ``MAX_REQUEST_BYTES`` (the largest legal
+request, ``MAX_RUNS`` runs of 64-bit frame numbers, is about 20 KiB), and it
+is decoded with msgpack's own limits (no array longer than ``MAX_RUNS``, no
+map wider than ``MAX_MAP``, no string or binary longer than ``MAX_STR``;
+nesting is bounded by the size), so what a request can make a server spend
+before it is refused is a small constant. Replies are paginated to stay far
+below ``MAX_REPLY_BYTES``.
 """
 
 from __future__ import annotations
@@ -17,10 +25,13 @@ import msgpack
 from protocol.errors import Errno, Error
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 1 << 20  # a request or reply larger than this is refused (E2BIG)
-MAX_TRANSPORT_BYTES = 4 * MAX_MESSAGE_BYTES  # sockets drop a peer that sends more than this at once
-REPLY_QUEUE = 100_000  # replies a server queues for one peer that does not read them
-MAX_RUNS = 4096  # frame runs per call
+MAX_RUNS = 1024  # frame runs per call
+MAX_REQUEST_BYTES = 32 << 10  # a larger request is refused (E2BIG)
+MAX_TRANSPORT_BYTES = 2 * MAX_REQUEST_BYTES  # a server's socket drops a peer that sends more than this at once
+MAX_REPLY_BYTES = 1 << 20  # a client's socket drops a server that answers with more than this
+MAX_MAP = 32  # keys in any map of a request
+MAX_STR = 256  # bytes in any string or binary of a request
+REPLY_QUEUE = 4096  # replies a server queues for one peer; a peer that leaves more unread loses the rest
 MAX_ID = (1 << 64) - 1
 MAX_CALL_NAME = 32
 REQUEST_KEYS = frozenset(("v", "id", "call", "args"))
@@ -31,7 +42,14 @@ def encode(obj: Any) -> bytes:
 
 
 def decode(data: bytes) -> Any:
+    """Decode a reply (or anything trusted)."""
     return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+
+
+def decode_request(data: bytes) -> Any:
+    """Decode a request with msgpack's limits (see the module docstring); raises on anything beyond them."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True, max_array_len=MAX_RUNS,
+                           max_map_len=MAX_MAP, max_str_len=MAX_STR, max_bin_len=MAX_STR, max_ext_len=0)
 
 
 def request(req_id: int, call: str, args: dict[str, Any] | None = None) -> bytes:
@@ -48,11 +66,13 @@ def error_reply(req_id: int | None, err: Error) -> bytes:
 
 def parse_request(data: bytes) -> tuple[int | None, str, dict[str, Any]] | tuple[int | None, Error]:
     """Decode and check the envelope: ``(id, call, args)`` or ``(id_or_None, Error)``."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        return None, Error(Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    if len(data) > MAX_REQUEST_BYTES:
+        return None, Error(Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
     try:
-        msg = decode(data)
+        msg = decode_request(data)
     except Exception as exc:  # msgpack raises many types on garbage
+        if isinstance(exc, ValueError) and " exceeds max_" in str(exc):  # a length beyond the limits
+            return None, Error(Errno.E2BIG, f"message refused: {exc}")
         return None, Error(Errno.EPROTO, f"undecodable message: {type(exc).__name__}")
     if not isinstance(msg, dict):
         return None, Error(Errno.EPROTO, f"request must be a map, got {type(msg).__name__}")

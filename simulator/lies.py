@@ -37,7 +37,7 @@ _HUGE_RUNS = [[i, 1] for i in range(wire.MAX_RUNS + 1)]  # one run more than a r
 def _oversized() -> bytes:
     global _OVERSIZED
     if _OVERSIZED is None:
-        _OVERSIZED = wire.request(1, "ping", {"pad": "x" * (wire.MAX_MESSAGE_BYTES + 16)})
+        _OVERSIZED = wire.request(1, "ping", {"pad": "x" * (wire.MAX_REQUEST_BYTES + 16)})
     return _OVERSIZED
 
 

@@ -911,7 +911,7 @@ HUGE_RUNS = [[i * 2, 1] for i in range(wire.MAX_RUNS + 1)]
     (MM, wire.request(7, "reclaim", {"frames": [[5, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
     (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[1, MAX_FRAMES_PER_CALL]], "prot": 1}), Errno.EINVAL),
     (MM, wire.request(7, "frame_info", {"frames": [[0, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
-    (MM, wire.encode({"v": 1, "id": 7, "call": "ping", "args": {"pad": b"x" * wire.MAX_MESSAGE_BYTES}}), Errno.E2BIG),
+    (MM, wire.encode({"v": 1, "id": 7, "call": "ping", "args": {"pad": b"x" * wire.MAX_REQUEST_BYTES}}), Errno.E2BIG),
     (None, wire.request(7, "ping"), Errno.EPERM),
 ])
 def test_malformed_input_gets_a_named_error_and_changes_nothing(identity, data, code):

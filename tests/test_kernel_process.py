@@ -245,7 +245,7 @@ def test_garbage_multipart_oversized_and_anonymous_input(kernel_only, zctx):
         assert r is not None and r["ok"] is False and r["error"]["code"] == "EPROTO"
         assert "frame" in r["error"]["message"]
 
-        big = wire.encode({"v": 1, "id": 12, "call": "ping", "args": {"pad": "x" * (wire.MAX_MESSAGE_BYTES + 10)}})
+        big = wire.encode({"v": 1, "id": 12, "call": "ping", "args": {"pad": "x" * (wire.MAX_REQUEST_BYTES + 10)}})
         r = rpc(sock, big, timeout=5)
         assert r is not None and r["ok"] is False and r["error"]["code"] == "E2BIG"
         assert rpc(sock, wire.request(13, "ping"))["ok"] is True

@@ -124,12 +124,12 @@ def test_missing_args_means_empty():
 
 
 def test_oversized_message_is_e2big():
-    data = env(args={"pad": b"x" * wire.MAX_MESSAGE_BYTES})
+    data = env(args={"pad": b"x" * wire.MAX_REQUEST_BYTES})
     req_id, err = parse_error(data)
     assert err.code == Errno.E2BIG and str(len(data)) in err.message
     # just under the limit is parsed (and then judged by the call's own validation)
-    small = env(args={"pad": b"x" * (wire.MAX_MESSAGE_BYTES - 100)})
-    assert len(small) <= wire.MAX_MESSAGE_BYTES and len(wire.parse_request(small)) == 3
+    small = env(args={"pad": b"x" * (wire.MAX_REQUEST_BYTES - 100)})
+    assert len(small) <= wire.MAX_REQUEST_BYTES and len(wire.parse_request(small)) == 3
 
 
 def test_replies_round_trip():
