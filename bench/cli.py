@@ -45,9 +45,12 @@ def _check_transport(transport: Transport | str) -> str:
 def _check_size(text: str, hint: str) -> str:
     """The size in bytes, as a plain number (every parser reads that the same way)."""
     try:
-        return str(options.parse_size(text))
+        n = options.parse_size(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint=hint) from None
+    if n < options.PAGE:
+        raise typer.BadParameter(f"{text!r} is less than one {options.PAGE}-byte page", param_hint=hint)
+    return str(n)
 
 
 @contextmanager
