@@ -224,43 +224,59 @@ def _hello(run_dir: str, server: str, pair: tuple[bytes, bytes], timeout: float 
             return None
 
 
-def test_keys_admitted_or_revoked_while_the_servers_run_count_from_the_next_connection(make_system):
+@pytest.mark.parametrize("server", ["kernel", "mm"])
+def test_keys_admitted_or_revoked_while_the_servers_run_count_from_the_next_connection(make_system, server):
+    from mmsim.cli import app
+
     s = make_system(clients=0)
-    s.start()
-    kernel_pid, mm_pid = s.parts["kernel"].pid, s.parts["mm"].pid
-    stranger = rundir.fresh_keypair()
-    for server in ("kernel", "mm"):
-        assert _hello(s.run_dir, server, stranger) is None  # not admitted: refused at the handshake
+    s.start_kernel()
+    if server == "mm":
+        s.start_mm()
+    pids = {name: p.pid for name, p in s.parts.items()}
+    assert _hello(s.run_dir, server, rundir.fresh_keypair()) is None  # a stranger: refused at the handshake
     rundir.generate(s.run_dir, "late")
     late = rundir.load_keypair(s.run_dir, "late")
-    assert _hello(s.run_dir, "kernel", late, timeout=0.5) is None  # a key pair alone is not an admission
-    r = CliRunner().invoke(__import__("mmsim.cli", fromlist=["app"]).app,
-                           ["keys", "admit", s.run_dir, "late", "--quota", "64"])
+    assert _hello(s.run_dir, server, late, timeout=0.5) is None  # a key pair alone is not an admission
+    r = CliRunner().invoke(app, ["keys", "admit", s.run_dir, "late", "--quota", "64"])
     assert r.exit_code == 0, r.stderr
-    for server in ("kernel", "mm"):  # served without restarting anything
-        got = wait_for(lambda: _hello(s.run_dir, server, late), 10, f"the {server} to serve the admitted key")
-        assert got["identity"] == late[0].decode()
-    assert (s.parts["kernel"].pid, s.parts["mm"].pid) == (kernel_pid, mm_pid)
-    assert s.parts["kernel"].alive() and s.parts["mm"].alive()
-    r = CliRunner().invoke(__import__("mmsim.cli", fromlist=["app"]).app, ["keys", "revoke", s.run_dir, "late"])
+    got = wait_for(lambda: _hello(s.run_dir, server, late), 10, f"the {server} to serve the admitted key")
+    assert got["identity"] == late[0].decode()
+    assert {name: p.pid for name, p in s.parts.items()} == pids and all(p.alive() for p in s.parts.values())
+    r = CliRunner().invoke(app, ["keys", "revoke", s.run_dir, "late"])
     assert r.exit_code == 0, r.stderr
-    for server in ("kernel", "mm"):
-        wait_for(lambda: _hello(s.run_dir, server, late, timeout=0.5) is None, 10,
-                 f"the {server} to refuse the revoked key's new connections")
-    assert _hello(s.run_dir, "kernel", rundir.load_keypair(s.run_dir, "operator"))  # the operator: always
+    wait_for(lambda: _hello(s.run_dir, server, late, timeout=0.5) is None, 10,
+             f"the {server} to refuse the revoked key's new connections")
+    assert _hello(s.run_dir, server, rundir.load_keypair(s.run_dir, "operator"))  # the operator: always
 
 
 def test_stop_leaves_no_endpoint_or_socket_behind(make_system):
     s = make_system(clients=0)
-    s.start()
+    s.start_kernel()
     ipc = rundir.ipc_dir(s.run_dir, create=False)
-    assert os.path.isdir(ipc) and rundir.running(s.run_dir) == ["kernel", "mm"]
-    s.kill("mm", signal.SIGKILL)  # a server that could not clean up after itself
+    assert os.path.isdir(ipc) and rundir.running(s.run_dir) == ["kernel"]
+    s.kill("kernel", signal.SIGKILL)  # a server that could not clean up after itself
+    assert os.path.exists(rundir.endpoint_path(s.run_dir, "kernel"))
     s.stop()
     assert rundir.running(s.run_dir) == []
     assert not os.path.exists(rundir.endpoint_path(s.run_dir, "kernel"))
-    assert not os.path.exists(rundir.endpoint_path(s.run_dir, "mm"))
     assert not os.path.exists(ipc)
+
+
+@pytest.mark.parametrize("servers", [("kernel",), ("mm", "kernel")], ids=["kernel", "mm then kernel"])
+def test_a_server_stopped_by_sigterm_takes_back_its_endpoint_and_socket(make_system, servers):
+    s = make_system(clients=0)
+    s.start_kernel()
+    if "mm" in servers:
+        s.start_mm()
+    sockets = {name: rundir.read_endpoint(s.run_dir, name)[len("ipc://"):] for name in servers}
+    assert all(os.path.exists(p) for p in sockets.values())
+    for name in servers:
+        assert s.kill(name, signal.SIGTERM) == 0  # System.kill does not clean up: the server must
+        assert not os.path.exists(rundir.endpoint_path(s.run_dir, name)), f"the {name} left its endpoint file"
+        assert not os.path.exists(sockets[name]), f"the {name} left its ipc socket"
+        if name == "mm":  # the kernel's socket is still there: the directory stays
+            assert os.path.isdir(rundir.ipc_dir(s.run_dir, create=False))
+    assert not os.path.exists(rundir.ipc_dir(s.run_dir, create=False))  # the last one out removed the directory
 
 
 # ---- processes ----------------------------------------------------------------------------------
