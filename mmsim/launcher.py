@@ -74,7 +74,7 @@ def fresh_run_dir(run_dir: str, hint: str = "--run-dir") -> tuple[str, list[str]
         who = ", ".join(f"the {n} (pid {rundir.holder(run_dir, n) or '?'})" for n in live)
         raise typer.BadParameter(f"a system is running in {run_dir}: {who}; stop it first (or choose another "
                                  "run directory)", param_hint=hint)
-    foreign = [e for e in entries if not rundir._layout_entry(e)]
+    foreign = [e for e in entries if not rundir.named_by_layout(e)]
     if foreign or not (rundir.is_run_dir(run_dir) or os.path.exists(rundir.report_path(run_dir))):
         shown = ", ".join((foreign or entries)[:5]) + (", ..." if len(foreign or entries) > 5 else "")
         raise typer.BadParameter(f"{run_dir} is not an empty directory nor a previous run (it holds {shown}); a "

@@ -88,8 +88,8 @@ class System:
             shutil.rmtree(self.run_dir)
         os.makedirs(rundir.logs_dir(self.run_dir), exist_ok=True)
         rundir.init(self.run_dir, clients=clients)
-        # A bystander: an admitted identity that never has a process (tests use it to show what a client
-        # that is not the caller's victim can and cannot do). The system itself looks as the operator.
+        # "observer": an admitted client identity that never has a process of its own (a bystander for tests:
+        # admitted, yet owning nothing). The system itself looks at the servers as the operator.
         rundir.generate(self.run_dir, "observer")
         rundir.admit(self.run_dir, "observer")
         self.arch, self.memory, self.lease = arch, memory, lease

@@ -549,7 +549,7 @@ def running(run_dir: str) -> list[str]:
     return [name for name in LOCKED if held(run_dir, name)]
 
 
-def _layout_entry(entry: str) -> bool:
+def named_by_layout(entry: str) -> bool:
     """Whether a top-level name in a run directory is one the layout names (or a temporary of one)."""
     if entry in (KEYS_DIR, LOGS_DIR, REPORT, JOURNAL) or entry.startswith(JOURNAL + "-"):
         return True
@@ -569,7 +569,7 @@ def reset(run_dir: str) -> list[str]:
     left = []
     for entry in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, entry)
-        if not _layout_entry(entry):
+        if not named_by_layout(entry):
             left.append(entry)
         elif os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
