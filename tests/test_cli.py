@@ -266,6 +266,19 @@ def test_version_and_shell_completion():
     assert r.exit_code == 0 and "complete" in r.stdout and "mmsim" in r.stdout, r.stdout + r.stderr
 
 
+def test_completion_knows_the_commands_and_the_choices():
+    def complete(words: str) -> list[str]:
+        env = {"_MMSIM_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        r = RUNNER.invoke(mcli.app, [], env=env, prog_name="mmsim")
+        assert r.exit_code == 0, r.stderr
+        return r.stdout.split()
+
+    assert complete("mmsim ke") == ["keys", "kernel"]
+    assert complete("mmsim keys a") == ["admit"]
+    assert complete("mmsim kernel --arch ") == ["i686", "i686-pae", "x86_64"]
+    assert complete("mmsim up --transport ") == ["ipc", "tcp"]
+
+
 def test_choices_are_listed_in_help_and_match_the_parts():
     from clients.workloads import WORKLOADS
     from kernel_server.arch import PROFILES
