@@ -4,7 +4,7 @@ Each starts what it measures as real processes in a fresh run directory
 (a temporary one unless ``--run-dir`` is given), shows progress on stderr,
 and prints a table of figures (or JSON with ``--json``): each figure, the
 floor it is compared with (measured in the same run), the ratio and the
-target. Targets are DESIGN.md section 6; a MISS does not fail the command
+target. Targets are the design's (docs/design.md); a MISS does not fail the command
 unless ``--strict`` is given (machines are noisy; benchmarks report).
 """
 
@@ -23,7 +23,7 @@ import typer
 from mmsim import options
 from mmsim.options import Transport
 
-BENCH_HELP = ("Benchmarks (DESIGN.md section 6): each figure is a ratio against a floor (a bare pyzmq CURVE "
+BENCH_HELP = ("Benchmarks: each figure is a ratio against a floor (a bare pyzmq CURVE "
               "echo on the same transport) measured in the same run, with its target and PASS/MISS.")
 
 bench_app = typer.Typer(help=BENCH_HELP, no_args_is_help=True)
