@@ -4,7 +4,7 @@ Each starts what it measures as real processes in a fresh run directory
 (a temporary one unless ``--run-dir`` is given), shows progress on stderr,
 and prints a table of figures (or JSON with ``--json``): each figure, the
 floor it is compared with (measured in the same run), the ratio and the
-target. Targets are DESIGN.md section 6; a MISS does not fail the command
+target. Targets are the design's (docs/design.md); a MISS does not fail the command
 unless ``--strict`` is given (machines are noisy; benchmarks report).
 """
 
@@ -20,7 +20,10 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
-BENCH_HELP = ("Benchmarks (DESIGN.md section 6): each figure is a ratio against a floor (a bare pyzmq CURVE "
+from mmsim import options
+from mmsim.options import Transport
+
+BENCH_HELP = ("Benchmarks: each figure is a ratio against a floor (a bare pyzmq CURVE "
               "echo on the same transport) measured in the same run, with its target and PASS/MISS.")
 
 bench_app = typer.Typer(help=BENCH_HELP, no_args_is_help=True)
@@ -30,31 +33,30 @@ _ROUNDS = "Rounds: the floor and the measured server are timed in turn this many
 _TRANSPORT = "Transport for every socket: ipc or tcp (loopback)."
 _JSON = "Print the report as JSON on stdout (progress still goes to stderr)."
 _RUN_DIR = "Run directory for keys, endpoints and logs (default: a temporary directory, removed afterwards)."
+_RUN_DIR_CHECK = options.dir_callback()
 _KEEP = "Keep the run directory (logs of every process) instead of removing it."
 _STRICT = "Exit with status 1 when a figure misses its target."
 
 
-def _check_transport(transport: str) -> str:
-    if transport not in ("ipc", "tcp"):
-        raise typer.BadParameter(f"{transport!r} is not a transport; use ipc or tcp", param_hint="--transport")
-    return transport
+def _check_transport(transport: Transport | str) -> str:
+    return options.value(transport)
 
 
 def _check_size(text: str, hint: str) -> str:
-    from kernel_server.bootmap import parse_size
-
+    """The size in bytes, as a plain number (every parser reads that the same way)."""
     try:
-        parse_size(text)
+        n = options.parse_size(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint=hint) from None
-    return text
+    if n < options.PAGE:
+        raise typer.BadParameter(f"{text!r} is less than one {options.PAGE}-byte page", param_hint=hint)
+    return str(n)
 
 
 @contextmanager
 def _run_dir(given: Optional[str], keep: bool) -> Iterator[str]:
     """The run directory; a temporary one is removed afterwards unless ``keep``."""
-    path = os.path.abspath(given) if given else tempfile.mkdtemp(prefix="mmsim-bench-")
-    os.makedirs(path, exist_ok=True)
+    path = os.path.abspath(options.make_dir(given)) if given else tempfile.mkdtemp(prefix="mmsim-bench-")
     try:
         yield path
     finally:
@@ -167,7 +169,10 @@ def _kernel_opts(seconds: float, rounds: int, transport: str, window: int, batch
 
     opts = KernelBenchOptions(seconds=seconds, rounds=rounds, window=window, transport=transport, batch=batch,
                               scale=scale)
-    opts.check()
+    try:
+        opts.check()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return opts
 
 
@@ -175,7 +180,10 @@ def _mm_opts(seconds: float, rounds: int, transport: str, storm: str):
     from bench.mm import MMBenchOptions
 
     opts = MMBenchOptions(seconds=seconds, rounds=rounds, transport=transport, storm=storm)
-    opts.check()
+    try:
+        opts.check()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--storm") from None
     return opts
 
 
@@ -185,7 +193,7 @@ def _mm_opts(seconds: float, rounds: int, transport: str, storm: str):
 def kernel_cmd(
     seconds: float = typer.Option(0.5, "--seconds", min=0.01, help=_SECONDS),
     rounds: int = typer.Option(5, "--rounds", min=1, help=_ROUNDS),
-    transport: str = typer.Option("ipc", "--transport", help=_TRANSPORT),
+    transport: Transport = typer.Option(Transport.ipc, "--transport", help=_TRANSPORT),
     window: int = typer.Option(16, "--window", min=2, max=1024, help="Requests in flight when pipelined."),
     batch: int = typer.Option(4096, "--batch", min=1, max=1 << 16, help="Frames in the batch run "
                               "(donate/reclaim/map/unmap)."),
@@ -194,14 +202,14 @@ def kernel_cmd(
     profile: bool = typer.Option(False, "--profile", help="Also time KernelService.handle in-process, stage by "
                                  "stage, and print cProfile's top functions (no sockets)."),
     json_out: bool = typer.Option(False, "--json", help=_JSON),
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR, callback=_RUN_DIR_CHECK),
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
     """Kernel map/unmap against the floor (one at a time and pipelined), 4096-frame batches, scale with RAM."""
     from bench.roundtrip import BenchError
 
-    _check_transport(transport)
+    transport = _check_transport(transport)
     opts = _kernel_opts(seconds, rounds, transport, window, batch, scale)
     with _run_dir(run_dir, keep) as rd:
         try:
@@ -242,19 +250,19 @@ def _print_profile(p: dict) -> None:
 def mm_cmd(
     seconds: float = typer.Option(0.5, "--seconds", min=0.01, help=_SECONDS),
     rounds: int = typer.Option(5, "--rounds", min=1, help=_ROUNDS),
-    transport: str = typer.Option("ipc", "--transport", help=_TRANSPORT),
+    transport: Transport = typer.Option(Transport.ipc, "--transport", help=_TRANSPORT),
     storm: str = typer.Option("64MiB", "--storm", help="Memory one client allocates in 4 KiB pages for the "
                               "donation storm, e.g. 64MiB or 1GiB (1 GiB takes minutes)."),
     json_out: bool = typer.Option(False, "--json", help=_JSON),
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR, callback=_RUN_DIR_CHECK),
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
     """Client alloc+free of one page through the mm against the floor, and a donation storm."""
     from bench.roundtrip import BenchError
 
-    _check_transport(transport)
-    _check_size(storm, "--storm")
+    transport = _check_transport(transport)
+    storm = _check_size(storm, "--storm")
     opts = _mm_opts(seconds, rounds, transport, storm)
     with _run_dir(run_dir, keep) as rd:
         try:
@@ -296,7 +304,7 @@ def sim_cmd(
 def all_cmd(
     seconds: float = typer.Option(0.5, "--seconds", min=0.01, help=_SECONDS),
     rounds: int = typer.Option(5, "--rounds", min=1, help=_ROUNDS),
-    transport: str = typer.Option("ipc", "--transport", help=_TRANSPORT),
+    transport: Transport = typer.Option(Transport.ipc, "--transport", help=_TRANSPORT),
     window: int = typer.Option(16, "--window", min=2, max=1024, help="Requests in flight when pipelined."),
     storm: str = typer.Option("64MiB", "--storm", help="Memory the donation-storm client allocates in 4 KiB pages."),
     steps: int = typer.Option(6000, "--steps", min=10, help="Client requests in the large-page churn."),
@@ -304,7 +312,7 @@ def all_cmd(
     quick: bool = typer.Option(False, "--quick", help="About 15 s: --seconds 0.3 --rounds 2 --storm 8MiB "
                                "--steps 1500 (noisier)."),
     json_out: bool = typer.Option(False, "--json", help=_JSON),
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR, callback=_RUN_DIR_CHECK),
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
@@ -314,8 +322,8 @@ def all_cmd(
 
     if quick:
         seconds, rounds, storm, steps = 0.3, 2, "8MiB", 1500
-    _check_transport(transport)
-    _check_size(storm, "--storm")
+    transport = _check_transport(transport)
+    storm = _check_size(storm, "--storm")
     kopts = _kernel_opts(seconds, rounds, transport, window, 4096, True)
     mopts = _mm_opts(seconds, rounds, transport, storm)
     rep = Report()

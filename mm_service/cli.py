@@ -7,17 +7,21 @@ from typing import Optional
 
 import typer
 
-from mm_service.policy import Config
+from mmsim import options
+from mmsim.options import LogLevel, Placement
 
 MM_HELP = "Start the memory manager: its own view of frame ownership, client memory service, kernel pool upkeep."
 
 
 def mm(
-    kernel: Optional[str] = typer.Option(None, "--kernel", help="Kernel endpoint (default: read RUN/kernel.endpoint)."),
+    kernel: Optional[str] = typer.Option(None, "--kernel", help="Kernel endpoint (default: read RUN/kernel.endpoint).",
+                                         callback=options.endpoint_callback("--kernel")),
     bind: Optional[str] = typer.Option(None, "--bind", help="Endpoint for clients, ipc://... or tcp://... "
-                                       "(default: an ipc socket under /tmp for this run directory)."),
-    run_dir: str = typer.Option("./mmsim-run", "--run-dir", help="Run directory with keys/ (made by `mmsim keys init` "
-                                "or the kernel); the journal mm.db is kept here."),
+                                       "(default: an ipc socket under /tmp for this run directory).",
+                                       callback=options.endpoint_callback("--bind")),
+    run_dir: str = typer.Option(options.DEFAULT_RUN_DIR, "--run-dir", help="Run directory with keys/ (made by `mmsim "
+                                "keys init` or the kernel); the journal mm.db is kept here.",
+                                callback=options.run_dir_callback()),
     low: int = typer.Option(64, "--low", min=0, help="Donate to the kernel when its free pool drops below this many frames."),
     target: int = typer.Option(256, "--target", min=0, help="Pool size donations and reclaims aim for (frames)."),
     high: int = typer.Option(1024, "--high", min=0, help="Reclaim from the kernel when its pool exceeds this many frames."),
@@ -25,36 +29,53 @@ def mm(
     fsync: bool = typer.Option(False, "--fsync", help="fsync the journal on every commit (survive power loss, not just kill -9)."),
     compact_every: int = typer.Option(2000, "--compact-every", min=1, help="Journal ops between snapshots (compaction): "
                                       "a restart replays at most about this many ops."),
-    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG shows every refused request."),
+    placement: Placement = typer.Option(Placement.pageblock, "--placement", help="Where allocations go: pageblock "
+                                        "keeps large-page-aligned runs intact; first-fit is the naive comparison."),
+    log_level: LogLevel = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False,
+                                       help="DEBUG shows every refused request."),
 ) -> None:
     """Start the memory manager (mm) process."""
+    from mm_service.policy import Config
     from mm_service.server import MMOptions, run
     from protocol import rundir
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s mm %(levelname)s %(message)s")
-    cfg = Config(low=low, target=target, high=high, quota=quota, compact_every=compact_every)
+    cfg = Config(low=low, target=target, high=high, quota=quota, compact_every=compact_every,
+                 placement=options.value(placement))
     try:
         cfg.check()
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint="--low/--target/--high") from None
     if kernel is None:
+        if not rundir.held(run_dir, "kernel"):  # known at once: no need to wait for a kernel that is not there
+            raise typer.BadParameter(f"no kernel is running in {run_dir} (nothing holds "
+                                     f"{rundir.lock_path(run_dir, 'kernel')}): start `mmsim kernel --run-dir "
+                                     f"{run_dir}` first, or give --kernel", param_hint="--kernel")
         try:
             kernel = rundir.read_endpoint(run_dir, "kernel")
         except FileNotFoundError as exc:
-            typer.echo(f"error: no --kernel given and {exc} (start `mmsim kernel` first)", err=True)
-            raise typer.Exit(2) from None
+            raise typer.BadParameter(f"the kernel has not published its endpoint yet: {exc}",
+                                     param_hint="--kernel") from None
+    logging.basicConfig(level=options.value(log_level).upper(), format="%(asctime)s mm %(levelname)s %(message)s")
     run(MMOptions(run_dir=run_dir, kernel=kernel, bind=bind or rundir.default_bind(run_dir, "mm"), config=cfg, fsync=fsync))
 
 
 def audit(
-    run_dir: str = typer.Option("./mmsim-run", "--run-dir", help="Run directory of a running system."),
-    endpoint: Optional[str] = typer.Option(None, "--mm", help="The mm's endpoint (default: RUN/mm.endpoint)."),
+    run_dir: str = typer.Option(options.DEFAULT_RUN_DIR, "--run-dir", help="Run directory of a running system.",
+                                callback=options.run_dir_callback()),
+    endpoint: Optional[str] = typer.Option(None, "--mm", help="The mm's endpoint (default: RUN/mm.endpoint).",
+                                           callback=options.endpoint_callback("--mm")),
     json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
-    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait for the mm's report."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1, max=3600.0, help="Seconds to wait for the mm's report."),
 ) -> None:
     """Compare the mm's view with the kernel's frame by frame; exit 1 on any divergence, 2 if no report."""
     import json
 
+    from protocol import rundir
+
+    if endpoint is None and not rundir.held(run_dir, "mm"):  # known at once from the lock, no timeout
+        typer.echo(f"audit failed: is the mm running? Nothing holds {rundir.lock_path(run_dir, 'mm')}, so no mm runs "
+                   f"with {run_dir} (start one: mmsim up, or mmsim mm --run-dir {run_dir})", err=True)
+        raise typer.Exit(2)
     from mm_service.audit import format_report, run_audit
     from protocol.errors import CallError
 

@@ -2,7 +2,8 @@
 
 ``make_plan(seed, ...)`` decides every fault before anything runs (so the plan
 is printed first and the same seed gives the same plan): kill -9 a client
-(and start a replacement with a new key), kill -9 the mm and restart it,
+(revoke its key, start a replacement with a new, admitted key), kill -9 the
+mm and restart it,
 pause a client or the mm with SIGSTOP for a while then SIGCONT, run a lying
 client (``mmsim client attack --kind K --json``). Every kind appears at
 least once. Faults run one after another at their planned times; each is
@@ -11,35 +12,45 @@ between the mm's event poll and its frame-table read while workloads run).
 
 At the end the clients are stopped and the run is checked like ``mmsim up``
 does (audit, conservation, leaks: ``launcher.final_checks``), and a table of
-faults injected and errors seen is printed. Exit 1 on any violation.
+faults injected and errors seen is printed; the same, as data, goes to
+``RUN/report.json`` (``--json`` prints it). Exit 1 on any violation. Ctrl-C
+is an interruption, not a violation: everything started is stopped, the
+report says how far the plan got, and the exit status is 130 (1 if a
+violation was found before it).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import signal
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import typer
 
+from mmsim import options
 from mmsim.launcher import (
     DEFAULT_WORKLOADS,
+    EXIT_INTERRUPTED,
     Check,
     check_system_options,
     checks_table,
     client_summary,
+    ctrl_c_deferred,
     final_checks,
     fresh_run_dir,
 )
-from protocol.errors import CallError
+from mmsim.options import Arch, Transport
 
 CHAOS_HELP = ("Run the system under workload and inject faults at seeded random moments (kill -9 clients, kill -9 "
               "and restart the mm, SIGSTOP/SIGCONT, lying clients); then audit, check conservation and leaks, "
-              "and print a table of faults and errors. Exit 1 on any violation.")
+              "print a table of faults and errors and write it to RUN/report.json. Exit 0 no violation, 1 a "
+              "violation, 130 interrupted (Ctrl-C stops everything it started and says how far it got).")
 FAULTS = ("kill_client", "kill_mm", "pause_client", "pause_mm", "attack")
 FAULT_TEXT = {
     "kill_client": "kill -9 a client, start a replacement",
@@ -48,6 +59,7 @@ FAULT_TEXT = {
     "pause_mm": "SIGSTOP the mm, SIGCONT later",
     "attack": "run a lying client",
 }
+ATTACK_KEYS = ("attacker", "victim")  # the key pairs a lying client (`mmsim client attack`) talks with
 AUDIT_TRIES = 3  # audits after a fault before a divergence counts (workloads keep running meanwhile)
 ATTACK_TIMEOUT = 60.0
 
@@ -133,6 +145,8 @@ class Run:
 
 def _audit(system: Any) -> tuple[str, str]:
     """(audit text, violation or ""): up to AUDIT_TRIES audits 0.3 s apart; clean if one is."""
+    from protocol.errors import CallError
+
     first = None
     for attempt in range(AUDIT_TRIES):
         try:
@@ -156,8 +170,9 @@ def inject(run: Run, f: Fault, t0: float) -> Outcome:
         victim = run.current[f.target]
         system.kill(victim, signal.SIGKILL)
         run.killed.add(victim)
+        system.retire(victim)  # its key is not needed again: revoked; the replacement has a new one
         new = run.start_client(f.target, t0)
-        out.note = f"killed {victim}, started {new}"
+        out.note = f"killed {victim} (key revoked), started {new} (new key, admitted)"
     elif f.action == "kill_mm":
         from mmsim.system import StartError
 
@@ -178,6 +193,8 @@ def inject(run: Run, f: Fault, t0: float) -> Outcome:
         system.send_signal(name, signal.SIGCONT)
         out.note = f"paused {name} {f.hold:.2f}s"
     elif f.action == "attack":
+        for key in ATTACK_KEYS:  # a lying client is an admitted client that lies: let it in first
+            system.admit(key)
         name = f"attack-{len(run.attacks)}"
         part = system.spawn(name, "attack", ["client", "attack", "--run-dir", system.run_dir, "--kind", f.target,
                                              "--json"])
@@ -209,49 +226,79 @@ def _attack_text(summ: dict[str, Any]) -> str:
 
 
 def chaos(
-    duration: float = typer.Option(20.0, "--duration", min=1.0, help="Seconds of workload with faults."),
-    seed: int = typer.Option(1, "--seed", help="Seed of the fault plan and the workloads (same seed, same plan)."),
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="A fresh (absent or empty) run directory "
-                                          "(default: ./mmsim-run-chaos-<timestamp>)."),
-    arch: str = typer.Option("i686", "--arch", help="Architecture profile: i686, i686-pae or x86_64."),
-    memory: str = typer.Option("256MiB", "--memory", help="RAM size, e.g. 256MiB, 4GiB."),
+    duration: float = typer.Option(20.0, "--duration", min=1.0, max=86400.0, help="Seconds of workload with faults."),
+    seed: int = typer.Option(1, "--seed", min=0, max=2**31, help="Seed of the fault plan and the workloads (same "
+                             "seed, same plan)."),
+    run_dir: str = typer.Option(options.DEFAULT_RUN_DIR, "--run-dir", help="Run directory: new, empty, or a "
+                                "previous stopped run (replaced; a running one is refused). status, audit and ping "
+                                "look there by default.", callback=options.dir_callback()),
+    arch: Arch = typer.Option(Arch.i686, "--arch", help="Architecture profile."),
+    memory: str = typer.Option("256MiB", "--memory", metavar="SIZE", help="RAM size, e.g. 256MiB, 4GiB, 1G "
+                               "(= 10^9 bytes; rounded down to whole pages).",
+                               callback=options.size_callback("--memory", memory=True)),
     clients: int = typer.Option(4, "--clients", min=0, max=64, help="Workload client processes."),
-    lease: float = typer.Option(1.0, "--lease", min=0.2, help="Client lease in seconds (pauses last up to twice "
-                                "this, so some outlast it)."),
-    transport: str = typer.Option("ipc", "--transport", help="ipc (sockets under /tmp) or tcp (127.0.0.1)."),
-    plan_only: bool = typer.Option(False, "--plan-only", help="Print the fault plan and exit without running it."),
+    lease: float = typer.Option(1.0, "--lease", min=0.2, max=3600.0, help="Client lease in seconds (pauses last "
+                                "up to twice this, so some outlast it)."),
+    transport: Transport = typer.Option(Transport.ipc, "--transport", help="ipc (sockets under /tmp) or tcp "
+                                        "(127.0.0.1)."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Print the fault plan and exit without running it "
+                                   "(nothing is started, the run directory is not touched)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout (what "
+                                  "RUN/report.json holds); the plan and progress go to stderr."),
 ) -> None:
     """Inject faults into a running system and check its invariants."""
+    check_system_options(arch, memory)
+    kinds = attack_kinds()
+    plan = make_plan(seed, duration, clients, kinds, lease)
+
+    def say(text: str) -> None:
+        typer.echo(text, err=json_out)
+
+    say(f"chaos plan (seed {seed}, {duration:g}s, {clients} client(s), lease {lease:g}s): {len(plan)} faults")
+    for f in plan:
+        say("  " + f.describe())
+    if plan_only:
+        if json_out:
+            typer.echo(json.dumps({"command": "chaos", "plan": [asdict(f) for f in plan]}))
+        raise typer.Exit(0)
+    run_dir, replaced = fresh_run_dir(run_dir)
     from rich.console import Console
 
     from mmsim.system import StartError, System
+    from protocol import rundir
+    from protocol.errors import CallError
 
-    check_system_options(arch, memory, transport)
-    kinds = attack_kinds()
-    plan = make_plan(seed, duration, clients, kinds, lease)
-    typer.echo(f"chaos plan (seed {seed}, {duration:g}s, {clients} client(s), lease {lease:g}s): {len(plan)} faults")
-    for f in plan:
-        typer.echo("  " + f.describe())
-    if plan_only:
-        raise typer.Exit(0)
-    run_dir = fresh_run_dir(run_dir, "mmsim-run-chaos")
-    console = Console() if Console().is_terminal else Console(width=130)
-    system = System(run_dir, arch=arch, memory=memory, lease=lease, transport=transport, clients=clients)
-    typer.echo(f"run directory {system.run_dir} (logs in {system.run_dir}/logs)")
+    console = Console(stderr=json_out)
+    if not console.is_terminal:
+        console = Console(width=130, stderr=json_out)
+    system = System(run_dir, arch=options.value(arch), memory=memory, lease=lease, transport=options.value(transport),
+                    clients=clients)
+    say(f"run directory {system.run_dir}" + (" (the previous run there was replaced)" if replaced else "")
+        + f"; logs in {rundir.logs_dir(system.run_dir)}")
     violations: list[str] = []
     outcomes: list[Outcome] = []
+    checks: list[Check] = []
+    client_rows: list = []
+    servers: dict[str, dict] = {}
+    interrupted = ""
+    began = time.monotonic()
+    t0 = None
     run = Run(system, {f"client-{i}": DEFAULT_WORKLOADS[i % len(DEFAULT_WORKLOADS)] for i in range(clients)},
               seed, duration)
     try:
         try:
             system.start()
+            boot = system.kernel_stats()
+            t0 = time.monotonic()
+            for slot in run.workloads:
+                run.start_client(slot, t0)
         except StartError as exc:
             typer.echo(f"chaos: {exc}", err=True)
-            raise typer.Exit(1) from None
-        boot = system.kernel_stats()
-        t0 = time.monotonic()
-        for slot in run.workloads:
-            run.start_client(slot, t0)
+            violations.append(f"the system did not start: {str(exc).splitlines()[0]}")
+            raise _Stop() from None
+        except KeyboardInterrupt:
+            interrupted = "while starting the system, before any fault"
+            raise _Stop() from None
         try:
             for f in plan:
                 wait = t0 + f.at - time.monotonic()
@@ -259,8 +306,8 @@ def chaos(
                     time.sleep(wait)
                 out = inject(run, f, t0)
                 outcomes.append(out)
-                typer.echo(f"[{out.started:6.2f}s] {f.action:<13} {f.target}: {out.note}; audit {out.audit or '-'}"
-                           + (f"; VIOLATION: {out.violation}" if out.violation else ""))
+                say(f"[{out.started:6.2f}s] {f.action:<13} {f.target}: {out.note}; audit {out.audit or '-'}"
+                    + (f"; VIOLATION: {out.violation}" if out.violation else ""))
                 if out.violation:
                     violations.append(f"{f.action} {f.target}: {out.violation}")
                 if not system.parts["kernel"].alive():
@@ -269,58 +316,117 @@ def chaos(
             if left > 0 and system.parts["kernel"].alive():
                 time.sleep(left)
         except KeyboardInterrupt:
-            violations.append("interrupted before the plan finished")
-        typer.echo("stopping clients; waiting for the kernel to release their processes; final checks")
-        stopped = set()  # parts still running at the end; one just started may die of SIGTERM before its handler
-        for p in list(system.parts.values()):
-            if p.role in ("client", "attack") and p.alive():
-                stopped.add(p.name)
-                system.kill(p.name, signal.SIGTERM)
-        checks: list[Check] = []
-        for p in ("kernel", "mm"):
-            part = system.parts[p]
-            if not part.alive():
-                violations.append(f"the {p} died (status {part.proc.returncode}):\n{part.log_tail(8)}")
-        if system.parts["kernel"].alive() and system.parts["mm"].alive():
+            interrupted = (f"after {len(outcomes)} of {len(plan)} faults, {time.monotonic() - t0:.1f}s of "
+                           f"{duration:g}s")
+        with ctrl_c_deferred() as hits:
+            say("interrupted: stopping everything it started (no final checks)" if interrupted else
+                "stopping clients; waiting for the kernel to release their processes; final checks")
+            stopped = set()  # parts still running at the end; one just started may die of SIGTERM before its handler
+            for p in list(system.parts.values()):
+                if p.role in ("client", "attack") and p.alive():
+                    stopped.add(p.name)
+                    system.kill(p.name, signal.SIGTERM)
+            for p in ("kernel", "mm"):
+                part = system.parts[p]
+                if not part.alive():
+                    violations.append(f"the {p} died (status {part.proc.returncode}):\n{part.log_tail(8)}")
+        if hits and not interrupted:
+            interrupted = f"after all {len(plan)} faults, while stopping the clients"
+        if not interrupted and system.parts["kernel"].alive() and system.parts["mm"].alive():
             try:
-                checks, _report = final_checks(system, boot, quiet_timeout=3 * lease + 10)
+                checks, _audit = final_checks(system, boot, quiet_timeout=3 * lease + 10)
             except CallError as exc:
                 violations.append(f"final checks failed: {exc}")
+            except KeyboardInterrupt:
+                interrupted = f"after all {len(plan)} faults, during the final checks"
+                checks = []
         violations.extend(f"{c.name}: {c.detail}" for c in checks if not c.ok)
-        client_rows = []
-        for p in system.parts.values():
-            if p.role != "client":
-                continue
-            summ = client_summary(p.log_path) if p.name not in run.killed else None
-            code = p.proc.returncode
-            if p.name in run.killed:
-                expected = code == -signal.SIGKILL
-            else:
-                expected = code == 0 or (p.name in stopped and code == -signal.SIGTERM)
-            if not expected:
-                violations.append(f"client {p.name} exited {code}" + (" (a server gave a wrong answer)"
-                                                                      if code == 1 else ""))
-            client_rows.append((p.name, code, summ))
-        servers: dict[str, dict] = {}
+        client_rows = _client_rows(run, stopped, violations)
         for server in ("kernel", "mm"):
             try:
                 with system.connection(server) as conn:
                     servers[server] = conn.call("stats")
             except (CallError, FileNotFoundError):
                 pass
-        codes = system.stop()
+    except _Stop:
+        pass
+    except KeyboardInterrupt:
+        interrupted = interrupted or f"after {len(outcomes)} of {len(plan)} faults, while stopping"
+    finally:
+        with ctrl_c_deferred():
+            codes = system.stop()
+    if not interrupted:
         for p in ("mm", "kernel"):
             if codes.get(p) not in (0, None) and not any(v.startswith(f"the {p} died") for v in violations):
                 violations.append(f"the {p} exited {codes.get(p)} when stopped")
+    code = 1 if violations else EXIT_INTERRUPTED if interrupted else 0
+    report = chaos_report(run, plan, outcomes, checks, client_rows, servers, codes, violations, interrupted, code,
+                     time.monotonic() - began, {"duration": duration, "seed": seed, "arch": options.value(arch),
+                                                 "memory": memory, "clients": clients, "lease": lease,
+                                                 "transport": options.value(transport)})
+    rundir.write_report(system.run_dir, report)
+    if json_out:
+        typer.echo(json.dumps(report, default=str))
+    else:
         _print_tables(console, plan, outcomes, client_rows, run, checks, servers)
-    finally:
-        system.stop()
+    if interrupted:
+        console.print(f"[bold yellow]interrupted[/] {interrupted}; everything it started is stopped", markup=True)
     if violations:
         console.print("[bold red]VIOLATIONS:[/]")
         for v in violations:
             console.print(f"  - {v}", markup=False)
-        raise typer.Exit(1)
-    console.print("[bold green]no violations[/]: every fault survived, audits clean, nothing leaked")
+    elif not interrupted:
+        console.print("[bold green]no violations[/]: every fault survived, audits clean, nothing leaked")
+    say(f"report: {rundir.report_path(system.run_dir)}")
+    raise typer.Exit(code)
+
+
+class _Stop(Exception):
+    """Nothing more to run: go straight to stopping what was started."""
+
+
+def _client_rows(run: Run, stopped: set[str], violations: list[str]) -> list:
+    rows = []
+    for p in run.system.parts.values():
+        if p.role != "client":
+            continue
+        summ = client_summary(p.log_path) if p.name not in run.killed else None
+        code = p.proc.returncode
+        if p.name in run.killed:
+            expected = code == -signal.SIGKILL
+        else:
+            expected = code == 0 or (p.name in stopped and code == -signal.SIGTERM)
+        if not expected:
+            violations.append(f"client {p.name} exited {code}" + (" (a server gave a wrong answer)" if code == 1
+                                                                  else ""))
+        rows.append((p.name, code, summ))
+    return rows
+
+
+def chaos_report(run: Run, plan: list[Fault], outcomes: list[Outcome], checks: list[Check], client_rows: list,
+            servers: dict[str, dict], codes: dict[str, Any], violations: list[str], interrupted: str, code: int,
+            seconds: float, opts: dict[str, Any]) -> dict[str, Any]:
+    """What chaos found, as data (``RUN/report.json``, ``--json``)."""
+    attacks = []
+    for name, kind in run.attacks:
+        part = run.system.parts[name]
+        attacks.append({"name": name, "kind": kind, "exit": part.proc.returncode,
+                        "summary": client_summary(part.log_path)})
+    return {
+        "command": "chaos", "run_dir": os.path.abspath(run.system.run_dir), "ok": not violations and not interrupted,
+        "exit": code, "interrupted": interrupted or None, "seconds": round(seconds, 3),
+        "options": opts,
+        "plan": [asdict(f) for f in plan],
+        "faults": [{**asdict(o.fault), "started": round(o.started, 3), "done": o.done, "note": o.note,
+                    "audit": o.audit, "violation": o.violation or None} for o in outcomes],
+        "progress": {"planned": len(plan), "injected": sum(1 for o in outcomes if o.done)},
+        "checks": [c.to_json() for c in checks],
+        "clients": [{"name": n, "exit": c, "summary": s} for n, c, s in client_rows],
+        "attacks": attacks,
+        "servers": {k: {kk: vv for kk, vv in v.items() if kk != "per_process"} for k, v in servers.items()},
+        "stopped": codes,  # exit status of every part still running at the end (0: stopped cleanly)
+        "violations": violations,
+    }
 
 
 def _print_tables(console: Any, plan: list[Fault], outcomes: list[Outcome], client_rows: list, run: Run,

@@ -1,13 +1,16 @@
 """The process supervisor: kernel, mm and clients as separate OS processes of one run.
 
-``System(run_dir)`` makes the run directory and its keys, then starts each
-part with ``python -m mmsim.cli ...`` (no reliance on PATH), its output in
-``RUN/logs/<name>.log``. Starting waits for readiness (the endpoint file
-published and a real reply over CURVE), never for a fixed time, and fails
-with the log's tail if the process dies first. Children get SIGKILL if the
-supervisor dies (Linux ``PR_SET_PDEATHSIG``), so no test or launcher leaves
-orphans. Used by ``mmsim up``, ``mmsim chaos``, the benchmarks and the
-multi-process tests.
+``System(run_dir)`` makes the run directory and its keys (kernel, mm,
+operator, and admitted client key pairs), then starts each part with
+``python -m mmsim.cli ...`` (no reliance on PATH), its output in
+``RUN/logs/<name>.log``. It admits every client it starts (``start_client``;
+``retire`` revokes one) and looks at the servers as the operator. Starting
+waits for readiness (the endpoint file published and a real reply over
+CURVE), never for a fixed time, and fails with the log's tail if the process
+dies first. Children get SIGKILL if the supervisor dies (Linux
+``PR_SET_PDEATHSIG``), so no test or launcher leaves orphans; ``stop`` also
+removes what stopped servers left behind (endpoint files, ipc sockets). Used
+by ``mmsim up``, ``mmsim chaos``, the benchmarks and the multi-process tests.
 """
 
 from __future__ import annotations
@@ -83,9 +86,12 @@ class System:
         self.run_dir = os.path.abspath(run_dir)
         if fresh and os.path.isdir(self.run_dir):
             shutil.rmtree(self.run_dir)
-        os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
+        os.makedirs(rundir.logs_dir(self.run_dir), exist_ok=True)
         rundir.init(self.run_dir, clients=clients)
-        rundir.generate(self.run_dir, "observer")  # for status/stats calls: an identity with no process
+        # "observer": an admitted client identity that never has a process of its own (a bystander for tests:
+        # admitted, yet owning nothing). The system itself looks at the servers as the operator.
+        rundir.generate(self.run_dir, "observer")
+        rundir.admit(self.run_dir, "observer")
         self.arch, self.memory, self.lease = arch, memory, lease
         self.kernel_pool = kernel_pool
         self.transport = transport
@@ -101,7 +107,7 @@ class System:
         if old is not None and old.alive():
             raise ValueError(f"part {name!r} is already running (pid {old.pid})")
         argv = [sys.executable, "-m", "mmsim.cli", *args]
-        log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
+        log_path = os.path.join(rundir.logs_dir(self.run_dir), f"{name}.log")
         log = open(log_path, "ab", buffering=0)
         log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(args)}\n".encode())
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -120,15 +126,12 @@ class System:
         return rundir.default_bind(self.run_dir, name)
 
     def _forget_endpoint(self, name: str) -> None:
-        try:
-            os.remove(os.path.join(self.run_dir, f"{name}.endpoint"))
-        except FileNotFoundError:
-            pass
+        rundir.withdraw_endpoint(self.run_dir, name)
 
     def _wait_ready(self, part: Part, server: str, timeout: float) -> str:
         """Wait until ``server`` published its endpoint and answers a ping; its endpoint."""
         deadline = time.monotonic() + timeout
-        pub, sec = rundir.load_keypair(self.run_dir, "observer")
+        pub, sec = rundir.load_keypair(self.run_dir, "operator")
         server_key = rundir.public_key(self.run_dir, server)
         endpoint = None
         while time.monotonic() < deadline:
@@ -173,10 +176,23 @@ class System:
         self.start_mm()
         return self
 
+    def admit(self, name: str, quota: int | None = None, kernel_quota: int | None = None) -> str:
+        """Make key pair ``name`` if missing and admit it; its public key."""
+        rundir.generate(self.run_dir, name)
+        return rundir.admit(self.run_dir, name, quota=quota, kernel_quota=kernel_quota).key
+
+    def retire(self, name: str) -> None:
+        """Revoke a client's admission (and its sharer peer's): a client that is gone for good."""
+        for n in (name, f"{name}-peer"):
+            rundir.revoke(self.run_dir, n)
+
     def start_client(self, name: str, workload: str, seed: int = 1, duration: float = 10.0,
                      extra: Sequence[str] = ()) -> Part:
-        """A workload client process (``mmsim client run``) with key pair ``name``."""
-        rundir.generate(self.run_dir, name)
+        """A workload client process (``mmsim client run``) with key pair ``name``, admitted first (with
+        its ``NAME-peer`` for the sharer workload, which shares with that identity)."""
+        self.admit(name)
+        if workload == "sharer":
+            self.admit(f"{name}-peer")
         return self.spawn(name, "client", ["client", "run", "--run-dir", self.run_dir, "--name", name,
                                            "--workload", workload, "--seed", str(seed),
                                            "--duration", str(duration), *extra])
@@ -231,7 +247,17 @@ class System:
                 except subprocess.TimeoutExpired:
                     p.proc.kill()
                     codes[p.name] = p.proc.wait()
+        self.cleanup()
         return codes
+
+    def cleanup(self) -> None:
+        """Once no server of the run is running: remove what they published and may have left behind
+        (endpoint files, the ipc socket directory), e.g. after a kill -9."""
+        if rundir.running(self.run_dir):
+            return
+        for name in ("kernel", "mm"):
+            rundir.withdraw_endpoint(self.run_dir, name)
+        rundir.remove_ipc_dir(self.run_dir)
 
     def __enter__(self) -> "System":
         return self
@@ -241,7 +267,7 @@ class System:
 
     # ---- looking at it ----------------------------------------------------------------
 
-    def connection(self, server: str, identity: str = "observer", timeout: float = 2.0, retries: int = 1) -> Connection:
+    def connection(self, server: str, identity: str = "operator", timeout: float = 2.0, retries: int = 1) -> Connection:
         """A Connection to ``kernel`` or ``mm`` with key pair ``identity`` (close it after use)."""
         pub, sec = rundir.load_keypair(self.run_dir, identity)
         return Connection(rundir.read_endpoint(self.run_dir, server), rundir.public_key(self.run_dir, server),

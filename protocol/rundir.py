@@ -1,14 +1,24 @@
-"""The run directory's layout: key pairs, published endpoints, ipc sockets and locks.
+"""The run directory's layout: key pairs, admitted keys, published endpoints, ipc sockets, locks, logs
+and the run's report.
 
 Everything a run keeps on disk is named here, and only here:
 
     RUN/keys/              key pairs (below)
     RUN/keys/admitted/     the public keys of the admitted clients (``admit``/``revoke``/``Admission``)
-    RUN/kernel.endpoint    the endpoint the kernel bound (``write_endpoint``/``read_endpoint``)
+    RUN/kernel.endpoint    the endpoint the kernel bound (``write_endpoint``/``read_endpoint``/``withdraw``)
     RUN/mm.endpoint        the endpoint the mm bound
-    RUN/kernel.lock        held by the running kernel (``lock``)
-    RUN/mm.lock            held by the running mm; the mm's journal is RUN/mm.db
+    RUN/kernel.lock        held by the running kernel (``lock``; ``held`` asks whether it is)
+    RUN/mm.lock            held by the running mm
+    RUN/mm.db              the mm's journal (``journal_path``)
+    RUN/logs/              one log per process started by the launcher (``logs_dir``)
+    RUN/report.json        what ``mmsim up`` and ``mmsim chaos`` found, as data (``write_report``)
     /tmp/mmsim-<hash>/     the run's ipc sockets (``ipc_dir``: ipc paths must stay under 107 bytes)
+
+A server that stops takes back what it published (``withdraw``: its endpoint
+file, its ipc socket file, the ipc directory once empty) while it still holds
+its lock, so nothing another server of the run wrote is ever removed.
+``reset`` clears a stopped run for reuse; it never removes a file the layout
+does not name.
 
 A process is a CURVE key pair (its identity is the Z85 public key the server's
 ZAP handler reports as ``User-Id``). ``init(run_dir)`` writes pairs for the
@@ -38,18 +48,25 @@ Endpoints are published next to them (``RUN/kernel.endpoint``,
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import shutil
 import socket
+import stat
 import time
 from dataclasses import dataclass
+from typing import Any
 
-import zmq
-import zmq.auth
-import zmq.utils.z85
+# zmq is imported where keys are made or read, so that looking at a run directory (locks, endpoints,
+# reports, admitted keys) stays cheap for the commands that only do that.
 
 KEYS_DIR = "keys"
 ADMITTED_DIR = "admitted"  # under KEYS_DIR
+LOGS_DIR = "logs"
+REPORT = "report.json"
+JOURNAL = "mm.db"
+LOCKED = ("kernel", "mm")  # the servers that lock the run directory
 SERVERS = ("kernel", "mm", "operator")  # the key pairs every run has
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -59,8 +76,28 @@ def keys_dir(run_dir: str) -> str:
 
 
 def _check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.match(name):
         raise ValueError(f"bad key name {name!r}: letters, digits, '_', '.', '-' only (at most 64)")
+
+
+Z85_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+_Z85_VALUE = {c: i for i, c in enumerate(Z85_CHARS)}
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a CURVE public key in Z85 (40 characters, 32 bytes), else ValueError."""
+    if not isinstance(key, str) or len(key) != 40:
+        raise ValueError(f"a Z85 public key has 40 characters, not {len(key) if isinstance(key, str) else key!r}")
+    bad = sorted({c for c in key if c not in _Z85_VALUE})
+    if bad:
+        raise ValueError(f"{key!r} is not a Z85 key: {''.join(bad)!r} is not in the Z85 alphabet")
+    for i in range(0, 40, 5):
+        v = 0
+        for c in key[i:i + 5]:
+            v = v * 85 + _Z85_VALUE[c]
+        if v >= 1 << 32:
+            raise ValueError(f"{key!r} is not a Z85 key: the group {key[i:i + 5]!r} is out of range")
+    return key
 
 
 def generate(run_dir: str, name: str, overwrite: bool = False) -> bytes:
@@ -72,6 +109,8 @@ def generate(run_dir: str, name: str, overwrite: bool = False) -> bytes:
     sec_path = os.path.join(d, f"{name}.key_secret")
     if not overwrite and os.path.exists(pub_path) and os.path.exists(sec_path):
         return public_key(run_dir, name)
+    import zmq.auth
+
     pub_tmp, sec_tmp = zmq.auth.create_certificates(d, f".{name}.tmp")
     os.chmod(sec_tmp, 0o600)
     os.replace(sec_tmp, sec_path)  # the secret first: a public key never stands alone
@@ -94,6 +133,8 @@ def init(run_dir: str, clients: int = 4, overwrite: bool = False) -> dict[str, s
 
 def public_key(run_dir: str, name: str) -> bytes:
     _check_name(name)
+    import zmq.auth
+
     path = os.path.join(keys_dir(run_dir), f"{name}.key")
     try:
         pub, _ = zmq.auth.load_certificate(path)
@@ -114,6 +155,8 @@ def operator_key(run_dir: str) -> str | None:
 def load_keypair(run_dir: str, name: str) -> tuple[bytes, bytes]:
     """(public, secret) Z85 keys of ``name``."""
     _check_name(name)
+    import zmq.auth
+
     path = os.path.join(keys_dir(run_dir), f"{name}.key_secret")
     try:
         pub, sec = zmq.auth.load_certificate(path)
@@ -181,13 +224,7 @@ def admit(run_dir: str, name: str, key: str | bytes | None = None, quota: int | 
         raise ValueError(f"{name!r} is a server's key pair: it is always admitted, as itself")
     if key is None:
         key = public_key(run_dir, name)
-    key = key.decode() if isinstance(key, bytes) else key
-    if len(key) != 40:
-        raise ValueError(f"a Z85 public key has 40 characters, not {len(key)}")
-    try:
-        zmq.utils.z85.decode(key)
-    except Exception:
-        raise ValueError(f"{key!r} is not a Z85-encoded key") from None
+    key = check_key(key.decode() if isinstance(key, bytes) else key)
     for what, v in (("quota", quota), ("kernel_quota", kernel_quota)):
         if v is not None and v < 1:
             raise ValueError(f"{what} must be at least 1, not {v}")
@@ -282,14 +319,20 @@ class Admission:
 
 def fresh_keypair() -> tuple[bytes, bytes]:
     """A throw-away key pair (not written anywhere): an anonymous or hostile client."""
+    import zmq
+
     return zmq.curve_keypair()
 
 
 # ---- endpoints published in the run directory ------------------------------------
 
+def endpoint_path(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, f"{name}.endpoint")
+
+
 def write_endpoint(run_dir: str, name: str, endpoint: str) -> None:
     """Publish ``RUN/<name>.endpoint`` atomically (readers never see half a line)."""
-    path = os.path.join(run_dir, f"{name}.endpoint")
+    path = endpoint_path(run_dir, name)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(endpoint + "\n")
@@ -298,12 +341,27 @@ def write_endpoint(run_dir: str, name: str, endpoint: str) -> None:
 
 def read_endpoint(run_dir: str, name: str) -> str:
     """The endpoint a server published in the run directory (``kernel`` or ``mm``)."""
-    path = os.path.join(run_dir, f"{name}.endpoint")
+    path = endpoint_path(run_dir, name)
     try:
         with open(path) as f:
             return f.read().strip()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: is the {name} running with --run-dir {run_dir}?") from None
+
+
+def withdraw_endpoint(run_dir: str, name: str, endpoint: str | None = None) -> bool:
+    """Remove ``RUN/<name>.endpoint`` if it names ``endpoint`` (any endpoint if None): a stopping
+    server takes back what it published, never what a newer server of that name wrote. True if removed."""
+    path = endpoint_path(run_dir, name)
+    try:
+        if endpoint is not None:
+            with open(path) as f:
+                if f.read().strip() != endpoint:
+                    return False
+        os.remove(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def connectable(endpoint: str) -> str:
@@ -353,11 +411,54 @@ def default_bind(run_dir: str, name: str) -> str:
     return f"ipc://{ipc_dir(run_dir)}/{name}.sock"
 
 
-def remove_ipc_dir(run_dir: str) -> None:
-    """Remove the run's ipc socket directory (once its servers have stopped)."""
-    import shutil
+def remove_ipc_socket(endpoint: str) -> bool:
+    """Unlink the socket file of an ``ipc://`` endpoint (ZeroMQ leaves it behind when the socket
+    closes). Only a socket file is removed; True if one was."""
+    if not endpoint.startswith("ipc://"):
+        return False
+    path = endpoint[len("ipc://"):]
+    if not path or path.startswith("@"):  # abstract namespace: no file
+        return False
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+        os.remove(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
-    shutil.rmtree(ipc_dir(run_dir, create=False), ignore_errors=True)
+
+def remove_ipc_dir(run_dir: str, only_if_empty: bool = False) -> bool:
+    """Remove the run's ipc socket directory (once its servers have stopped); with ``only_if_empty``
+    only when no socket is left in it. True if it is gone."""
+    d = ipc_dir(run_dir, create=False)
+    if only_if_empty:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError:  # not empty: another server of the run still has its socket there
+            return False
+        return True
+    shutil.rmtree(d, ignore_errors=True)
+    return not os.path.exists(d)
+
+
+def withdraw(run_dir: str, name: str, endpoint: str) -> None:
+    """What a stopping server calls, while it still holds its lock and before it closes its socket:
+    its endpoint file (if it still names ``endpoint``), its ipc socket file, and the run's ipc
+    directory once nothing else is in it. Nothing of another server's is touched; never raises
+    for what is already gone."""
+    withdraw_endpoint(run_dir, name, endpoint)
+    if endpoint.startswith("ipc://") and os.path.dirname(endpoint[len("ipc://"):]) == ipc_dir(run_dir, create=False):
+        remove_ipc_socket(endpoint)
+        remove_ipc_dir(run_dir, only_if_empty=True)
+    else:
+        remove_ipc_socket(endpoint)
+
+
+def lock_path(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, f"{name}.lock")
 
 
 def lock(run_dir: str, name: str) -> int:
@@ -366,7 +467,7 @@ def lock(run_dir: str, name: str) -> int:
     ``SystemExit`` naming the holder's pid when another live process holds it."""
     import fcntl
 
-    path = os.path.join(run_dir, f"{name}.lock")
+    path = lock_path(run_dir, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -383,9 +484,8 @@ def held(run_dir: str, name: str) -> bool:
     """Whether a live process holds ``RUN/<name>.lock`` (is the kernel / the mm of this run running?)."""
     import fcntl
 
-    path = os.path.join(run_dir, f"{name}.lock")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(lock_path(run_dir, name), os.O_RDONLY)
     except OSError:
         return False
     try:
@@ -395,3 +495,85 @@ def held(run_dir: str, name: str) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def holder(run_dir: str, name: str) -> int | None:
+    """The pid of the process holding ``RUN/<name>.lock``, or None if nobody holds it."""
+    if not held(run_dir, name):
+        return None
+    try:
+        with open(lock_path(run_dir, name)) as f:
+            text = f.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+# ---- logs, the report, reuse -------------------------------------------------------
+
+def logs_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, LOGS_DIR)
+
+
+def journal_path(run_dir: str) -> str:
+    return os.path.join(run_dir, JOURNAL)
+
+
+def report_path(run_dir: str) -> str:
+    return os.path.join(run_dir, REPORT)
+
+
+def write_report(run_dir: str, report: dict[str, Any]) -> str:
+    """Write ``RUN/report.json`` atomically (what ``mmsim up``/``chaos`` printed, as data); its path."""
+    path = report_path(run_dir)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_report(run_dir: str) -> dict[str, Any]:
+    with open(report_path(run_dir)) as f:
+        return json.load(f)
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether ``path`` looks like a run directory (it has ``keys/``)."""
+    return os.path.isdir(keys_dir(path))
+
+
+def running(run_dir: str) -> list[str]:
+    """The servers of the run that are running now (their locks are held)."""
+    return [name for name in LOCKED if held(run_dir, name)]
+
+
+def named_by_layout(entry: str) -> bool:
+    """Whether a top-level name in a run directory is one the layout names (or a temporary of one)."""
+    if entry in (KEYS_DIR, LOGS_DIR, REPORT, JOURNAL) or entry.startswith(JOURNAL + "-"):
+        return True
+    if entry.endswith((".endpoint", ".lock")) or re.fullmatch(r".+\.(endpoint|json)\.\d+\.tmp", entry):
+        return True
+    return False
+
+
+def reset(run_dir: str) -> list[str]:
+    """Clear a stopped run for reuse: everything the layout names (keys, admitted keys, endpoints,
+    locks, the journal, logs, the report, the ipc sockets), nothing else. Returns what is left
+    (files the layout does not name, untouched). RuntimeError if a server of the run is running."""
+    live = running(run_dir)
+    if live:
+        pids = ", ".join(f"{n} pid {holder(run_dir, n) or '?'}" for n in live)
+        raise RuntimeError(f"{run_dir} is in use by a running system ({pids})")
+    left = []
+    for entry in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, entry)
+        if not named_by_layout(entry):
+            left.append(entry)
+        elif os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    remove_ipc_dir(run_dir)
+    return left

@@ -10,6 +10,8 @@ import sys
 
 import typer
 
+from mmsim import options
+from mmsim.options import SimArch
 from simulator import FULL_EVERY
 
 SIM_HELP = ("Deterministic simulation of the whole system (kernel, mm, clients) in one process: simulated time "
@@ -34,13 +36,13 @@ def sim(
     seed: int | None = typer.Option(None, "--seed", help="Run this one seed only (exactly as a sweep would)."),
     trace: str | None = typer.Option(None, "--trace", help="With --seed: write every call (caller, "
                                         "arguments, reply) and fault as JSON lines to this file; the same "
-                                        "seed writes the same bytes."),
+                                        "seed writes the same bytes.", callback=options.file_callback("--trace")),
     bug: str | None = typer.Option(None, "--bug", help="Plant a known bug (test-only subclasses inside the "
                                       "simulation) to show the simulator finds it; --list-bugs names them."),
     list_bugs: bool = typer.Option(False, "--list-bugs", help="List the plantable bugs and exit."),
-    arch: str = typer.Option("any", "--arch", help="Architecture profile: any (the seed picks), i686, "
-                             "i686-pae or x86_64."),
-    memory: str = typer.Option("16MiB", "--memory", help="Simulated RAM (small: the full checks are O(frames))."),
+    arch: SimArch = typer.Option(SimArch.any, "--arch", help="Architecture profile (any: the seed picks)."),
+    memory: str = typer.Option("16MiB", "--memory", metavar="SIZE", help="Simulated RAM (small: the full checks "
+                               "are O(frames)); 4MiB to 1GiB."),
     check_every: int = typer.Option(FULL_EVERY, "--check-every", help="Recompute the state checks (I1-I4, I7, "
                                     "I9 on both views) from scratch every N steps (1: after every step), at every "
                                     "quiet point and at the end; 0: at quiet points and the end only. Between, "
@@ -71,16 +73,15 @@ def sim(
         _usage("--check-every must be 0 or more")
     if trace is not None and seed is None:
         _usage("--trace needs --seed (a trace is of one run)")
-    if arch not in ARCH_CHOICES:
-        _usage(f"unknown --arch {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
+    arch = options.value(arch)
     if bug is not None and bug not in mutants.BUGS:
         _usage(f"unknown --bug {bug!r}; choose one of {', '.join(mutants.BUGS)}")
-    from kernel_server.bootmap import MiB, parse_size
+    from kernel_server.bootmap import MiB
 
     try:
-        mem = parse_size(memory)
+        mem = options.parse_size(memory)
     except ValueError as exc:
-        _usage(str(exc))
+        _usage(f"--memory: {exc}")
     if mem % 4096 or not 4 * MiB <= mem <= 1024 * MiB:
         _usage(f"--memory must be a whole number of pages between 4MiB and 1GiB (got {memory})")
     from simulator.runner import Summary, run_seed

@@ -20,6 +20,14 @@ LEASE = 1.0  # seconds: the lease of test systems, short so expiry tests are qui
 COUNTERS = ("calls", "refused", "replayed")  # kernel stats fields that count calls, not state
 
 
+def admit(run_dir: str, name: str, quota: int | None = None, kernel_quota: int | None = None) -> tuple[bytes, bytes]:
+    """Make key pair ``name`` (if missing) and admit it, as the operator would; its (public, secret) keys.
+    Only admitted keys get anything from the servers: a test's extra client must be admitted first."""
+    rundir.generate(run_dir, name)
+    rundir.admit(run_dir, name, quota=quota, kernel_quota=kernel_quota)
+    return rundir.load_keypair(run_dir, name)
+
+
 def new_run_dir(prefix: str = "mmt-") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 

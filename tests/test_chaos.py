@@ -3,12 +3,16 @@ status catch what they must, and a real run survives every kind of fault with cl
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 
-
-from mmsim import chaos as C
 from clients.attacks import ATTACKS
+from mmsim import chaos as C
 from mmsim.launcher import final_checks
+from protocol import rundir
 from support import mmsim
 
 
@@ -110,6 +114,11 @@ def test_plan_only_prints_the_same_plan_for_the_same_seed(run_dir):
     assert not os.path.exists(fresh)  # nothing was started
     bad = mmsim("chaos", "--memory", "12 parsecs", "--plan-only")
     assert bad.returncode == 2 and "--memory" in bad.stderr
+    j = mmsim("chaos", "--duration", "12", "--seed", "5", "--plan-only", "--json", "--run-dir", fresh)
+    assert j.returncode == 0 and _plan_lines(j.stderr) == _plan_lines(a.stdout)
+    plan = json.loads(j.stdout)["plan"]  # the same plan, as data
+    assert ["  " + C.Fault(**f).describe() for f in plan] == _plan_lines(a.stdout)
+    assert not os.path.exists(fresh)
 
 
 def test_chaos_survives_every_kind_of_fault(run_dir):
@@ -126,3 +135,35 @@ def test_chaos_survives_every_kind_of_fault(run_dir):
         assert cells[4].startswith(f"{cells[3]}/{cells[3]} clean") and cells[5] == "0", row
     assert "no violations" in out and "VIOLATION" not in out
     assert "mm-" in out or "attack-0" in out  # the attack's outcome is in the errors table
+    report = rundir.read_report(run_dir)  # the same, as data
+    assert report["command"] == "chaos" and report["exit"] == 0 and report["violations"] == []
+    assert report["progress"] == {"planned": len(plan), "injected": len(plan)}
+    assert {f["action"] for f in report["faults"]} == set(C.FAULTS) and all(c["ok"] for c in report["checks"])
+    # a killed client's key is revoked; its replacement runs with a new key, admitted
+    admitted = {g.name for g in rundir.admitted(run_dir).values()}
+    for f in report["faults"]:
+        if f["action"] == "kill_client":
+            victim, new = f["note"].split()[1], f["note"].split("started ")[1].split()[0]
+            assert victim not in admitted and new in admitted, (f["note"], admitted)
+            assert rundir.public_key(run_dir, victim) != rundir.public_key(run_dir, new)
+
+
+def test_ctrl_c_is_an_interruption_not_a_violation(run_dir, spawn):
+    p = spawn([sys.executable, "-m", "mmsim.cli", "chaos", "--duration", "60", "--seed", "3", "--clients", "2",
+               "--run-dir", run_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+              env={**os.environ, "COLUMNS": "250"})
+    while True:
+        line = p.stdout.readline().decode()
+        assert line, "chaos ended before its first fault"
+        if line.startswith("["):  # the first fault was injected
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out.decode()[-3000:], err.decode()[-2000:])
+    assert b"Traceback" not in err and b"VIOLATION" not in out
+    report = rundir.read_report(run_dir)
+    assert report["exit"] == 130 and report["violations"] == [] and report["interrupted"].startswith("after ")
+    assert 1 <= report["progress"]["injected"] < report["progress"]["planned"]
+    assert b"interrupted" in out and report["interrupted"].encode() in out  # says how far it got
+    assert report["stopped"]["kernel"] == 0 and report["stopped"]["mm"] == 0  # stopped, not killed
+    assert rundir.running(run_dir) == [] and not os.path.exists(rundir.ipc_dir(run_dir, create=False))

@@ -1,20 +1,33 @@
 """The frame picture (classes, cells, large mappings, rendering), the kernel's stats fields it
-reads, ``mmsim status`` against a running system, and ``mmsim up --no-live`` end to end."""
+reads, the run directory ``up`` prepares, admission while the servers run (``mmsim keys``),
+``mmsim status`` against a running system, and ``mmsim up --no-live`` end to end (its report,
+Ctrl-C)."""
 
 from __future__ import annotations
 
 import html
 import io
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
+import typer
 from rich.console import Console
+from typer.testing import CliRunner
 
-from mmsim import picture as P
 from kernel_server import core as kcore
 from kernel_server.service import KernelService
-from protocol import PROT_READ, PROT_WRITE
-from support import mmsim
+from mmsim import picture as P
+from mmsim.launcher import fresh_run_dir
+from protocol import PROT_READ, PROT_WRITE, rundir
+from protocol.connection import Connection
+from protocol.errors import CallError
+from support import mmsim, wait_for
 
 MM = "M" * 40
 A = "A" * 40
@@ -111,8 +124,8 @@ def test_rates_and_rendering():
 # ---- the kernel's stats fields the picture reads -------------------------------------------------
 
 def _kernel_with_process(arch: str = "i686", memory: int = 64 << 20) -> tuple[KernelService, int]:
-    svc = KernelService.boot(arch=arch, memory=memory, mm_key=MM, kernel_pool_frames=64)
-    pid = svc.call(MM, "proc_create", {"key": A})["pid"]
+    svc = KernelService.boot(arch=arch, memory=memory, mm_key=MM, kernel_pool_frames=256)
+    pid = svc.call(MM, "proc_create", {"key": A, "kernel_quota": 16})["pid"]
     return svc, pid
 
 
@@ -130,27 +143,32 @@ def _user_block(svc: KernelService, step: int, skip: int = 0) -> int:
     raise AssertionError("no free aligned block")
 
 
+def listing(svc: KernelService) -> dict:
+    """The stats the picture reads: the mm's (and the operator's) view, with the per-process listing."""
+    return svc.call(MM, "stats", {"from_pid": 0})
+
+
 def test_stats_lists_large_mappings_as_merged_bounded_runs(monkeypatch):
     svc, pid = _kernel_with_process()
     step = svc.core.profile.pages_at(0)  # 1024 frames: a 4 MiB page on i686
-    assert svc.call(A, "stats")["large_mappings"] == []
+    assert listing(svc)["large_mappings"] == []
     f0 = _user_block(svc, step)
     svc.call(MM, "map", {"pid": pid, "vaddr": 0x4000_0000, "frames": [[f0, 2 * step]], "prot": RW, "large": True})
     f2 = _user_block(svc, step, skip=1)  # not adjacent to f0's pair
     assert f2 > f0 + 2 * step
     svc.call(MM, "map", {"pid": pid, "vaddr": 0x8000_0000, "frames": [[f2, step]], "prot": RW, "large": True})
-    pid_b = svc.call(MM, "proc_create", {"key": B})["pid"]  # the same large page in a second process
+    pid_b = svc.call(MM, "proc_create", {"key": B, "kernel_quota": 16})["pid"]  # the same large page in a second process
     svc.call(MM, "map", {"pid": pid_b, "vaddr": 0x4000_0000, "frames": [[f0, step]], "prot": PROT_READ,
                          "large": True})
-    st = svc.call(A, "stats")  # anyone may ask
+    st = listing(svc)
     assert st["large_mappings"] == [[f0, 2 * step], [f2, step]]
     assert svc.call(MM, "map", {"pid": pid, "vaddr": 0x1000, "frames": [[_user_block(svc, 1), 1]], "prot": RW})
-    assert svc.call(A, "stats")["large_mappings"] == [[f0, 2 * step], [f2, step]]  # small pages are not listed
+    assert listing(svc)["large_mappings"] == [[f0, 2 * step], [f2, step]]  # small pages are not listed
     monkeypatch.setattr(kcore, "LARGE_RUNS_SHOWN", 1)
-    assert svc.call(A, "stats")["large_mappings"] == [[f0, 2 * step]]
+    assert listing(svc)["large_mappings"] == [[f0, 2 * step]]
     svc.call(MM, "proc_destroy", {"pid": pid})
     svc.call(MM, "proc_destroy", {"pid": pid_b})
-    assert svc.call(A, "stats")["large_mappings"] == []
+    assert listing(svc)["large_mappings"] == []
 
 
 def test_stats_counts_calls_and_refusals():
@@ -163,6 +181,102 @@ def test_stats_counts_calls_and_refusals():
     assert st2["calls"] == st1["calls"] + 2  # the ping and this stats
     assert st2["refused"] == st1["refused"] == 1
     assert "replayed" in st2
+
+
+# ---- the run directory up prepares -----------------------------------------------------------------
+
+def test_up_reuses_a_stopped_run_and_refuses_a_running_one_or_foreign_files(run_dir, spawn):
+    new = os.path.join(run_dir, "a", "b")
+    assert fresh_run_dir(new) == (new, []) and os.path.isdir(new)  # made, parents too
+    assert fresh_run_dir(new) == (new, [])  # empty: used as it is
+    rundir.init(new, clients=1)
+    rundir.write_report(new, {"ok": True})
+    os.makedirs(rundir.logs_dir(new))
+    d, replaced = fresh_run_dir(new)  # a previous, stopped run: replaced
+    assert d == new and replaced == ["keys", "logs", "report.json"] and os.listdir(new) == []
+    rundir.init(new, clients=1)
+    code = (f"import time; from protocol import rundir; fd = rundir.lock({new!r}, 'mm'); print('locked', "
+            "flush=True); time.sleep(60)")
+    p = spawn([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"locked"
+    with pytest.raises(typer.BadParameter, match=f"a system is running in .*the mm \\(pid {p.pid}\\)"):
+        fresh_run_dir(new)
+    assert rundir.is_run_dir(new)  # nothing was removed
+    p.kill()
+    p.wait(10)
+    with open(os.path.join(new, "mine.txt"), "w") as f:
+        f.write("a user's file")
+    with pytest.raises(typer.BadParameter, match="not an empty directory nor a previous run .*mine.txt"):
+        fresh_run_dir(new)
+    assert os.path.exists(os.path.join(new, "mine.txt")) and rundir.is_run_dir(new)
+
+
+# ---- admission while the servers run ---------------------------------------------------------------------
+
+def _hello(run_dir: str, server: str, pair: tuple[bytes, bytes], timeout: float = 1.0) -> dict | None:
+    """A NEW connection's hello (None if refused: a refused CURVE handshake gets no answer at all)."""
+    with Connection(rundir.read_endpoint(run_dir, server), rundir.public_key(run_dir, server), *pair,
+                    timeout=timeout, retries=0) as conn:
+        try:
+            return conn.call("hello")
+        except CallError as exc:
+            assert exc.name == "EIO", exc
+            return None
+
+
+@pytest.mark.parametrize("server", ["kernel", "mm"])
+def test_keys_admitted_or_revoked_while_the_servers_run_count_from_the_next_connection(make_system, server):
+    from mmsim.cli import app
+
+    s = make_system(clients=0)
+    s.start_kernel()
+    if server == "mm":
+        s.start_mm()
+    pids = {name: p.pid for name, p in s.parts.items()}
+    assert _hello(s.run_dir, server, rundir.fresh_keypair()) is None  # a stranger: refused at the handshake
+    rundir.generate(s.run_dir, "late")
+    late = rundir.load_keypair(s.run_dir, "late")
+    assert _hello(s.run_dir, server, late, timeout=0.5) is None  # a key pair alone is not an admission
+    r = CliRunner().invoke(app, ["keys", "admit", s.run_dir, "late", "--quota", "64"])
+    assert r.exit_code == 0, r.stderr
+    got = wait_for(lambda: _hello(s.run_dir, server, late), 10, f"the {server} to serve the admitted key")
+    assert got["identity"] == late[0].decode()
+    assert {name: p.pid for name, p in s.parts.items()} == pids and all(p.alive() for p in s.parts.values())
+    r = CliRunner().invoke(app, ["keys", "revoke", s.run_dir, "late"])
+    assert r.exit_code == 0, r.stderr
+    wait_for(lambda: _hello(s.run_dir, server, late, timeout=0.5) is None, 10,
+             f"the {server} to refuse the revoked key's new connections")
+    assert _hello(s.run_dir, server, rundir.load_keypair(s.run_dir, "operator"))  # the operator: always
+
+
+def test_stop_leaves_no_endpoint_or_socket_behind(make_system):
+    s = make_system(clients=0)
+    s.start_kernel()
+    ipc = rundir.ipc_dir(s.run_dir, create=False)
+    assert os.path.isdir(ipc) and rundir.running(s.run_dir) == ["kernel"]
+    s.kill("kernel", signal.SIGKILL)  # a server that could not clean up after itself
+    assert os.path.exists(rundir.endpoint_path(s.run_dir, "kernel"))
+    s.stop()
+    assert rundir.running(s.run_dir) == []
+    assert not os.path.exists(rundir.endpoint_path(s.run_dir, "kernel"))
+    assert not os.path.exists(ipc)
+
+
+@pytest.mark.parametrize("servers", [("kernel",), ("mm", "kernel")], ids=["kernel", "mm then kernel"])
+def test_a_server_stopped_by_sigterm_takes_back_its_endpoint_and_socket(make_system, servers):
+    s = make_system(clients=0)
+    s.start_kernel()
+    if "mm" in servers:
+        s.start_mm()
+    sockets = {name: rundir.read_endpoint(s.run_dir, name)[len("ipc://"):] for name in servers}
+    assert all(os.path.exists(p) for p in sockets.values())
+    for name in servers:
+        assert s.kill(name, signal.SIGTERM) == 0  # System.kill does not clean up: the server must
+        assert not os.path.exists(rundir.endpoint_path(s.run_dir, name)), f"the {name} left its endpoint file"
+        assert not os.path.exists(sockets[name]), f"the {name} left its ipc socket"
+        if name == "mm":  # the kernel's socket is still there: the directory stays
+            assert os.path.isdir(rundir.ipc_dir(s.run_dir, create=False))
+    assert not os.path.exists(rundir.ipc_dir(s.run_dir, create=False))  # the last one out removed the directory
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -183,7 +297,8 @@ def test_status_draws_a_running_system_and_saves_svg(run_dir):
             a.alloc(1024, large=True)
             shared = a.alloc(2)
             b.alloc(1)
-            a.share(shared["vaddr"], 2, b.identity, 0x7000_0000)
+            offer = a.mm.call("share", {"vaddr": shared["vaddr"], "pages": 2, "peer": b.identity, "prot": PROT_READ})
+            b.mm.call("accept", {"offer": offer["offer"], "vaddr": 0x7000_0000})  # the peer maps it, by consent
             a.thread_create()
             with P.Observer(run_dir) as obs:
                 counts = obs.snapshot().counts()
@@ -200,15 +315,27 @@ def test_status_draws_a_running_system_and_saves_svg(run_dir):
             text = html.unescape(image).replace("\xa0", " ")  # rich writes spaces as &#160; in SVG text
             for c in P.CLASSES:
                 assert c.label in text, c.label
+            r = mmsim("status", "--run-dir", run_dir, "--json", "--interval", "0")
+            assert r.returncode == 0, r.stderr
+            data = json.loads(r.stdout)
+            assert data["classes"]["user_large"] == 1024 and data["frames"] == sum(data["classes"].values())
+            assert {p["name"] for p in data["processes"]} >= {"client-0", "client-1"}
+            assert data["mm"] is not None and data["rates"]["kernel_calls"] is None  # one sample: no rates
     finally:
         system.stop()
 
 
 def test_status_and_up_refuse_bad_input(run_dir):
     r = mmsim("status", "--run-dir", os.path.join(run_dir, "nothing"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = mmsim("status", "--run-dir", run_dir)
     assert r.returncode == 2 and "not a run directory" in r.stderr
+    rundir.init(os.path.join(run_dir, "stopped"), clients=0)
+    t0 = time.monotonic()
+    r = mmsim("status", "--run-dir", os.path.join(run_dir, "stopped"))
+    assert r.returncode == 2 and "no system is running" in r.stderr and time.monotonic() - t0 < 10
     r = mmsim("up", "--arch", "z80", "--run-dir", os.path.join(run_dir, "x"))
-    assert r.returncode == 2 and "unknown architecture" in r.stderr
+    assert r.returncode == 2 and "'z80' is not one of 'i686', 'i686-pae', 'x86_64'" in r.stderr
     r = mmsim("up", "--workloads", "steady,nope", "--run-dir", os.path.join(run_dir, "x"))
     assert r.returncode == 2 and "nope" in r.stderr
     with open(os.path.join(run_dir, "file"), "w") as f:
@@ -227,3 +354,32 @@ def test_up_runs_the_system_and_the_audit_is_clean(run_dir):
     for name, wl in (("client-0", "steady"), ("client-1", "sparse"), ("client-2", "kobjects"),
                      ("client-3", "sharer")):
         assert name in out and wl in out
+    report = rundir.read_report(run_dir)  # what it printed, as data
+    assert report["command"] == "up" and report["ok"] is True and report["exit"] == 0
+    assert report["interrupted"] is None and report["crashed"] == []
+    assert report["checks"] and all(c["ok"] for c in report["checks"])
+    assert [(c["name"], c["workload"]) for c in report["clients"]] == [
+        ("client-0", "steady"), ("client-1", "sparse"), ("client-2", "kobjects"), ("client-3", "sharer")]
+    assert report["servers"] == {"kernel": {"exit": 0}, "mm": {"exit": 0}}
+    assert report["audit"]["divergences"] == 0 and report["options"]["memory_bytes"] == 256 << 20
+    assert rundir.running(run_dir) == [] and not os.path.exists(rundir.ipc_dir(run_dir, create=False))
+
+
+def test_ctrl_c_interrupts_up_which_stops_everything_and_exits_130(run_dir, spawn):
+    p = spawn([sys.executable, "-m", "mmsim.cli", "up", "--duration", "120", "--json", "--lease", "1",
+               "--clients", "1", "--run-dir", run_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+              env={**os.environ, "COLUMNS": "250"})
+    while True:  # progress goes to stderr with --json
+        line = p.stderr.readline().decode()
+        assert line, "mmsim up ended before the system was up"
+        if "kernel and mm up" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err.decode()[-3000:]
+    assert b"Traceback" not in err
+    report = json.loads(out)
+    assert report == rundir.read_report(run_dir)
+    assert report["exit"] == 130 and report["ok"] is False and report["interrupted"]
+    assert report["servers"] == {"kernel": {"exit": 0}, "mm": {"exit": 0}}  # stopped, not killed
+    assert rundir.running(run_dir) == [] and not os.path.exists(rundir.ipc_dir(run_dir, create=False))
