@@ -11,6 +11,7 @@ from bench.cli import bench_app
 from clients.attacks import ATTACK_HELP, attack_cmd
 from mmsim.chaos import CHAOS_HELP, chaos
 from mmsim.launcher import STATUS_HELP, UP_HELP, status, up
+from mmsim.view import VIEW_HELP, view_cmd
 from clients.runner import RUN_HELP, run_cmd
 from simulator.cli import SIM_HELP, sim
 from kernel_server.cli import KERNEL_HELP, kernel
@@ -54,6 +55,7 @@ app.command("mm", help=MM_HELP)(mm)
 app.command("audit")(audit)
 app.command("up", help=UP_HELP)(up)
 app.command("status", help=STATUS_HELP)(status)
+app.command("view", help=VIEW_HELP)(view_cmd)
 app.command("chaos", help=CHAOS_HELP)(chaos)
 app.command("sim", help=SIM_HELP)(sim)
 
