@@ -225,6 +225,7 @@ def chaos(
     from rich.console import Console
 
     from mmsim.system import StartError, System
+    from mmsim.view import Recording
 
     check_system_options(arch, memory, transport)
     kinds = attack_kinds()
@@ -252,6 +253,7 @@ def chaos(
         t0 = time.monotonic()
         for slot in run.workloads:
             run.start_client(slot, t0)
+        recording = Recording(system.run_dir, labels=run.workloads).start()  # the HTML view: RUN/view.html
         try:
             for f in plan:
                 wait = t0 + f.at - time.monotonic()
@@ -259,6 +261,8 @@ def chaos(
                     time.sleep(wait)
                 out = inject(run, f, t0)
                 outcomes.append(out)
+                recording.note(f"{f.action} {f.target}: {out.note}; {out.violation or 'audit ' + out.audit}",
+                               violation=bool(out.violation))
                 typer.echo(f"[{out.started:6.2f}s] {f.action:<13} {f.target}: {out.note}; audit {out.audit or '-'}"
                            + (f"; VIOLATION: {out.violation}" if out.violation else ""))
                 if out.violation:
@@ -308,6 +312,10 @@ def chaos(
                     servers[server] = conn.call("stats")
             except (CallError, FileNotFoundError):
                 pass
+        for v in violations:
+            recording.note(v, violation=True)
+        if page := recording.stop():
+            typer.echo(f"frame view of the run: {page}")
         codes = system.stop()
         for p in ("mm", "kernel"):
             if codes.get(p) not in (0, None) and not any(v.startswith(f"the {p} died") for v in violations):

@@ -187,6 +187,7 @@ def up(
     """Run the whole system for a while and check it."""
     from mmsim.picture import Observer, render, summary_line
     from mmsim.system import StartError, System
+    from mmsim.view import Recording
     from clients.workloads import WORKLOADS
 
     check_system_options(arch, memory, transport)
@@ -218,6 +219,7 @@ def up(
             name, wl = f"client-{i}", names[i % len(names)]
             labels[name] = wl
             system.start_client(name, wl, seed=seed * 1000 + i, duration=duration, extra=["--json"])
+        recording = Recording(system.run_dir, labels=labels).start()  # the HTML view: RUN/view.html at the end
         started = time.monotonic()
         history: deque = deque(maxlen=16)
         with Observer(system.run_dir, labels=labels) as obs:
@@ -294,6 +296,8 @@ def up(
             kstats_end = system.kernel_stats()
         except (CallError, FileNotFoundError):
             kstats_end = None
+        if page := recording.stop():
+            say(f"frame view of the run: {page}")
         codes = system.stop()  # clients, then the mm, then the kernel
         for role in ("mm", "kernel"):
             if codes.get(role) not in (0, None) and role not in crashed:
