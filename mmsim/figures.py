@@ -50,7 +50,7 @@ KERNEL_FREE_COLOUR = "#99DDFF"
 KERNEL_USED_COLOUR = "#EE7733"
 KERNEL_SHARED_COLOUR = "#AA4499"
 USER_FREE_COLOUR = "#FFFFFF"
-UNKNOWN_OWNER_COLOUR = "#000000"  # a mapped user frame whose mapping process was not found (a race)
+UNKNOWN_OWNER_COLOUR = "#000000"  # a mapped user frame no listed mapping names (it changed meanwhile)
 CLIENT_COLOURS = ("#332288", "#EECC66", "#117733", "#A5AA99", "#6699CC")  # clients take them in turn
 DISAGREE_COLOUR = "#FF00FF"  # the overlay of frames where the mm's view and the kernel's differ (with outlines)
 
@@ -111,7 +111,7 @@ NOT_RAM, K_FREE, K_USED, K_SHARED, U_FREE, U_UNKNOWN = 0, 1, 2, 3, 4, 5
 OWNER_BASE = 16  # code OWNER_BASE + i: a user frame mapped by owner i (the i-th process the recording saw)
 MAX_OWNERS = 65535 - OWNER_BASE
 CODE_NAMES = {NOT_RAM: "not RAM", K_FREE: "kernel free", K_USED: "kernel used", K_SHARED: "kernel shared",
-              U_FREE: "user free", U_UNKNOWN: "user mapped (process not found)"}
+              U_FREE: "user free", U_UNKNOWN: "user mapped (no mapping found: it changed while the snapshot was read)"}
 CODE_COLOURS = {NOT_RAM: NOT_RAM_COLOUR, K_FREE: KERNEL_FREE_COLOUR, K_USED: KERNEL_USED_COLOUR,
                 K_SHARED: KERNEL_SHARED_COLOUR, U_FREE: USER_FREE_COLOUR, U_UNKNOWN: UNKNOWN_OWNER_COLOUR}
 CODE_GLYPHS = {NOT_RAM: "×", K_FREE: "F", K_USED: "K", K_SHARED: "R", U_FREE: "", U_UNKNOWN: "?"}

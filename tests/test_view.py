@@ -695,3 +695,41 @@ def test_a_16_mi_frame_page_loads_and_zooms_without_hanging(browser, tmp_path):
     d.execute_script(f"mmview.centreOn({last}, 16)")
     assert near(pixel(d, last), F.CLIENT_COLOURS[0])
     assert not errors(d)
+
+
+def test_hover_names_the_frame_and_an_owner_can_be_picked_out(browser, scenario_page):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    path, w, rec, s = scenario_page
+    d = browser
+    open_page(d, path)
+    show(d, 2)
+    f0 = s["ra"]["frames"][0][0]
+    big = s["rb"]["frames"][0][0] + 1500  # in B's second large page
+
+    def hover(f: int) -> str:
+        d.execute_script(f"mmview.centreOn({f}, 16)")
+        x, y, size, _ = d.execute_script(f"return mmview.frameBox({f})")
+        left, top, cw, ch = d.execute_script(
+            "const r = document.getElementById('grid').getBoundingClientRect(); return [r.left, r.top, r.width, r.height]")
+        # offsets are from the canvas's centre
+        ActionChains(d).move_to_element_with_offset(d.find_element("id", "grid"), int(x + size / 2 - left - cw / 2),
+                                                    int(y + size / 2 - top - ch / 2)).perform()
+        return d.find_element("id", "hover").text
+
+    text = hover(f0)
+    assert f"frame {f0:,}" in text and "mapped by client-a (steady)" in text and "refs 2" in text
+    assert "also mapped by client-c" in text and "DISAGREE: reference counts differ" in text
+    text = hover(big)
+    assert "mapped by client-b" in text and "in a large page of 4M" in text
+    used = int(np.flatnonzero(s["states"][2][0] == KERNEL_USED)[0])
+    d.execute_script(f"mmview.centreOn({used}, 16)")
+    assert near(pixel(d, used), F.KERNEL_USED_COLOUR)
+    d.find_element("css selector", f"#legend tr[data-code='{F.OWNER_BASE + 1}']").click()  # client-b
+    assert not near(pixel(d, used), F.KERNEL_USED_COLOUR, tol=20)  # everyone else fades
+    d.execute_script(f"mmview.centreOn({big}, 16)")
+    assert near(pixel(d, big), F.CLIENT_COLOURS[1])
+    d.find_element("css selector", f"#legend tr[data-code='{F.OWNER_BASE + 1}']").click()  # and back
+    d.execute_script(f"mmview.centreOn({used}, 16)")
+    assert near(pixel(d, used), F.KERNEL_USED_COLOUR)
+    assert not errors(d)

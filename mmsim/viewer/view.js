@@ -142,13 +142,15 @@
 
   // ---- large pages, sharers, disagreements of the current snapshot (lists carried as given) ----
   const snap = () => SN[Math.max(cur, 0)];
+  const longest = new WeakMap(); // list -> its longest run
   function findRun(list, f) { // list of [first, count, ...] sorted by first: the runs holding f
+    if (!longest.has(list)) longest.set(list, list.reduce((m, r) => Math.max(m, r[1]), 0));
+    const reach = longest.get(list);
     let lo = 0, hi = list.length;
     while (lo < hi) { const m = (lo + hi) >> 1; if (list[m][0] <= f) lo = m + 1; else hi = m; }
     const out = [];
-    for (let i = lo - 1; i >= 0 && out.length < 8; i--) {
+    for (let i = lo - 1; i >= 0 && out.length < 8 && list[i][0] + reach > f; i--) {
       if (list[i][0] + list[i][1] > f) out.push(list[i]);
-      else if (list[i][0] + 4 * B < f) break;
     }
     return out;
   }
@@ -405,17 +407,23 @@
     for (const [first, pages, owner] of list) {
       const [x, y, w, h] = largeBox(first, pages);
       if (x > cv.width || y > cv.height || x + w < 0 || y + h < 0) continue;
-      // neighbours alternate black and white outlines, inset, so two adjacent pages never merge
-      ctx.strokeStyle = (Math.floor(first / B) & 1) ? "#FFFFFF" : "#000000";
+      // inset outlines in the colour that reads on the owner's; neighbours alternate solid and dashed,
+      // so two adjacent large pages never merge into one
+      const ink = focus >= 0 && OB + owner !== focus ? "#777777" : textOn(hexOf[OB + owner] || "#000000");
+      ctx.strokeStyle = ink;
+      ctx.setLineDash((Math.floor(first / B) & 1) ? [Math.max(3, lw * 3), Math.max(2, lw * 2)] : []);
       ctx.strokeRect(x + lw / 2 + 1, y + lw / 2 + 1, w - lw - 2, h - lw - 2);
       if (tile[2] >= 40) {
-        ctx.fillStyle = ctx.strokeStyle;
-        ctx.font = `600 ${Math.min(14, Math.floor(tile[3] / 4))}px ui-monospace, monospace`;
+        ctx.fillStyle = ink;
+        ctx.font = `600 ${Math.min(13, Math.floor(tile[3] / 4))}px ui-monospace, monospace`;
         ctx.textAlign = "left";
         ctx.textBaseline = "top";
-        ctx.fillText(`large ${sizeOf(pages * H.page_size)} ${OWN[owner] ? OWN[owner].tag : "?"}`, x + 4, y + 3);
+        for (const text of [`large ${sizeOf(pages * H.page_size)} ${OWN[owner] ? OWN[owner].tag : "?"}`, sizeOf(pages * H.page_size)]) {
+          if (ctx.measureText(text).width <= w - 10) { ctx.fillText(text, x + 5, y + 4); break; }
+        }
       }
     }
+    ctx.setLineDash([]);
     ctx.restore();
   }
   function drawDisagree() {
@@ -482,7 +490,7 @@
     const present = new Set(S.procs.map((p) => p.owner));
     const rows = [];
     const classes = [[K_USED, "kernel used"], [K_FREE, "kernel free"], [K_SHARED, "kernel shared (boot image, RAM disk, firmware; read-only)"],
-      [U_FREE, "user free"], [NOT_RAM, "not RAM (hole, reserved)"], [U_UNKNOWN, "user mapped, by a process not found (it went away meanwhile)"]];
+      [U_FREE, "user free"], [NOT_RAM, "not RAM (hole, reserved)"], [U_UNKNOWN, "user mapped, by no mapping found (it changed while the snapshot was read)"]];
     for (const [code, text] of classes) {
       if (code === U_UNKNOWN && !S.counts.owner_unknown) continue;
       const n = { [K_USED]: S.counts.kernel_used, [K_FREE]: S.counts.kernel_free, [K_SHARED]: S.counts.kernel_shared, [U_FREE]: S.counts.user_free, [NOT_RAM]: S.counts.not_ram, [U_UNKNOWN]: S.counts.owner_unknown }[code];
@@ -493,7 +501,7 @@
       const p = S.procs.find((q) => q.owner === i);
       rows.push(`<tr data-code="${OB + i}" class="${focus === OB + i ? "focus" : ""}"><td>${swatch(OB + i)}</td><td>${esc(ownerName(i))}, pid ${OWN[i].pid}</td><td>${fmt(p ? p.frames : 0)} frames</td></tr>`);
     }
-    rows.push(`<tr><td colspan="3" class="note">Shared frames (reference count above 1) are striped, denser for more references; large pages are outlined (neighbours in black and white); frames where the mm and the kernel disagree are boxed in magenta and black.</td></tr>`);
+    rows.push(`<tr><td colspan="3" class="note">Shared frames (reference count above 1) are striped, denser for more references; large pages are outlined (neighbours alternate solid and dashed); frames where the mm and the kernel disagree are boxed in magenta and black.</td></tr>`);
     $("legend").innerHTML = rows.join("");
   }
   function buddy(S) {
