@@ -376,8 +376,9 @@ def order_lines(snap: Snapshot, width: int) -> list[str]:
     pb = F.pageblock_order(snap.large_page_sizes)
     fu = F.fmt_extfrag(F.extfrag_index(blocks["user"], pb))
     fk = F.fmt_extfrag(F.extfrag_index(blocks["kernel"], pb))
-    lines.append(f"fragmentation index at order {pb} ({F.order_size(pb)} large page): user {fu}, kernel {fk} "
-                 "(-1: it fits; 0..1: fails, 1 = by fragmentation)"[:max(width, 40)])
+    line = f"fragmentation index, order {pb} ({F.order_size(pb)}): user {fu}, kernel {fk}"
+    note = " (-1: fits; near 1: fails by fragmentation)"
+    lines.append(line + note if len(line + note) <= width else line)
     return lines
 
 
