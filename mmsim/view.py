@@ -479,26 +479,26 @@ class Recorder:
     @classmethod
     def load(cls, history: str) -> "Recorder":
         """A recorder holding what a history file recorded (a cut-off last record is ignored)."""
-        rec = cls()
+        records: list[Any] = []
         with open(history, "rb") as f:
-            unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 31)
             try:
-                for obj in unpacker:
-                    if not isinstance(obj, dict):
-                        continue
-                    if obj.get("type") == "header":
-                        if obj.get("format") != FORMAT:
-                            raise ValueError(f"{history}: format {obj.get('format')}, this mmsim reads {FORMAT}")
-                        rec.header = obj
-                        rec.title, rec.source = obj.get("title", ""), obj.get("source", "")
-                    elif obj.get("type") == "snap" and rec.header is not None:
-                        for o in obj.get("new_owners", []):
-                            rec._owner_ix[(o["key"], o["pid"])] = len(rec.owners)
-                            rec.owners.append(o)
-                        rec.snaps.append(obj)
-            except (msgpack.exceptions.ExtraData, ValueError) as exc:
-                if "format" in str(exc):
-                    raise
+                records.extend(msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 31))
+            except (msgpack.exceptions.UnpackException, ValueError):
+                pass  # a record cut off (or spoilt) by a run that died while writing it: keep what came before
+        rec = cls()
+        for obj in records:
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("type") == "header":
+                if obj.get("format") != FORMAT:
+                    raise ValueError(f"{history} is in format {obj.get('format')}; this mmsim reads format {FORMAT}")
+                rec.header = obj
+                rec.title, rec.source = obj.get("title", ""), obj.get("source", "")
+            elif obj.get("type") == "snap" and rec.header is not None:
+                for o in obj.get("new_owners", []):
+                    rec._owner_ix[(o["key"], o["pid"])] = len(rec.owners)
+                    rec.owners.append(o)
+                rec.snaps.append(obj)
         if rec.header is None:
             raise ValueError(f"{history} holds no recording")
         return rec
@@ -539,7 +539,8 @@ def live_moment(obs: Any, audit: bool) -> tuple[dict, dict, dict | None, str, di
 
 class Recording:
     """Records a running system in the background (a thread with its own operator connections):
-    a snapshot every ``interval`` seconds into ``RUN/view.history``, the mm's audit every
+    a snapshot every ``interval`` seconds (or, when reading one takes longer than half of that, as
+    long again as reading it took: at most half of a core) into ``RUN/view.history``, the mm's audit every
     ``audit_every`` seconds and at the end; ``stop()`` takes the last snapshot and writes
     ``RUN/view.html``. ``note()`` adds an event (a fault, a violation) to the next snapshot."""
 
@@ -586,7 +587,8 @@ class Recording:
                     last_audit = now
                 if final:
                     return
-                self._stop.wait(max(0.05, self.interval - (time.monotonic() - now)))
+                took = time.monotonic() - now  # a big machine takes a while to read: then record less often
+                self._stop.wait(max(0.05, self.interval - took, took))
 
     def _take(self, obs: Any, label: str | None, audit: bool) -> None:
         t = time.monotonic() - self._t0

@@ -353,6 +353,10 @@ def test_history_file_rebuilds_the_same_page_and_survives_a_cut_off_end(tmp_path
         pass
     with pytest.raises(ValueError, match="holds no recording"):
         V.Recorder.load(str(tmp_path / "empty.history"))
+    with open(str(tmp_path / "future.history"), "wb") as f:
+        f.write(msgpack.packb({"type": "header", "format": V.FORMAT + 1}))
+    with pytest.raises(ValueError, match=f"format {V.FORMAT + 1}"):
+        V.Recorder.load(str(tmp_path / "future.history"))
 
 
 @given(st.lists(st.lists(st.integers(0, 5), min_size=64, max_size=64), min_size=1, max_size=5),
