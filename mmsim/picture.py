@@ -454,12 +454,24 @@ class Picture:
             events.append(Text(f"mm not answering: {snap.mm_error}", style="bold red"))
         orders = order_lines(snap, width)
         per = sorted(ks.get("per_process", []), key=lambda p: p["pid"])
+        compact_stats = [Text(f"kernel {_fmt_rate(rt['kernel_calls'])} ({_fmt_rate(rt['kernel_refused'])} refused) | "
+                              f"{ks.get('processes', '-')} processes | pool free {ks.get('kernel_free', 0):,}, "
+                              f"reserved {ks.get('kernel_reserved', 0):,}", no_wrap=True, overflow="ellipsis")]
+        if ms is not None:
+            c, wm = ms["counters"], ms.get("watermarks", {})
+            compact_stats.append(Text(
+                f"mm {_fmt_rate(rt['mm_requests'])} ({c['refused']:,} refused) | donated {c['donated_frames']:,} in "
+                f"{c['donations']} | reclaimed {c['reclaimed_frames']:,} in {c['reclaims']} | deaths {c['deaths']} | "
+                f"watermarks {wm.get('low')}/{wm.get('target')}/{wm.get('high')}", no_wrap=True, overflow="ellipsis"))
+        if compact:  # the watermarks are on the stats line: only what happened
+            events = events[1:] if ms is not None else events
+            events = [e for e in events if not e.plain.startswith("(no watermark")]
 
         # how many rows of cells and of processes fit
         rows, procs_shown = self.rows, min(len(per), 12)
         if compact:
-            fixed = ((1 if self.footer else 0) + 3 + len(legend_lines) + len(self._stats_lines(stats_items, width))
-                     + len(orders) + 1)  # 3: the panel's borders and the note; 1: the first event line
+            fixed = ((1 if self.footer else 0) + 3 + len(legend_lines) + len(compact_stats) + len(orders)
+                     + min(1, len(events)))  # 3: the panel's borders and the note; then the first event line
             room = height - fixed
             procs_min = 1 + (min(len(per), 2) + (1 if len(per) > 2 else 0) if per else 1)
             rows = max(2, min(self.rows, room - procs_min))
@@ -472,7 +484,7 @@ class Picture:
             else:
                 procs_shown = max(0, left - 2)
                 left -= procs_shown + 2
-            events = events[:1 + max(0, left)]
+            events = events[:min(1, len(events)) + max(0, left)]
         cs = cells(snap.classes, columns * rows)
         grid_text = Text(no_wrap=True, overflow="crop")
         nrows = -(-cs.codes.size // columns)
@@ -493,7 +505,7 @@ class Picture:
         out.append(Text(note, style="dim", no_wrap=compact, overflow="ellipsis"))
         if compact:
             out.extend(legend_lines)
-            out.extend(self._stats_lines(stats_items, width))
+            out.extend(compact_stats)
         else:
             legend = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
             for col, just in (("", "left"), ("class", "left"), ("frames", "right"), ("MiB", "right"),
@@ -530,22 +542,6 @@ class Picture:
         if self.footer and not compact:
             out.append(Text(self.footer, style="dim"))
         return out
-
-    @staticmethod
-    def _stats_lines(items: list[tuple[str, str]], width: int) -> list[Any]:
-        from rich.text import Text
-
-        lines: list[Any] = []
-        cur = ""
-        for k, v in items:
-            piece = f"{k} {v}"
-            if cur and len(cur) + 3 + len(piece) > width:
-                lines.append(Text(cur, no_wrap=True, overflow="ellipsis"))
-                cur = ""
-            cur = f"{cur} | {piece}" if cur else piece
-        if cur:
-            lines.append(Text(cur, no_wrap=True, overflow="ellipsis"))
-        return lines
 
 
 def render(snap: Snapshot, prev: Snapshot | None = None, columns: int = 64, rows: int = 16,
