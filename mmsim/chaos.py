@@ -265,6 +265,7 @@ def chaos(
     from rich.console import Console
 
     from mmsim.system import StartError, System
+    from mmsim.view import Recording
     from protocol import rundir
     from protocol.errors import CallError
 
@@ -276,6 +277,8 @@ def chaos(
     say(f"run directory {system.run_dir}" + (" (the previous run there was replaced)" if replaced else "")
         + f"; logs in {rundir.logs_dir(system.run_dir)}")
     violations: list[str] = []
+    recording = None  # the HTML view of the run (RUN/view.html), recorded while it runs
+    page = None
     outcomes: list[Outcome] = []
     checks: list[Check] = []
     client_rows: list = []
@@ -299,6 +302,7 @@ def chaos(
         except KeyboardInterrupt:
             interrupted = "while starting the system, before any fault"
             raise _Stop() from None
+        recording = Recording(system.run_dir, labels=run.workloads).start()  # the HTML view: RUN/view.html
         try:
             for f in plan:
                 wait = t0 + f.at - time.monotonic()
@@ -306,6 +310,8 @@ def chaos(
                     time.sleep(wait)
                 out = inject(run, f, t0)
                 outcomes.append(out)
+                recording.note(f"{f.action} {f.target}: {out.note}; {out.violation or 'audit ' + out.audit}",
+                               violation=bool(out.violation))
                 say(f"[{out.started:6.2f}s] {f.action:<13} {f.target}: {out.note}; audit {out.audit or '-'}"
                     + (f"; VIOLATION: {out.violation}" if out.violation else ""))
                 if out.violation:
@@ -354,7 +360,13 @@ def chaos(
         interrupted = interrupted or f"after {len(outcomes)} of {len(plan)} faults, while stopping"
     finally:
         with ctrl_c_deferred():
+            if recording is not None:
+                for v in violations:
+                    recording.note(v, violation=True)
+                page = recording.stop()
             codes = system.stop()
+    if page:
+        say(f"frame view of the run: {page}")
     if not interrupted:
         for p in ("mm", "kernel"):
             if codes.get(p) not in (0, None) and not any(v.startswith(f"the {p} died") for v in violations):

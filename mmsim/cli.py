@@ -139,6 +139,8 @@ ROOT_COMMANDS = dict(
                 "mmsim.launcher:STATUS_HELP"),
     audit=Lazy("mm_service.cli:audit", "Compare the mm's view with the kernel's frame by frame (exit 1 on a "
                "divergence)."),
+    view=Lazy("mmsim.view:view_cmd", "One self-contained HTML frame map of a running system, a run's history or "
+              "a simulator seed.", "mmsim.view:VIEW_HELP"),
     chaos=Lazy("mmsim.chaos:chaos", "The system under workload with seeded faults (kill -9, SIGSTOP, lying "
                "clients); audits and leak checks.", "mmsim.chaos:CHAOS_HELP"),
     sim=Lazy("simulator.cli:sim", "Deterministic simulation of the whole system in one process over many seeds.",

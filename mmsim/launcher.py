@@ -246,6 +246,7 @@ def up(
     run_dir, replaced = fresh_run_dir(run_dir)
     from mmsim.picture import Observer, render, summary_line
     from mmsim.system import StartError, System
+    from mmsim.view import Recording
     from protocol import rundir
     from protocol.errors import CallError
 
@@ -261,6 +262,8 @@ def up(
     say(f"mmsim up: run directory {run_dir}" + (" (the previous run there was replaced)" if replaced else "")
         + f"; logs in {rundir.logs_dir(run_dir)}")
     labels: dict[str, str] = {}
+    recording = None  # the HTML view of the run (RUN/view.html), recorded while it runs
+    page = None
     crashed: list[str] = []
     checks: list[Check] = []
     audit_report: dict | None = None
@@ -290,6 +293,7 @@ def up(
                 system.start_client(name, wl, seed=seed * 1000 + i, duration=duration, extra=["--json"])
         except KeyboardInterrupt:
             interrupted = "while starting the clients"
+        recording = Recording(system.run_dir, labels=labels).start()
         started = time.monotonic()
         history: deque = deque(maxlen=16)
         with Observer(system.run_dir, labels=labels) as obs:
@@ -366,7 +370,11 @@ def up(
         interrupted = interrupted or "while stopping the clients"
     finally:
         with ctrl_c_deferred():
+            if recording is not None:
+                page = recording.stop()
             codes = system.stop()  # clients, then the mm, then the kernel; then their leftovers
+    if page and not json_out:
+        say(f"frame view of the run: {page}")
     for role in ("mm", "kernel"):
         if codes.get(role) not in (0, None) and role not in crashed:
             crashed.append(role)
