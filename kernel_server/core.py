@@ -346,9 +346,10 @@ class KernelCore:
     def stats(self, caller: str, args: Any) -> dict | Error:
         """Counts for anyone (and the caller's own usage); the per-process listing, a page of it from
         ``from_pid`` on, for the mm and the operator only (a listing grows with the processes)."""
-        listing = args is not None and args.from_pid is not None
-        if listing and (e := self._need_reader(caller, "list processes")) is not None:
+        asked = args is not None and args.from_pid is not None
+        if asked and (e := self._need_reader(caller, "list processes")) is not None:
             return e
+        listing = self.is_reader(caller)
         pid = self.by_key.get(caller)
         out: dict[str, Any] = {
             **self.frames.counts(),
@@ -360,7 +361,8 @@ class KernelCore:
             "you": self.procs[pid].usage() if pid is not None else None,
         }
         if listing:
-            pids = sorted(p for p in self.procs if p >= args.from_pid)
+            start = args.from_pid if asked else 0
+            pids = sorted(p for p in self.procs if p >= start)
             page = pids[: args.limit]
             out["per_process"] = [self.procs[p].usage() for p in page]
             out["next_pid"] = pids[args.limit] if len(pids) > args.limit else None
@@ -609,7 +611,7 @@ class KernelCore:
         if _runs_overlap(args.frames):
             return _err(Errno.EINVAL, "args.frames: a frame appears twice", field="frames")
         kinds = self.frames.kind[self._index(args.frames, a)]
-        if bool((kinds == KERNEL_FREE).all()):
+        if bool((kinds == KERNEL_FREE).all()) and a.size <= self.unreserved():
             return a
         bad = a[kinds == NONE]
         if bad.size:

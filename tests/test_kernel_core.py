@@ -21,6 +21,7 @@ from protocol.calls import MAX_FRAMES_PER_CALL
 from protocol.errors import Errno, Error
 
 MM = "M" * 40
+OP = "O" * 40  # the operator: reads what the mm reads, changes nothing
 A = "A" * 40
 B = "B" * 40
 C = "C" * 40
@@ -29,6 +30,7 @@ RW = READ | WRITE
 MiB, GiB = 1 << 20, 1 << 30
 V = 0x1000_0000  # a user virtual address (256 MiB) for small pages
 VL = 0x4000_0000  # 1 GiB: aligned for every large page size
+QUOTA = 16  # kernel frames a test process may hold unless a test says otherwise
 
 
 class K:
@@ -37,7 +39,7 @@ class K:
     def __init__(self, arch: str = "i686", memory: int = 16 * MiB, pool: int | None = 64, lease: float = 5.0,
                  check: bool = True) -> None:
         self.svc = KernelService.boot(arch=arch, memory=memory, mm_key=MM, kernel_pool_frames=pool,
-                                      lease_seconds=lease)
+                                      lease_seconds=lease, operator_key=OP)
         self.core = self.svc.core
         self.ft = self.core.frames
         self.check = check
@@ -66,8 +68,23 @@ class K:
         self.invariants()
         return out
 
-    def proc(self, key: str) -> int:
-        return self.ok(MM, "proc_create", key=key)["pid"]
+    def proc(self, key: str, quota: int = QUOTA, now: float = 0.0) -> int:
+        return self.ok(MM, "proc_create", key=key, kernel_quota=quota, now=now)["pid"]
+
+    def usage(self, pid: int) -> dict:
+        """The kernel's per-process listing entry of ``pid`` (as the mm reads it)."""
+        return next(p for p in self.ok(MM, "stats", from_pid=0, limit=1000)["per_process"] if p["pid"] == pid)
+
+    def quota_refused(self, who: str, call: str, target: int, needed: int, **args) -> Error:
+        """ENOMEM for process ``target`` past its quota: needed, limit and used are its own figures."""
+        pid = target
+        proc = self.core.procs[pid]
+        limit, used = proc.kernel_limit, proc.kernel_used
+        e = self.refused(who, call, Errno.ENOMEM, **args)
+        assert (e.details["needed"], e.details["limit"], e.details["used"], e.details["pid"]) == \
+            (needed, limit, used, pid), e
+        assert used + needed > limit and "available" not in e.details
+        return e
 
     def user(self, n: int, skip: int = 0) -> list[int]:
         """``n`` free user frames (lowest first, after skipping ``skip``)."""
@@ -128,7 +145,7 @@ def test_donate_moves_free_user_frames_to_the_kernel_free_list():
     before = k.counts()
     f = k.user(8, skip=3)
     r = k.ok(MM, "donate", frames=runs(f))
-    assert r == {"donated": 8, "kernel_free": 8}
+    assert r == {"donated": 8, "kernel_free": 8, "kernel_reserved": 0}
     after = k.counts()
     assert after["kernel_free"] == 8 and after["user_free"] == before["user_free"] - 8
     assert after["kernel_used"] == before["kernel_used"]  # I5: no kernel allocation
@@ -226,7 +243,7 @@ def test_donate_and_reclaim_succeed_with_zero_free_kernel_frames():
     k = K(pool=0)
     assert k.counts()["kernel_free"] == 0
     used = k.counts()["kernel_used"]
-    assert k.ok(MM, "reclaim", count=5) == {"frames": [], "reclaimed": 0, "kernel_free": 0}
+    assert k.ok(MM, "reclaim", count=5) == {"frames": [], "reclaimed": 0, "kernel_free": 0, "kernel_reserved": 0}
     f = k.user(4)
     assert k.ok(MM, "donate", frames=runs(f))["kernel_free"] == 4
     r = k.ok(MM, "reclaim", frames=runs(f))
@@ -234,9 +251,9 @@ def test_donate_and_reclaim_succeed_with_zero_free_kernel_frames():
     assert k.ok(MM, "donate", frames=runs(f))["donated"] == 4
     assert sorted(R.to_array(k.ok(MM, "reclaim", count=10)["frames"]).tolist()) == f
     assert k.counts()["kernel_used"] == used  # I5
-    # with zero free frames, anything that needs kernel memory is ENOMEM
-    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A)
-    assert (e.details["needed"], e.details["available"]) == (2, 0)
+    # with zero free frames, a process (its whole quota) is ENOMEM: the pool's figures
+    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A, kernel_quota=2)
+    assert (e.details["needed"], e.details["available"]) == (2, 0) and "limit" not in e.details
 
 
 def test_the_free_list_keeps_its_order_through_runs_chains_and_scattered_frames():
@@ -412,35 +429,39 @@ def test_map_over_an_existing_mapping_is_ebusy_not_a_replace():
 def test_page_tables_are_allocated_lazily_and_counted_i686():
     k = K(pool=64)
     free0 = k.counts()["kernel_free"]
-    r = k.ok(MM, "proc_create", key=A)
+    r = k.ok(MM, "proc_create", key=A, kernel_quota=QUOTA)
     a = r["pid"]
-    assert r["kernel_frames"] == 2  # process slab frame + page directory
-    assert k.ok(MM, "proc_create", key=B)["kernel_frames"] == 1  # the slab frame has room
-    assert k.counts()["kernel_free"] == free0 - 3
+    assert r["kernel_frames"] == 2  # the process's object frame + page directory
+    assert k.ok(MM, "proc_create", key=B, kernel_quota=QUOTA)["kernel_frames"] == 2  # its own, not shared
+    assert k.counts()["kernel_free"] == free0 - 4
+    assert k.ok(MM, "stats")["kernel_reserved"] == 2 * (QUOTA - 2)
     f = k.user(8)
     assert k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)["tables_allocated"] == 1
     assert k.ok(MM, "map", pid=a, vaddr=V + PAGE_SIZE, frames=runs(f[1:2]), prot=READ)["tables_allocated"] == 0
     assert k.ok(MM, "map", pid=a, vaddr=V + 4 * MiB, frames=runs(f[2:3]), prot=READ)["tables_allocated"] == 1
     # straddling a 4 MiB boundary where neither table exists: two tables
     r = k.ok(MM, "map", pid=a, vaddr=V + 12 * MiB - PAGE_SIZE, frames=runs(f[3:5]), prot=READ)
-    assert r["tables_allocated"] == 2 and r["kernel_free"] == free0 - 3 - 4
-    usage = next(p for p in k.ok(A, "stats")["per_process"] if p["pid"] == a)
+    assert r["tables_allocated"] == 2 and r["kernel_free"] == free0 - 4 - 4
+    assert r["kernel_reserved"] == 2 * (QUOTA - 2) - 4  # the tables came out of A's reservation
+    usage = k.usage(a)
     assert usage["tables"] == 1 + 4 and usage["pages"] == 5
+    assert (usage["kernel_used"], usage["kernel_limit"]) == (2 + 4, QUOTA)
+    assert k.ok(A, "stats")["you"] == usage  # a client sees its own usage
     # unmap frees empty tables back to the free list
     r = k.ok(MM, "unmap", pid=a, vaddr=V, pages=1)
     assert r["tables_freed"] == 0
     r = k.ok(MM, "unmap", pid=a, vaddr=V + PAGE_SIZE, pages=1)
-    assert r["tables_freed"] == 1 and r["kernel_free"] == free0 - 3 - 3
+    assert r["tables_freed"] == 1 and r["kernel_free"] == free0 - 4 - 3
     k.refused(A, "unmap", Errno.EPERM, vaddr=V + 12 * MiB - PAGE_SIZE, pages=2)  # the mm's mapping, not A's
     r = k.ok(MM, "unmap", pid=a, vaddr=V + 12 * MiB - PAGE_SIZE, pages=2)
     assert r["tables_freed"] == 2
 
 
-@pytest.mark.parametrize("arch, tables, proc_cost", [("i686-pae", 2, 2), ("x86_64", 3, 2)])
+@pytest.mark.parametrize("arch, tables, proc_cost", [("i686-pae", 2, 1), ("x86_64", 3, 2)])
 def test_page_tables_per_profile(arch, tables, proc_cost):
     k = K(arch)
     free0 = k.counts()["kernel_free"]
-    r = k.ok(MM, "proc_create", key=A)
+    r = k.ok(MM, "proc_create", key=A, kernel_quota=QUOTA)
     assert r["kernel_frames"] == proc_cost
     a = r["pid"]
     f = k.user(4)
@@ -453,28 +474,46 @@ def test_page_tables_per_profile(arch, tables, proc_cost):
     assert r["tables_freed"] == tables and r["kernel_free"] == free0 - proc_cost
 
 
-def test_enomem_reports_needed_and_available_and_maps_nothing():
-    k = K(pool=2)
-    a = k.proc(A)
-    assert k.counts()["kernel_free"] == 0
+def test_enomem_past_the_quota_reports_needed_limit_used_and_maps_nothing():
+    k = K(pool=8)
+    a = k.proc(A, quota=2)  # its object frame and page directory: nothing left for tables
     f = k.user(4)
-    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)
-    assert (e.details["needed"], e.details["available"]) == (1, 0)
-    k.ok(MM, "donate", frames=runs(k.user(1, skip=100)))
-    # needs two tables, one free: no partial mapping (I6)
-    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V + 4 * MiB - PAGE_SIZE, frames=runs(f[:2]), prot=READ)
-    assert (e.details["needed"], e.details["available"]) == (2, 1)
-    assert not k.core.procs[a].pages and k.refs(f) == [0, 0, 0, 0]
-    k.ok(MM, "donate", frames=runs(k.user(1, skip=100)))
-    assert k.ok(MM, "map", pid=a, vaddr=V + 4 * MiB - PAGE_SIZE, frames=runs(f[:2]), prot=READ)["kernel_free"] == 0
+    k.quota_refused(MM, "map", a, 1, pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)
+    # the pool has frames: they are not A's (the pool's figures are not in the error)
+    assert k.counts()["kernel_free"] == 6 and k.core.unreserved() == 6
+    b = k.proc(B, quota=3)
+    k.ok(MM, "map", pid=b, vaddr=V, frames=runs(f[:1]), prot=READ)  # its third frame: a page table
+    # needs two tables, none left of the quota: no partial mapping (I6)
+    k.quota_refused(MM, "map", b, 2, pid=b, vaddr=V + 8 * MiB - PAGE_SIZE, frames=runs(f[1:3]), prot=READ)
+    assert list(k.core.procs[b].pages) == [V >> 12] and k.refs(f) == [1, 0, 0, 0]
+    # what fits in the tables it has still maps
+    assert k.ok(MM, "map", pid=b, vaddr=V + PAGE_SIZE, frames=runs(f[1:3]), prot=READ)["tables_allocated"] == 0
 
 
 def test_enomem_x86_64_counts_every_level():
-    k = K("x86_64", pool=4)
-    a = k.proc(A)
-    assert k.counts()["kernel_free"] == 2
-    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V, frames=runs(k.user(1)), prot=READ)
-    assert (e.details["needed"], e.details["available"]) == (3, 2)
+    k = K("x86_64", pool=8)
+    a = k.proc(A, quota=4)
+    k.quota_refused(MM, "map", a, 3, pid=a, vaddr=V, frames=runs(k.user(1)), prot=READ)
+
+
+def test_pool_enomem_only_at_proc_create_and_only_the_unreserved_frames_count():
+    k = K(pool=4)
+    k.proc(A, quota=3)  # takes 2 frames, keeps 1 reserved: 2 free, 1 unreserved
+    assert (k.counts()["kernel_free"], k.core.reserved, k.core.unreserved()) == (2, 1, 1)
+    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=B, kernel_quota=2)
+    assert (e.details["needed"], e.details["available"]) == (2, 1) and "unreserved" in e.message
+    # reclaim takes only unreserved frames: by count, and an explicit list beyond them is EBUSY
+    free = k.ft.free_list()
+    e = k.refused(MM, "reclaim", Errno.EBUSY, frames=runs(sorted(free)))
+    assert e.details["reserved"] == 1 and "reserved" in e.message
+    r = k.ok(MM, "reclaim", count=10)
+    assert r["reclaimed"] == 1 and (r["kernel_free"], r["kernel_reserved"]) == (1, 1)
+    assert k.ok(MM, "reclaim", count=10)["reclaimed"] == 0
+    # what is reserved is A's: its thread needs no donation
+    assert k.ok(A, "thread_create")["kernel_frames"] == 1 and k.core.reserved == 0
+    k.quota_refused(A, "thread_create", 1, 1)
+    k.ok(MM, "donate", frames=runs(k.user(2)))
+    assert k.ok(MM, "proc_create", key=B, kernel_quota=2)["kernel_frames"] == 2
 
 
 # ---- large pages --------------------------------------------------------------------
@@ -651,21 +690,32 @@ def test_unmap_of_many_pages_across_page_tables_and_runs():
 
 def test_proc_create_rules():
     k = K(pool=1)
-    k.refused(A, "proc_create", Errno.EPERM, key=B)
-    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A)
+    k.refused(A, "proc_create", Errno.EPERM, key=B, kernel_quota=2)
+    k.refused(OP, "proc_create", Errno.EPERM, key=B, kernel_quota=2)  # the operator changes nothing
+    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A, kernel_quota=2)
     assert (e.details["needed"], e.details["available"]) == (2, 1)
+    e = k.refused(MM, "proc_create", Errno.EINVAL, key=A, kernel_quota=1)  # below the cost of a process
+    assert e.details["field"] == "kernel_quota" and "at least 2" in e.message
+    k.refused(MM, "proc_create", Errno.EINVAL, key=A)  # the quota is not optional
     k.ok(MM, "donate", frames=runs(k.user(8)))
-    k.refused(MM, "proc_create", Errno.EINVAL, key=MM)
-    a = k.proc(A)
-    assert k.refused(MM, "proc_create", Errno.EBUSY, key=A).details["pid"] == a
+    for server in (MM, OP):
+        assert k.refused(MM, "proc_create", Errno.EINVAL, key=server, kernel_quota=2).details["field"] == "key"
+    a = k.ok(MM, "proc_create", key=A, kernel_quota=3, user_quota=100)["pid"]
+    e = k.refused(MM, "proc_create", Errno.EBUSY, key=A, kernel_quota=2)
+    assert (e.details["pid"], e.details["kernel_limit"], e.details["user_quota"]) == (a, 3, 100)
     assert k.ok(MM, "hello")["pid"] is None and k.ok(A, "hello")["pid"] == a
+    assert k.usage(a)["user_quota"] == 100
 
 
-def test_pae_process_costs_slab_objects():
-    k = K("i686-pae")
-    assert k.ok(MM, "proc_create", key=A)["kernel_frames"] == 2  # process slab + PDPT slab
-    assert k.ok(MM, "proc_create", key=B)["kernel_frames"] == 0
-    assert k.ok(A, "stats")["slab_frames"] == {"process": 1, "endpoint": 0, "pdpt": 1}
+@pytest.mark.parametrize("arch, cost", [("i686", 2), ("i686-pae", 1), ("x86_64", 2)])
+def test_a_process_costs_its_object_frame_and_root_table(arch, cost):
+    k = K(arch)
+    assert k.ok(C, "hello")["process_cost"] == cost
+    for key in (A, B):  # every process its own frames: nothing is shared between processes
+        assert k.ok(MM, "proc_create", key=key, kernel_quota=cost)["kernel_frames"] == cost
+    st = k.ok(A, "stats")
+    assert st["slab_frames"] == 0 and st["you"]["kernel_used"] == st["you"]["kernel_limit"] == cost
+    k.quota_refused(A, "endpoint_create", 1, 1)  # its own endpoint slab frame: past its quota
 
 
 def test_proc_destroy_releases_everything():
@@ -688,8 +738,9 @@ def test_proc_destroy_releases_everything():
     assert r["pid"] == a and r["unmapped_pages"] == 6 + 1024 + 1
     assert k.refs(f) == [1, 1, 0, 0, 0, 0] and set(k.refs(range(big, big + 1024))) == {0}
     assert a not in k.core.procs and A not in k.core.by_key
-    # what is left is B's: its page directory, its page table, the process slab frame
+    # what is left is B's: its object frame, its page directory, its page table
     assert k.counts()["kernel_used"] == used0 + 3
+    assert k.core.reserved == QUOTA - 3  # A's reservation went with it
     ev = k.ok(MM, "events")["events"][-1]
     assert (ev["kind"], ev["pid"], ev["key"], ev["reason"]) == ("proc_destroyed", a, A, "proc_destroy")
     # the event lists the user frames released (the mm's business), not the boot image frame A mapped
@@ -698,59 +749,63 @@ def test_proc_destroy_releases_everything():
     k.ok(MM, "proc_destroy", pid=b)
     c = k.counts()
     assert c["kernel_free"] == free0 and c["kernel_used"] == used0 and c["user_mapped"] == 0
-    assert k.ok(MM, "stats")["slab_frames"] == {"process": 0, "endpoint": 0, "pdpt": 0}
+    st = k.ok(MM, "stats")
+    assert st["slab_frames"] == 0 and st["kernel_reserved"] == 0 and st["processes"] == 0
     k.proc(A)  # the key is free again
 
 
 # ---- threads and endpoints -----------------------------------------------------------
 
 def test_threads_cost_one_frame_each():
-    k = K(pool=4)
-    a = k.proc(A)
-    k.proc(B)
-    assert k.counts()["kernel_free"] == 1
+    k = K(pool=8)
+    a = k.proc(A, quota=3)
+    k.proc(B, quota=2)
+    assert k.counts()["kernel_free"] == 4 and k.core.unreserved() == 3
     used = k.counts()["kernel_used"]
     t = k.ok(A, "thread_create")
     assert t["kernel_frames"] == 1 and k.counts()["kernel_used"] == used + 1
-    e = k.refused(A, "thread_create", Errno.ENOMEM)
-    assert (e.details["needed"], e.details["available"]) == (1, 0)
+    k.quota_refused(A, "thread_create", a, 1)
     k.refused(B, "thread_destroy", Errno.ESRCH, tid=t["tid"])  # not B's thread
     k.refused(C, "thread_create", Errno.ESRCH)
     k.refused(MM, "thread_create", Errno.ESRCH)
     assert k.ok(A, "thread_destroy", tid=t["tid"]) == {"tid": t["tid"]}
-    assert k.counts()["kernel_used"] == used and k.counts()["kernel_free"] == 1
+    assert k.counts()["kernel_used"] == used and k.counts()["kernel_free"] == 4
     k.refused(A, "thread_destroy", Errno.ESRCH, tid=t["tid"])
-    assert k.core.procs[a].threads == {}
+    assert k.core.procs[a].threads == {} and k.usage(a)["kernel_used"] == 2
 
 
-def test_endpoints_are_slab_objects():
-    k = K(pool=5)
-    k.proc(A)
-    k.proc(B)
+def test_endpoints_are_slab_objects_in_slab_frames_of_their_own_process():
+    k = K(pool=9)
+    a = k.proc(A, quota=4)  # two slab frames' worth
+    b = k.proc(B, quota=3)
     free = k.counts()["kernel_free"]
-    assert free == 2
+    assert free == 5
     per_frame = PAGE_SIZE // 64
     eids = [k.ok(A, "endpoint_create")["eid"]]
     assert k.counts()["kernel_free"] == free - 1
     eids += [k.ok(A, "endpoint_create")["eid"] for _ in range(per_frame - 1)]
     assert k.counts()["kernel_free"] == free - 1
     r = k.ok(A, "endpoint_create")
-    assert r["kernel_frames"] == 1 and k.counts()["kernel_free"] == free - 2 == 0
+    assert r["kernel_frames"] == 1 and k.counts()["kernel_free"] == free - 2
     eids.append(r["eid"])
-    # the second slab frame fills up with no free kernel frame left: no frame needed
+    # the second slab frame fills up: no frame needed
     more = [k.ok(A, "endpoint_create") for _ in range(per_frame - 1)]
     assert {m["kernel_frames"] for m in more} == {0}
     eids += [m["eid"] for m in more]
-    e = k.refused(A, "endpoint_create", Errno.ENOMEM)
-    assert (e.details["needed"], e.details["available"]) == (1, 0)
+    k.quota_refused(A, "endpoint_create", a, 1)
+    # B's endpoints live in B's own slab frame, not in A's free slots
     k.ok(A, "endpoint_destroy", eid=eids.pop(0))
+    eb = k.ok(B, "endpoint_create")
+    assert eb["kernel_frames"] == 1 and k.usage(b)["kernel_used"] == 3
     r = k.ok(A, "endpoint_create")
     assert r["kernel_frames"] == 0  # the freed slot is reused
     eids.append(r["eid"])
     k.refused(B, "endpoint_destroy", Errno.ESRCH, eid=eids[0])
+    assert k.ok(MM, "stats")["slab_frames"] == 3
     for eid in eids:
         k.ok(A, "endpoint_destroy", eid=eid)
-    assert k.counts()["kernel_free"] == free and k.ok(A, "stats")["slab_frames"]["endpoint"] == 0
+    assert k.counts()["kernel_free"] == free - 1 and k.ok(A, "stats")["slab_frames"] == 1
+    assert k.usage(a)["kernel_used"] == 2
 
 
 # ---- informational calls ----------------------------------------------------------------
@@ -783,11 +838,18 @@ def test_stats_hello_ping_address_map():
     a = k.proc(A)
     s = k.ok(C, "stats")
     assert s["kernel_free"] + s["kernel_used"] + s["kernel_shared"] + s["user_free"] + s["user_mapped"] == s["ram"]
-    assert s["processes"] == 1 and s["per_process"][0]["pid"] == a and s["per_process"][0]["key"] == A
+    assert s["processes"] == 1 and s["you"] is None and s["kernel_reserved"] == QUOTA - 2
+    assert "per_process" not in s and "large_mappings" not in s  # other processes are not a client's business
+    k.refused(C, "stats", Errno.EPERM, from_pid=0)
+    for reader in (MM, OP):
+        s = k.ok(reader, "stats", from_pid=0)
+        assert [(p["pid"], p["key"]) for p in s["per_process"]] == [(a, A)] and s["next_pid"] is None
     h = k.ok(A, "hello")
     assert (h["v"], h["arch"], h["page_size"], h["identity"], h["is_mm"], h["pid"]) == (1, "i686", 4096, A, False, a)
     assert h["lease_seconds"] == 3.0 and "boot_id" in h and h["user_top"] == 0xC000_0000
-    assert k.ok(MM, "hello")["is_mm"] is True
+    assert h["is_operator"] is False and h["process_cost"] == 2
+    assert k.ok(MM, "hello")["is_mm"] is True and k.ok(MM, "hello")["is_operator"] is False
+    assert k.ok(OP, "hello")["is_operator"] is True and k.ok(OP, "hello")["is_mm"] is False
     assert k.ok(A, "ping") == {"pid": a} and k.ok(C, "ping") == {"pid": None}
     m = k.ok(C, "address_map")
     entries = m["entries"]
@@ -803,6 +865,60 @@ def test_stats_hello_ping_address_map():
         assert e["start"] == e["first"] * PAGE_SIZE and e["size"] == e["count"] * PAGE_SIZE
 
 
+def test_the_process_listing_is_for_readers_and_paginated():
+    k = K(pool=64)
+    pids = [k.proc(key, quota=3) for key in (A, B, C, "D" * 40, "E" * 40)]
+    assert k.ok(MM, "stats")["per_process"][0]["pid"] == pids[0]  # the mm and the operator get the first page
+    got, start = [], 0
+    while start is not None:
+        page = k.ok(OP, "stats", from_pid=start, limit=2)
+        assert len(page["per_process"]) <= 2
+        got += [p["pid"] for p in page["per_process"]]
+        start = page["next_pid"]
+    assert got == pids
+    page = k.ok(MM, "stats", from_pid=pids[3], limit=1000)
+    assert [p["pid"] for p in page["per_process"]] == pids[3:] and page["next_pid"] is None
+    p = page["per_process"][0]
+    assert (p["kernel_used"], p["kernel_limit"], p["user_quota"], p["key"]) == (2, 3, 0, "D" * 40)
+    k.refused(A, "stats", Errno.EPERM, from_pid=0)
+    assert k.ok(A, "stats")["you"]["pid"] == pids[0]
+
+
+def test_mappings_lists_what_a_process_maps_made_by_whom_and_pages_through():
+    k = K(memory=32 * MiB)
+    a = k.proc(A)
+    f = k.user(8)
+    image = k.of_kind(KERNEL_SHARED)[:2]
+    big = k.block(1024)
+    k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f[:4]), prot=RW)
+    k.ok(MM, "map", pid=a, vaddr=V + 4 * PAGE_SIZE, frames=runs(f[6:8]), prot=RW)  # continues the range, not the frames
+    k.ok(A, "map", vaddr=V + 4 * MiB - PAGE_SIZE, frames=runs(image), prot=READ)  # across two page tables
+    k.ok(MM, "map", pid=a, vaddr=VL, frames=[[big, 1024]], prot=READ, large=True)
+    whole = k.ok(MM, "mappings", pid=a, vaddr=0, pages=k.core.profile.user_top >> 12)
+    assert whole == {"pid": a, "rest": None, "segments": [
+        [V, 4, f[0], RW, "mm", PAGE_SIZE],
+        [V + 4 * PAGE_SIZE, 2, f[6], RW, "mm", PAGE_SIZE],
+        [V + 4 * MiB - PAGE_SIZE, 2, image[0], READ, "client", PAGE_SIZE],
+        [VL, 1024, big, READ, "mm", 4 * MiB]]}
+    assert k.ok(OP, "mappings", pid=a, vaddr=0, pages=k.core.profile.user_top >> 12) == whole
+    # a window cuts segments; max_segments pages through
+    part = k.ok(MM, "mappings", pid=a, vaddr=V + 2 * PAGE_SIZE, pages=3)
+    assert part["segments"] == [[V + 2 * PAGE_SIZE, 2, f[2], RW, "mm", PAGE_SIZE], [V + 4 * PAGE_SIZE, 1, f[6], RW,
+                                                                                     "mm", PAGE_SIZE]]
+    got, at = [], 0
+    while at is not None:
+        page = k.ok(MM, "mappings", pid=a, vaddr=at, pages=(k.core.profile.user_top - at) >> 12, max_segments=1)
+        got += page["segments"]
+        at = page["rest"]
+    assert got == whole["segments"]
+    assert k.ok(MM, "mappings", pid=a, vaddr=0, pages=16)["segments"] == []
+    # refusals
+    k.refused(A, "mappings", Errno.EPERM, pid=a, vaddr=V, pages=1)
+    k.refused(MM, "mappings", Errno.ESRCH, pid=99, vaddr=V, pages=1)
+    assert k.refused(MM, "mappings", Errno.EINVAL, pid=a, vaddr=V + 1, pages=1).details["field"] == "vaddr"
+    k.refused(MM, "mappings", Errno.EINVAL, pid=a, vaddr=V, pages=k.core.profile.user_top >> 12)
+
+
 @pytest.mark.parametrize("arch, sizes", [("i686", [4 * MiB]), ("i686-pae", [2 * MiB]), ("x86_64", [2 * MiB, GiB])])
 def test_hello_tells_the_profile(arch, sizes):
     k = K(arch)
@@ -811,12 +927,13 @@ def test_hello_tells_the_profile(arch, sizes):
     assert h["kernel_limit"] == (1 << 20 if arch == "i686-pae" else None)
 
 
-def test_events_are_for_the_mm_only():
+def test_events_are_for_the_mm_and_the_operator_only():
     k = K()
     pids = [k.proc(key) for key in (A, B, C)]
     for p in pids:
         k.ok(MM, "proc_destroy", pid=p)
     k.refused(A, "events", Errno.EPERM)
+    assert k.ok(OP, "events") == k.ok(MM, "events")
     ev = k.ok(MM, "events")
     assert [e["pid"] for e in ev["events"]] == pids and ev["latest"] == 3 and ev["lost"] is False
     part = k.ok(MM, "events", since=1, limit=1)
@@ -835,15 +952,21 @@ def test_unknown_call_and_wrong_identity():
     k.refused(B, "proc_destroy", Errno.EPERM, pid=a)
     k.refused(B, "reclaim", Errno.EPERM, count=1)
     k.refused(B, "frame_info", Errno.EPERM, frames=f)
-    k.refused(B, "proc_create", Errno.EPERM, key=C)
+    k.refused(B, "proc_create", Errno.EPERM, key=C, kernel_quota=2)
+    k.refused(B, "mappings", Errno.EPERM, pid=a, vaddr=V, pages=1)
+    # the operator reads, and changes nothing
+    for call, args in (("donate", {"frames": f}), ("reclaim", {"count": 1}), ("proc_destroy", {"pid": a}),
+                       ("map", {"pid": a, "vaddr": V, "frames": f, "prot": READ}),
+                       ("unmap", {"pid": a, "vaddr": V, "pages": 1})):
+        k.refused(OP, call, Errno.EPERM if call not in ("map", "unmap") else Errno.ESRCH, **args)
 
 
 # ---- leases (I11) ------------------------------------------------------------------
 
 def test_silent_clients_lose_their_process_any_call_renews():
     k = K(lease=1.0)
-    a = k.ok(MM, "proc_create", key=A, now=0.0)["pid"]
-    b = k.ok(MM, "proc_create", key=B, now=0.0)["pid"]
+    a = k.proc(A, now=0.0)
+    b = k.proc(B, now=0.0)
     free0 = k.counts()["kernel_free"]
     k.ok(A, "thread_create", now=0.5)
     f = k.user(2)
@@ -856,7 +979,8 @@ def test_silent_clients_lose_their_process_any_call_renews():
     out = k.svc.expire(2.9)
     assert [e["pid"] for e in out] == [a] and out[0]["frames"] == runs(f)
     assert k.core.procs == {} and k.refs(f) == [0, 0]
-    assert k.counts()["kernel_free"] == free0 + 3  # all is back: free0 was taken after the two processes
+    assert k.counts()["kernel_free"] == free0 + 4  # all is back: free0 was taken after the two processes
+    assert k.core.reserved == 0
     assert [e["reason"] for e in k.ok(MM, "events")["events"]] == ["lease", "lease"]
     assert k.svc.expire(10.0) == [] and k.svc.next_deadline() is None
     k.invariants()
@@ -906,7 +1030,8 @@ HUGE_RUNS = [[i * 2, 1] for i in range(wire.MAX_RUNS + 1)]
     (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[500, 1]], "prot": 1.0}), Errno.EINVAL),
     (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[500, 1]], "prot": 1, "force": 1}), Errno.EINVAL),
     (A, wire.request(7, "reboot"), Errno.ENOSYS),
-    (MM, wire.request(7, "donate", {"frames": HUGE_RUNS}), Errno.EINVAL),
+    (MM, wire.request(7, "donate", {"frames": HUGE_RUNS}), Errno.E2BIG),
+    (MM, wire.request(7, "donate", {"frames": HUGE_RUNS[:-2] + [[1, 1, 1]]}), Errno.EINVAL),
     (MM, wire.request(7, "donate", {"frames": [[0, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
     (MM, wire.request(7, "reclaim", {"frames": [[5, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
     (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[1, MAX_FRAMES_PER_CALL]], "prot": 1}), Errno.EINVAL),
