@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from protocol import runs as R
 from protocol import wire
-from protocol.calls import KERNEL_CALLS, MAX_FRAME, MAX_FRAMES_PER_CALL, MM_CALLS, validate
+from kernel_server.calls import ADAPTERS as KERNEL_CALLS
+from protocol.calls import MAX_FRAME, MAX_FRAMES_PER_CALL, MM_CALLS, validate
 from protocol.errors import CallError, Errno, Error
 from protocol.replay import ReplayCache
 
@@ -26,9 +27,10 @@ DESIGN_ERRNO = {
 # DESIGN.md section 5: the kernel calls (names are the contract).
 DESIGN_KERNEL_CALLS = {
     "hello", "address_map", "proc_create", "proc_destroy", "donate", "reclaim", "map", "unmap",
-    "thread_create", "thread_destroy", "endpoint_create", "endpoint_destroy", "frame_info", "stats", "ping",
+    "thread_create", "thread_destroy", "endpoint_create", "endpoint_destroy", "frame_info", "mappings", "stats",
+    "ping",
 }
-DESIGN_MM_CALLS = {"alloc", "free", "share", "stats"}
+DESIGN_MM_CALLS = {"alloc", "free", "share", "accept", "stats"}
 
 
 def parse_error(data: bytes) -> tuple[int | None, Error]:
