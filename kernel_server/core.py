@@ -29,7 +29,7 @@ call, ``mappings`` stops at ``max_segments``, ``events`` at ``EVENTS_BYTES``), a
 in replies and events are capped (``REPLY_RUNS``, ``EVENT_RUNS``).
 
 The page-table tree lives in ``pagetable`` (a ``Process`` is an ``AddressSpace`` plus its kernel
-objects); the frame table in ``frames``. A watcher (``observe.Observer``) hears of every call
+objects); the frame table in ``frames``. A watcher (``observe.KernelObserver``) hears of every call
 and every write, if one is set.
 """
 
@@ -47,7 +47,7 @@ from kernel_server.arch import PAGE_SHIFT, PAGE_SIZE, Profile
 from kernel_server.bootmap import BootMap
 from kernel_server.calls import CALLS, Who
 from kernel_server.frames import KERNEL_FREE, KERNEL_SHARED, KERNEL_USED, KIND_NAMES, NONE, USER, FrameTable
-from kernel_server.observe import NO_OBSERVER, Observer
+from kernel_server.observe import NO_OBSERVER, KernelObserver
 from kernel_server.pagetable import CLIENT_MADE, EMPTY, ENTRY_SHIFT, PROT_MASK, ROOT, Geometry, Key, Span
 from kernel_server.process import Process
 from protocol import PROT_EXEC, PROT_READ, PROT_WRITE, PROTOCOL_VERSION
@@ -190,7 +190,7 @@ class KernelCore:
     """The kernel: one frame table, processes, and the system calls."""
 
     def __init__(self, profile: Profile, bootmap: BootMap, mm_key: str, operator_key: str | None = None,
-                 observer: Observer | None = None) -> None:
+                 observer: KernelObserver | None = None) -> None:
         self.profile = profile
         self.bootmap = bootmap
         self.mm_key = mm_key
@@ -209,7 +209,7 @@ class KernelCore:
         # the large pages mapped anywhere, for stats: (first frame, pages) -> mappings, and the keys in order
         self.large_index: dict[tuple[int, int], int] = {}
         self.large_keys: list[tuple[int, int]] = []
-        self.observer: Observer = NO_OBSERVER
+        self.observer: KernelObserver = NO_OBSERVER
         self._watched = False
         self.set_observer(observer)
         self._dispatch: dict[str, Entry] = {}
@@ -234,7 +234,7 @@ class KernelCore:
     def leaf_entries(self) -> int:
         return self.geo.leaf_entries
 
-    def set_observer(self, observer: Observer | None) -> None:
+    def set_observer(self, observer: KernelObserver | None) -> None:
         """Tell ``observer`` of every call and write from now on (None: the shared no-op one)."""
         self.observer = observer if observer is not None else NO_OBSERVER
         self._watched = self.observer is not NO_OBSERVER

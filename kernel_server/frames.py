@@ -15,7 +15,7 @@ A user frame is *free* when ``refs == 0`` and *mapped* otherwise. Counters are
 kept incrementally so ``stats`` costs nothing per frame.
 
 The mutators are the only writers of the arrays. When a watcher is set (``watch``: an
-``observe.Observer``, None by default) each of them reports the frames it wrote
+``observe.KernelObserver``, None by default) each of them reports the frames it wrote
 (``frames_written``), the list neighbours it relinked included.
 """
 
@@ -54,7 +54,7 @@ class FrameTable:
         self.prev = np.full(n, NIL, dtype=np.int32)
         self.head = NIL
         self.free_count = 0
-        self.watch: Any = None  # an observe.Observer told about every write, or None
+        self.watch: Any = None  # an observe.KernelObserver told about every write, or None
         for r in bootmap.regions:
             k = BOOT_KIND[r.kind]
             if k != KERNEL_FREE:

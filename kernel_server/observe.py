@@ -2,7 +2,7 @@
 tracing) about what it does, instead of being patched.
 
 ``KernelCore(..., observer=...)`` and ``KernelService(..., observer=...)`` (or ``set_observer``)
-take an object with these methods (subclass ``Observer``: every method is a no-op, so a watcher
+take an object with these methods (subclass ``KernelObserver``: every method is a no-op, so a watcher
 overrides only what it needs). The default is the shared ``NO_OBSERVER``; with it the kernel
 skips the reports altogether (a flag test on the paths that write, nothing more).
 
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 
-class Observer:
+class KernelObserver:
     """Every report, as a no-op. Subclass and override what you watch."""
 
     def call_begun(self, caller: str, name: str, args: Any) -> None:
@@ -57,7 +57,7 @@ class Observer:
         pass
 
 
-NO_OBSERVER = Observer()  # the shared default: the kernel does not even call it
+NO_OBSERVER = KernelObserver()  # the shared default: the kernel does not even call it
 
 
 def as_frames(frames: int | range | np.ndarray) -> np.ndarray:
@@ -69,4 +69,4 @@ def as_frames(frames: int | range | np.ndarray) -> np.ndarray:
     return np.asarray(frames, dtype=np.int64).ravel()
 
 
-__all__ = ["NO_OBSERVER", "Observer", "as_frames"]
+__all__ = ["NO_OBSERVER", "KernelObserver", "as_frames"]

@@ -26,7 +26,7 @@ from kernel_server.arch import get_profile
 from kernel_server.bootmap import BootMap, pc_map
 from kernel_server.calls import ADAPTERS
 from kernel_server.core import KernelCore
-from kernel_server.observe import NO_OBSERVER, Observer
+from kernel_server.observe import NO_OBSERVER, KernelObserver
 from protocol import wire
 from protocol.calls import validate
 from protocol.errors import Errno, Error
@@ -37,7 +37,7 @@ Refused = Callable[[str | None, str, Error], None]
 
 class KernelService:
     def __init__(self, core: KernelCore, lease_seconds: float = 5.0, on_refused: Refused | None = None,
-                 boot_id: str = "0", observer: Observer | None = None) -> None:
+                 boot_id: str = "0", observer: KernelObserver | None = None) -> None:
         self.core = core
         self.lease_seconds = lease_seconds
         self.on_refused = on_refused  # the server's log of refusals (the observer hears them too)
@@ -49,7 +49,7 @@ class KernelService:
         self.refused = 0
         self.replayed = 0
         self.replies_dropped = 0  # counted by the server shell: peers that did not read their replies
-        self.observer: Observer = NO_OBSERVER
+        self.observer: KernelObserver = NO_OBSERVER
         self._watched = False
         if observer is not None:
             self.set_observer(observer)
@@ -66,13 +66,13 @@ class KernelService:
         bootmap: BootMap | None = None,
         boot_id: str = "0",
         operator_key: str | None = None,
-        observer: Observer | None = None,
+        observer: KernelObserver | None = None,
     ) -> "KernelService":
         profile = get_profile(arch)
         bm = bootmap if bootmap is not None else pc_map(profile, memory, kernel_pool_frames)
         return cls(KernelCore(profile, bm, mm_key, operator_key), lease_seconds, on_refused, boot_id, observer)
 
-    def set_observer(self, observer: Observer | None) -> None:
+    def set_observer(self, observer: KernelObserver | None) -> None:
         """Tell ``observer`` of every call, refusal, replay-cache miss and write (None: nobody)."""
         self.core.set_observer(observer)
         self.observer = self.core.observer
