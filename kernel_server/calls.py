@@ -82,7 +82,9 @@ COMMON: tuple[Rule, ...] = (
     Rule("unauthenticated", Errno.EPERM, "unauthenticated", "no CURVE identity (servers never see one)"),
     Rule("call", Errno.ENOSYS, "unknown call", "a call name the kernel does not have"),
     Rule("caller", Errno.EPERM, "only the memory manager", "the caller's identity may not make this call (MM, "
-         "READER); for PROCESS calls: ESRCH \"has no process\""),
+         "READER calls)"),
+    Rule("caller_process", Errno.ESRCH, "has no process", "PROCESS calls: the caller has no process (at the same "
+         "place as \"caller\")"),
     Rule("args", Errno.EINVAL, "args.", "arguments of the wrong type or shape, unknown or missing: the message "
          "and the ``field`` detail name the first one"),
 )

@@ -1086,3 +1086,162 @@ def test_ram_beyond_the_profile_is_left_out_of_the_boot_map(arch, memory, left_o
     assert ram * PAGE_SIZE == memory - left_out
     assert bm.span * PAGE_SIZE <= get_profile(arch).max_phys
     assert ("not addressable on" in bm.unaddressable_note(arch)) == bool(left_out)
+
+
+# ---- refusal precedence: which errno wins when a request breaks two rules ------------------------------
+#
+# Each scenario breaks an earlier and a later rule of a call's documented order (kernel_server.calls:
+# COMMON, then CALLS[call].rules). Each breaker alone must give its own rule's refusal (so the scenario
+# really breaks both), and both at once the earlier rule's. Overrides are argument changes ("_caller"
+# changes who calls; DROP removes an argument); "both" gives the combined request when the two breakers
+# change the same argument.
+
+DROP = object()
+MAX_CLIENT = 1024  # pages a client maps or unmaps in one call
+
+
+class Precedence:
+    """A kernel with: A (pid a, quota 16) holding two mm pages at V and its own map of a boot-image frame at
+    V + 2 pages, and a thread; B (pid b) with a quota of exactly its process (no room for a page table);
+    C with no process."""
+
+    def __init__(self) -> None:
+        self.k = k = K(memory=32 * MiB, pool=64)
+        self.a = k.proc(A)
+        self.b = k.proc(B, quota=2)
+        f = k.user(4)
+        self.mapped, self.free_user = f[0], f[3]
+        k.ok(MM, "map", pid=self.a, vaddr=V, frames=runs(f[:2]), prot=RW)
+        self.image = k.of_kind(KERNEL_SHARED)[:4]
+        k.ok(A, "map", vaddr=V + 2 * PAGE_SIZE, frames=[[self.image[0], 1]], prot=READ)
+        self.thread_frame = k.core.procs[self.a].threads[k.ok(A, "thread_create")["tid"]]
+        self.kfree = k.ft.free_list()[0]
+        self.block = k.block(1024)
+        self.n = k.ft.n
+        self.top = k.core.profile.user_top
+
+    def refused(self, call: str, caller: str, base: dict, over: dict, rule) -> Error:
+        """The request ``base`` changed by ``over`` is refused by ``rule`` (its errno and its words), and
+        changes nothing (K.refused)."""
+        args = dict(base)
+        for key, value in over.items():
+            if key == "_caller":
+                caller = value
+            elif value is DROP:
+                args.pop(key, None)
+            else:
+                args[key] = value
+        e = self.k.refused(caller, call, rule.errno, **args)
+        assert rule.says in e.message, (call, rule.name, e)
+        return e
+
+
+def _scenarios(p: Precedence) -> list[tuple]:
+    """(call, caller, base args, (early rule, overrides), (late rule, overrides), overrides for both or None)."""
+    v8 = V + 8 * PAGE_SIZE  # free, in A's page table
+    mm_map = {"pid": p.a, "vaddr": v8, "frames": [[p.free_user, 1]], "prot": READ}
+    own_map = {"vaddr": V + 16 * PAGE_SIZE, "frames": [[p.image[1], 1]], "prot": READ}
+    mm_unmap = {"pid": p.a, "vaddr": V, "pages": 1}
+    own_unmap = {"vaddr": V + 2 * PAGE_SIZE, "pages": 1}
+    donate = {"frames": [[p.free_user, 1]]}
+    reclaim = {"frames": [[p.kfree, 1]]}
+    create = {"key": "D" * 40, "kernel_quota": 2}
+    wx = {"prot": WRITE | EXEC}
+    return [
+        # what every call goes through
+        ("donate", MM, donate, ("caller", {"_caller": A}), ("args", {"frames": "all"}), None),
+        ("events", MM, {}, ("caller", {"_caller": A}), ("args", {"limit": 0}), None),
+        ("thread_destroy", A, {"tid": 1}, ("caller_process", {"_caller": C}), ("args", {"tid": "1"}), None),
+        ("map", MM, mm_map, ("args", {"prot": 0}), ("no_process", {"pid": 99}), None),
+        # map by the mm
+        ("map", MM, mm_map, ("pid_missing", {"pid": DROP}), ("write_exec", wx), None),
+        ("map", MM, mm_map, ("no_process", {"pid": 99}), ("write_exec", wx), None),
+        ("map", MM, mm_map, ("write_exec", wx), ("alignment", {"vaddr": v8 + 8}), None),
+        ("map", MM, mm_map, ("page_size", {"page_size": 8192}), ("beyond_memory", {"frames": [[p.n, 1]]}), None),
+        ("map", MM, mm_map, ("alignment", {"vaddr": v8 + 8}), ("beyond_memory", {"frames": [[p.n, 1]]}), None),
+        ("map", MM, mm_map, ("user_space", {"vaddr": p.top}), ("not_ram", {"frames": [[0, 1]]}), None),
+        ("map", MM, mm_map, ("beyond_memory", {"frames": [[p.n, 1]]}), ("quota", {"pid": p.b}), None),
+        ("map", MM, mm_map, ("large_shape", {"large": True, "vaddr": VL, "frames": [[p.block + 1, 1024]]}),
+         ("busy", {"vaddr": V}), {"large": True, "vaddr": V - V % (4 * MiB), "frames": [[p.block + 1, 1024]]}),
+        ("map", MM, mm_map, ("quota", {"pid": p.b}), ("not_ram", {"frames": [[0, 1]]}), None),
+        ("map", MM, mm_map, ("quota", {"pid": p.b}), ("kernel_owned", {"frames": [[p.kfree, 1]]}), None),
+        ("map", MM, mm_map, ("not_ram", {"frames": [[0, 1]]}), ("busy", {"vaddr": V}), None),
+        ("map", MM, mm_map, ("kernel_owned", {"frames": [[p.kfree, 1]]}), ("busy", {"vaddr": V}), None),
+        ("map", MM, mm_map, ("shared_read_only", {"frames": [[p.image[1], 1]], "prot": RW}),
+         ("busy", {"vaddr": V}), None),
+        # map by a client, into itself
+        ("map", A, own_map, ("other_process", {"pid": p.b}), ("client_size", {"frames": [[p.image[0], 1]] * 65}),
+         None),
+        ("map", A, own_map, ("no_process", {"_caller": C}), ("write_exec", wx), None),
+        ("map", A, own_map, ("client_size", {"frames": [[p.image[0], 128]] * 9}), ("write_exec", wx), None),
+        ("map", A, own_map, ("write_exec", wx), ("client_not_shared", {"frames": [[p.free_user, 1]]}), None),
+        ("map", A, own_map, ("client_not_shared", {"frames": [[p.free_user, 1]]}),
+         ("busy", {"vaddr": V + 2 * PAGE_SIZE}), None),
+        ("map", A, own_map, ("shared_read_only", {"prot": RW}), ("busy", {"vaddr": V + 2 * PAGE_SIZE}), None),
+        # unmap
+        ("unmap", MM, mm_unmap, ("no_process", {"pid": 99}), ("alignment", {"vaddr": V + 1}), None),
+        ("unmap", MM, mm_unmap, ("alignment", {"vaddr": V + 1}), ("user_space", {"pages": p.top >> 12}), None),
+        ("unmap", MM, mm_unmap, ("user_space", {"pages": p.top >> 12}), ("hole", {"vaddr": V + 100 * PAGE_SIZE}),
+         None),
+        ("unmap", A, own_unmap, ("other_process", {"pid": p.b}), ("client_size", {"pages": MAX_CLIENT + 1}), None),
+        ("unmap", A, own_unmap, ("client_size", {"pages": MAX_CLIENT + 1}), ("alignment", {"vaddr": V + 1}), None),
+        ("unmap", A, own_unmap, ("hole", {"pages": 2}), ("made_by_mm", {"vaddr": V + PAGE_SIZE, "pages": 2}),
+         {"vaddr": V + PAGE_SIZE, "pages": 3}),
+        # donate
+        ("donate", MM, donate, ("beyond_memory", {"frames": [[p.n - 1, 2]]}),
+         ("duplicate", {"frames": [[p.free_user, 1], [p.free_user, 1]]}), {"frames": [[p.n - 1, 2], [p.n - 1, 1]]}),
+        ("donate", MM, donate, ("duplicate", {"frames": [[p.free_user, 1], [p.free_user, 1]]}),
+         ("not_ram", {"frames": [[0, 1]]}), {"frames": [[0, 1], [0, 1]]}),
+        ("donate", MM, donate, ("not_ram", {"frames": [[0, 1]]}), ("kernel_owned", {"frames": [[p.kfree, 1]]}),
+         {"frames": [[p.kfree, 1], [0, 1]]}),
+        ("donate", MM, donate, ("kernel_owned", {"frames": [[p.kfree, 1]]}), ("mapped", {"frames": [[p.mapped, 1]]}),
+         {"frames": [[p.mapped, 1], [p.kfree, 1]]}),
+        # reclaim
+        ("reclaim", MM, reclaim, ("not_ram", {"frames": [[0, 1]]}), ("user_owned", {"frames": [[p.free_user, 1]]}),
+         {"frames": [[p.free_user, 1], [0, 1]]}),
+        ("reclaim", MM, reclaim, ("user_owned", {"frames": [[p.free_user, 1]]}),
+         ("in_use", {"frames": [[p.thread_frame, 1]]}), {"frames": [[p.thread_frame, 1], [p.free_user, 1]]}),
+        ("reclaim", MM, reclaim, ("in_use", {"frames": [[p.thread_frame, 1]]}),
+         ("reserved", {"frames": [[f, 1] for f in sorted(p.k.ft.free_list())]}),
+         {"frames": [[f, 1] for f in sorted(p.k.ft.free_list() + [p.thread_frame])]}),
+        # proc_create
+        ("proc_create", MM, create, ("caller", {"_caller": OP}), ("server_key", {"key": MM}), None),
+        ("proc_create", MM, create, ("server_key", {"key": MM}), ("quota_below_cost", {"kernel_quota": 1}), None),
+        ("proc_create", MM, create, ("has_process", {"key": A}), ("quota_below_cost", {"kernel_quota": 1}), None),
+        ("proc_create", MM, create, ("has_process", {"key": A}), ("pool", {"kernel_quota": 1 << 20}), None),
+    ]
+
+
+def test_when_two_rules_break_the_documented_earlier_one_wins():
+    from kernel_server.calls import CALLS, COMMON
+
+    p = Precedence()
+    scenarios = _scenarios(p)
+    for call, caller, base, (early, e_over), (late, l_over), both in scenarios:
+        spec = CALLS[call]
+        order = [r.name for r in COMMON + spec.rules]
+        assert order.index(early) < order.index(late), (call, early, late)
+        p.refused(call, caller, base, e_over, spec.rule(early))
+        p.refused(call, caller, base, l_over, spec.rule(late))
+        p.refused(call, caller, base, both if both is not None else {**l_over, **e_over}, spec.rule(early))
+    assert len(scenarios) >= 35
+
+
+def test_the_call_table_is_the_dispatch():
+    from kernel_server.calls import ADAPTERS, CALLS, MUTATING, Who
+
+    k = K()
+    assert set(CALLS) == set(ADAPTERS) == set(k.core._dispatch)
+    for name, spec in CALLS.items():
+        names = [r.name for r in spec.rules]
+        assert len(names) == len(set(names)), name  # one rule, one name
+        if spec.who is Who.MM:  # the caller's rule is the table's: a client is refused with the same words
+            assert f"only the memory manager may {spec.verb}" == k.core.refuse_caller(A, name).message
+        elif spec.who is Who.READER:
+            assert "the operator" in k.core.refuse_caller(A, name).message and k.core.refuse_caller(OP, name) is None
+        elif spec.who is Who.PROCESS:
+            assert k.core.refuse_caller(C, name).code == Errno.ESRCH
+        else:
+            assert k.core.refuse_caller(C, name) is None
+    assert MUTATING == {"proc_create", "proc_destroy", "donate", "reclaim", "map", "unmap", "thread_create",
+                        "thread_destroy", "endpoint_create", "endpoint_destroy"}
