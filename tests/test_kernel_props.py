@@ -37,6 +37,7 @@ from kernel_server.core import MAX_CLIENT_PAGES
 from kernel_server.pagetable import CLIENT_MADE
 from kernel_server.frames import KERNEL_SHARED, USER
 from kernel_server.invariants import check_kernel
+from kernel_server.observe import KernelObserver, as_frames
 from kernel_server.service import KernelService
 from protocol import runs as R
 from protocol import wire
@@ -780,3 +781,137 @@ def test_every_request_gets_exactly_one_reply(identity, call, args, req_id):
         assert err.code != Errno.EIO and err.code.name == reply["error"]["code"] and err.message
         assert svc.core.digest() == before
     assert check_kernel(svc.core) == []
+
+
+# ---- the observer seam: every write is reported ---------------------------------------------------------
+
+class Recorder(KernelObserver):
+    """Everything the kernel reports."""
+
+    def __init__(self) -> None:
+        self.frames: set[int] = set()
+        self.pids: set[int] = set()
+        self.begun: list[str] = []
+        self.ended: list[str] = []
+        self.refusals: list[str] = []
+        self.misses: list[int] = []
+
+    def frames_written(self, frames) -> None:
+        self.frames.update(as_frames(frames).tolist())
+
+    def process_changed(self, pid: int) -> None:
+        self.pids.add(pid)
+
+    def call_begun(self, caller, name, args) -> None:
+        self.begun.append(name)
+
+    def call_ended(self, caller, name, result) -> None:
+        self.ended.append(name)
+
+    def refused(self, identity, name, error) -> None:
+        self.refusals.append(name)
+
+    def replay_miss(self, identity, req_id) -> None:
+        self.misses.append(req_id)
+
+
+def _snapshot(core):
+    ft = core.frames
+    return ([a.copy() for a in (ft.kind, ft.refs, ft.next, ft.prev)], ft.head,
+            {pid: p.state() for pid, p in core.procs.items()})
+
+
+@given(data=st.data(), arch=st.sampled_from(["i686", "i686-pae", "x86_64"]))
+@settings(max_examples=40, deadline=None)
+def test_every_write_is_reported_to_the_observer(data, arch):
+    """Random calls (valid and not); after each, every frame whose kind, refcount or links changed was
+    reported, and every process that changed, came or went. A mutator that forgets to report fails here."""
+    rec = Recorder()
+    svc = KernelService.boot(arch=arch, memory=32 * MiB, mm_key=MM, kernel_pool_frames=24, lease_seconds=LEASE,
+                             operator_key=OP, observer=rec)
+    core, ft = svc.core, svc.core.frames
+    p = core.profile
+    step = p.pages_at(max(p.large_levels))
+    users = np.flatnonzero(ft.kind == USER)
+    free_blocks = [b for b in range(0, ft.n - step, step) if (ft.kind[b:b + step] == USER).all()][:3]
+    shared = np.flatnonzero(ft.kind == KERNEL_SHARED)[:4].tolist()
+    window = 0x4000_0000
+    now = 0.0
+    for i in range(data.draw(st.integers(5, 40))):
+        pids = sorted(core.procs)
+        pid = data.draw(st.sampled_from(pids)) if pids else 1
+        key = data.draw(st.sampled_from(KEYS))
+        op = data.draw(st.sampled_from(["proc_create", "proc_destroy", "donate", "reclaim", "reclaim_frames", "map",
+                                        "map_large", "map_own", "unmap", "thread_create", "thread_destroy",
+                                        "endpoint_create", "endpoint_destroy", "expire", "handle"]))
+        who, args = MM, {}
+        if op == "proc_create":
+            args = {"key": key, "kernel_quota": data.draw(st.sampled_from([2, 4, 8]))}
+        elif op == "proc_destroy":
+            args = {"pid": pid}
+        elif op == "donate":
+            f = int(data.draw(st.sampled_from(users[:64].tolist())))
+            args = {"frames": [[f, data.draw(st.integers(1, 4))]]}
+        elif op == "reclaim":
+            args = {"count": data.draw(st.integers(1, 6))}
+        elif op == "reclaim_frames":
+            free = ft.free_list()
+            op = "reclaim"
+            args = {"frames": [[f, 1] for f in sorted(set(data.draw(st.lists(st.sampled_from(free), min_size=1,
+                                                                                  max_size=4))))]} if free else \
+                {"count": 1}
+        elif op == "map":
+            f = int(data.draw(st.sampled_from(users[:64].tolist())))
+            args = {"pid": pid, "vaddr": window + data.draw(st.integers(0, 3 * step)) * PAGE_SIZE,
+                    "frames": [[f, data.draw(st.integers(1, 3))]], "prot": 3}
+        elif op == "map_large":
+            op = "map"
+            args = {"pid": pid, "vaddr": window + data.draw(st.integers(0, 3)) * step * PAGE_SIZE,
+                    "frames": [[data.draw(st.sampled_from(free_blocks)), step]], "prot": 1, "large": True}
+        elif op == "map_own":
+            op, who = "map", key
+            args = {"vaddr": window + data.draw(st.integers(0, 3 * step)) * PAGE_SIZE,
+                    "frames": [[data.draw(st.sampled_from(shared)), 1]], "prot": 1}
+        elif op == "unmap":
+            proc = core.procs.get(pid)
+            maps = sorted([(vp, 1) for vp in proc.pages] + [(b, step) for b in proc.large]) if proc else []
+            vp, n = data.draw(st.sampled_from(maps)) if maps else (window >> 12, 1)
+            who = data.draw(st.sampled_from([MM, proc.key if proc else KEYS[0]]))
+            args = {"vaddr": vp << PAGE_SHIFT, "pages": n + data.draw(st.integers(0, 1))}
+            if who == MM:
+                args["pid"] = pid
+        elif op in ("thread_create", "endpoint_create"):
+            who = key
+        elif op in ("thread_destroy", "endpoint_destroy"):
+            proc = core.procs.get(pid)
+            objs = sorted((proc.threads if op == "thread_destroy" else proc.endpoints) if proc else [1])
+            who = proc.key if proc else key
+            args = {"tid" if op == "thread_destroy" else "eid": data.draw(st.sampled_from(objs or [1]))}
+        before = _snapshot(core)
+        rec.frames.clear()
+        rec.pids.clear()
+        begun, refusals = len(rec.begun), len(rec.refusals)
+        now += data.draw(st.sampled_from([0.0, 1.0, LEASE + 1]))
+        if op == "expire":
+            svc.expire(now)
+        elif op == "handle":
+            svc.handle(key, wire.request(i, "thread_create"), now)
+            assert rec.misses and rec.misses[-1] == i
+            svc.handle(key, wire.request(i, "thread_create"), now)  # answered from the cache: no second miss
+            assert rec.misses.count(i) == 1
+        else:
+            out = svc.call(who, op, args, now=now)
+            assert len(rec.refusals) == refusals + isinstance(out, Error)
+            if not isinstance(out, Error) or out.code not in (Errno.EPERM, Errno.ESRCH, Errno.EINVAL) \
+                    or core.refuse_caller(who, op) is None:
+                assert rec.begun[begun:] in ([op], []) and rec.ended == rec.begun
+        arrays, head, procs = _snapshot(core)
+        changed = np.flatnonzero(np.logical_or.reduce([a != b for a, b in zip(before[0], arrays)]))
+        missed = set(changed.tolist()) - rec.frames
+        assert not missed, f"{op} {args}: frames {sorted(missed)[:8]} changed unreported"
+        if head != before[1] and head != -1:
+            assert head in rec.frames, f"{op}: the new head {head} was not reported"
+        for q in set(before[2]) | set(procs):
+            if before[2].get(q) != procs.get(q):
+                assert q in rec.pids, f"{op} {args}: process {q} changed unreported"
+        assert check_kernel(core) == []
