@@ -1016,6 +1016,25 @@ def test_a_retried_request_runs_once():
     k.invariants()
 
 
+def test_thousands_of_callers_without_a_process_never_evict_a_live_clients_replies():
+    k = K()
+    k.proc(A)
+    mine = wire.request(7, "thread_create")
+    first = k.svc.handle(A, mine, now=0.0)
+    f = runs(k.user(2))
+    donated = k.svc.handle(MM, wire.request(9, "donate", {"frames": f}), now=0.0)
+    places = k.svc.replay.identities
+    for i in range(places + 1000):  # each a caller the cache has never seen, with no process
+        key = f"S{i:039d}"
+        assert reply_of(k.svc.handle(key, wire.request(7, "ping"), now=0.0))["ok"] is True
+    assert k.svc.replay.evicted >= 1000 and len(k.svc.replay.replies) <= places + 2
+    replayed = k.svc.replayed
+    assert k.svc.handle(A, mine, now=0.1) == first  # the retry is answered from the cache, not run again
+    assert k.svc.handle(MM, wire.request(9, "donate", {"frames": f}), now=0.1) == donated
+    assert k.svc.replayed == replayed + 2 and len(k.core.procs[1].threads) == 1
+    k.invariants()
+
+
 HUGE_RUNS = [[i * 2, 1] for i in range(wire.MAX_RUNS + 1)]
 
 
