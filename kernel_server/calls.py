@@ -85,6 +85,9 @@ COMMON: tuple[Rule, ...] = (
          "READER calls)"),
     Rule("caller_process", Errno.ESRCH, "has no process", "PROCESS calls: the caller has no process (at the same "
          "place as \"caller\")"),
+    Rule("client_size", Errno.E2BIG, "a client maps or unmaps at most", "map and unmap by anyone but the mm: more "
+         "runs or pages than one client call may; arithmetic on the raw counts, before the arguments are "
+         "validated"),
     Rule("args", Errno.EINVAL, "args.", "arguments of the wrong type or shape, unknown or missing: the message "
          "and the ``field`` detail name the first one"),
 )
@@ -134,8 +137,6 @@ _TABLE: tuple[tuple[str, type[P.Args], Who, bool, str, tuple[Rule, ...]], ...] =
              "(count takes at most those, never fails)"),
     )),
     ("map", P.Map, Who.MM_OR_OWN, True, "map", _TARGET + (
-        Rule("client_size", Errno.E2BIG, "a client maps or unmaps at most", "arithmetic: a client names more "
-             "pages or runs than one client call may"),
         Rule("write_exec", Errno.ENOTSUP, "W+X", "prot both writable and executable"),
         Rule("no_large_pages", Errno.ENOTSUP, "has no large pages", "large asked on a profile without them"),
         Rule("page_size", Errno.EINVAL, "args.page_size", "a page size the profile does not have"),
@@ -158,8 +159,6 @@ _TABLE: tuple[tuple[str, type[P.Args], Who, bool, str, tuple[Rule, ...]], ...] =
         Rule("busy", Errno.EBUSY, "already mapped", "a page of the range is mapped (small or large)"),
     )),
     ("unmap", P.Unmap, Who.MM_OR_OWN, True, "unmap", _TARGET + (
-        Rule("client_size", Errno.E2BIG, "a client maps or unmaps at most", "arithmetic: a client names more "
-             "pages than one client call may"),
         Rule("alignment", Errno.EINVAL, "is not page-aligned", "vaddr not page-aligned"),
         Rule("user_space", Errno.EINVAL, "beyond user space", "arithmetic: the range goes past user space"),
         Rule("hole", Errno.EINVAL, "nothing is mapped", "a page of the range maps nothing"),

@@ -257,7 +257,7 @@ class KernelCore:
     def _run(self, entry: Entry, caller: str, args: Any) -> dict | Error:
         who, verb, check, commit = entry
         if who is Who.MM_OR_OWN:
-            proc: Process | Error | None = self._target(caller, args.pid)
+            proc: Process | Error | None = self._target(caller, args)
         else:
             proc = self._caller(who, verb, caller)
         if isinstance(proc, Error):
@@ -267,14 +267,34 @@ class KernelCore:
             return plan
         return commit(plan)
 
-    def refuse_caller(self, caller: str, name: str) -> Error | None:
-        """The caller's rule of ``name`` decided from its identity alone (None: it may go on; map and
-        unmap decide on their target later). The service asks this before validating arguments."""
+    def refuse_caller(self, caller: str, name: str, raw: dict[str, Any] | None = None) -> Error | None:
+        """The caller's rule of ``name`` decided from its identity alone, and for map and unmap by anyone
+        but the mm the size of the call from the raw (unvalidated) arguments ``raw`` (None: it may go on;
+        map and unmap decide on their target later). The service asks this before validating arguments."""
         entry = self._dispatch.get(name)
-        if entry is None or entry[0] is Who.MM_OR_OWN:
+        if entry is None:
             return None
+        if entry[0] is Who.MM_OR_OWN:
+            if caller == self.mm_key or raw is None:
+                return None
+            return self._client_size(raw.get("frames"), raw.get("pages"))
         got = self._caller(entry[0], entry[1], caller)
         return got if isinstance(got, Error) else None
+
+    @staticmethod
+    def _client_size(frames: Any, pages: Any) -> Error | None:
+        """E2BIG if a client's map (``frames``: runs) or unmap (``pages``) is larger than one client call
+        may be. Arithmetic on counts only, safe on unvalidated values (what is not a count is left to the
+        argument checks)."""
+        if type(frames) is list:
+            if len(frames) > MAX_CLIENT_RUNS:
+                return _err(Errno.E2BIG, f"a client maps or unmaps at most {MAX_CLIENT_PAGES} pages in at most "
+                            f"{MAX_CLIENT_RUNS} runs per call ({len(frames)} runs asked)")
+            pages = sum(r[1] for r in frames if type(r) is list and len(r) == 2 and type(r[1]) is int)
+        if type(pages) is int and pages > MAX_CLIENT_PAGES:
+            return _err(Errno.E2BIG, f"a client maps or unmaps at most {MAX_CLIENT_PAGES} pages per call "
+                        f"({pages} asked)")
+        return None
 
     def _caller(self, who: Who, verb: str, caller: str) -> Process | Error | None:
         """The caller's rule: an Error, or the caller's process (PROCESS calls), or None."""
@@ -300,8 +320,10 @@ class KernelCore:
         """The mm or the operator: may read the frame table, mappings and per-process listings."""
         return caller == self.mm_key or (self.operator_key is not None and caller == self.operator_key)
 
-    def _target(self, caller: str, pid: int | None) -> Process | Error:
-        """The process a map/unmap acts on: any (mm, pid required) or the caller's own."""
+    def _target(self, caller: str, args: Any) -> Process | Error:
+        """The process a map/unmap acts on: any (mm, pid required) or the caller's own (a client's call
+        is small: ``_client_size`` first)."""
+        pid = args.pid
         if caller == self.mm_key:
             if pid is None:
                 return _err(Errno.EINVAL, "args.pid: the memory manager must name the process", field="pid")
@@ -309,6 +331,9 @@ class KernelCore:
             if proc is None:
                 return _err(Errno.ESRCH, f"no process {pid}", pid=pid)
             return proc
+        e = self._client_size(getattr(args, "frames", None), getattr(args, "pages", None))
+        if e is not None:
+            return e
         own = self.by_key.get(caller)
         if own is None:
             return _err(Errno.ESRCH, "the caller has no process (the memory manager creates it)")
@@ -715,9 +740,6 @@ class KernelCore:
             first, npages = runs[0]
         else:
             first, npages = runs[0][0], sum(c for _f, c in runs)
-        if not by_mm and (npages > MAX_CLIENT_PAGES or len(runs) > MAX_CLIENT_RUNS):
-            return _err(Errno.E2BIG, f"a client maps or unmaps at most {MAX_CLIENT_PAGES} pages in at most "
-                        f"{MAX_CLIENT_RUNS} runs per call ({npages} pages in {len(runs)} runs asked)")
         prot = args.prot
         if prot & PROT_WRITE and prot & PROT_EXEC:
             return _err(Errno.ENOTSUP, "writable and executable at once (W+X) is not supported")
@@ -869,9 +891,6 @@ class KernelCore:
         return {"pid": proc.pid, "pages": pages, "tables_allocated": len(missing), **self._pool()}
 
     def _check_unmap(self, caller: str, proc: Process, args: Any) -> UnmapPlan | Error:
-        if caller != self.mm_key and args.pages > MAX_CLIENT_PAGES:
-            return _err(Errno.E2BIG, f"a client maps or unmaps at most {MAX_CLIENT_PAGES} pages per call "
-                        f"({args.pages} asked)")
         if args.vaddr % PAGE_SIZE:
             return _err(Errno.EINVAL, f"args.vaddr: {args.vaddr:#x} is not page-aligned", field="vaddr")
         vp0 = args.vaddr >> PAGE_SHIFT

@@ -8,8 +8,9 @@ destroyed by ``expire(now)`` (I11).
 
 A request is refused in this order (the call table's ``COMMON`` rules): size and envelope
 (E2BIG, EPROTO), no identity (EPERM), unknown call (ENOSYS), the caller's rule by identity alone
-(EPERM/ESRCH: a stranger's privileged call costs no validation), the arguments (EINVAL), then the
-call's own rules in the kernel core.
+(EPERM/ESRCH: a stranger's privileged call costs no validation), the size of a client's map or
+unmap from the raw counts (E2BIG: a client's call costs little to validate), the arguments
+(EINVAL), then the call's own rules in the kernel core.
 
 Replay cache: the mm, the operator and every identity with a live process are pinned (their
 replies are never evicted by anyone else's traffic).
@@ -119,7 +120,7 @@ class KernelService:
     def _checked(self, identity: str, call: str, args: dict[str, Any], now: float) -> dict | Error:
         """The caller's rule by identity, the arguments, then the call."""
         if call in ADAPTERS:
-            e = self.core.refuse_caller(identity, call)
+            e = self.core.refuse_caller(identity, call, args)
             if e is not None:
                 return e
         model = validate(ADAPTERS, call, args)

@@ -1189,7 +1189,8 @@ def _scenarios(p: Precedence) -> list[tuple]:
         ("map", MM, mm_map, ("shared_read_only", {"frames": [[p.image[1], 1]], "prot": RW}),
          ("busy", {"vaddr": V}), None),
         # map by a client, into itself
-        ("map", A, own_map, ("other_process", {"pid": p.b}), ("client_size", {"frames": [[p.image[0], 1]] * 65}),
+        ("map", A, own_map, ("client_size", {"frames": [[p.image[0], 1]] * 65}), ("args", {"prot": 0}), None),
+        ("map", A, own_map, ("client_size", {"frames": [[p.image[0], 1]] * 65}), ("other_process", {"pid": p.b}),
          None),
         ("map", A, own_map, ("no_process", {"_caller": C}), ("write_exec", wx), None),
         ("map", A, own_map, ("client_size", {"frames": [[p.image[0], 128]] * 9}), ("write_exec", wx), None),
@@ -1202,7 +1203,7 @@ def _scenarios(p: Precedence) -> list[tuple]:
         ("unmap", MM, mm_unmap, ("alignment", {"vaddr": V + 1}), ("user_space", {"pages": p.top >> 12}), None),
         ("unmap", MM, mm_unmap, ("user_space", {"pages": p.top >> 12}), ("hole", {"vaddr": V + 100 * PAGE_SIZE}),
          None),
-        ("unmap", A, own_unmap, ("other_process", {"pid": p.b}), ("client_size", {"pages": MAX_CLIENT + 1}), None),
+        ("unmap", A, own_unmap, ("client_size", {"pages": MAX_CLIENT + 1}), ("other_process", {"pid": p.b}), None),
         ("unmap", A, own_unmap, ("client_size", {"pages": MAX_CLIENT + 1}), ("alignment", {"vaddr": V + 1}), None),
         ("unmap", A, own_unmap, ("hole", {"pages": 2}), ("made_by_mm", {"vaddr": V + PAGE_SIZE, "pages": 2}),
          {"vaddr": V + PAGE_SIZE, "pages": 3}),

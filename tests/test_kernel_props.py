@@ -468,10 +468,10 @@ class KernelMachine(RuleBasedStateMachine):
         frames = [f for first in firsts for f in range(first, first + self.step)]
         owners = {self.owner.get(f) for f in frames}
         bases = [base + i * self.step for i in range(count)]
-        if pre is not None:
+        if identity != MM and len(frames) > MAX_CLIENT_PAGES:
+            code = Errno.E2BIG  # a client's call is small: judged before anything else of it
+        elif pre is not None:
             code = pre
-        elif identity != MM and len(frames) > MAX_CLIENT_PAGES:
-            code = Errno.E2BIG  # a client's call is small
         elif prot & 2 and prot & 4:
             code = Errno.ENOTSUP
         elif not aligned or any(f >= self.n for f in frames) or any(f % self.step for f in firsts):
@@ -522,8 +522,8 @@ class KernelMachine(RuleBasedStateMachine):
         out, used = self.call(identity, "unmap", **args)
         vp1 = vp0 + pages
         code, small, large = pre, [], []
-        if code is None and identity != MM and pages > MAX_CLIENT_PAGES:
-            code = Errno.E2BIG  # a client's call is small
+        if identity != MM and pages > MAX_CLIENT_PAGES:
+            code = Errno.E2BIG  # a client's call is small: judged before anything else of it
         if code is None and vp1 > self.top_page:
             code = Errno.EINVAL
         if code is None:
