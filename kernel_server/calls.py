@@ -77,7 +77,8 @@ class KernelCall:
 
 # The checks every request goes through before its call's own rules, in this order.
 COMMON: tuple[Rule, ...] = (
-    Rule("size", Errno.E2BIG, "exceeds", "a message beyond the size limit or a msgpack length limit"),
+    Rule("size", Errno.E2BIG, "exceeds", "a message beyond the size limit (a smaller one for anyone but the mm "
+         "and the operator) or a msgpack length limit"),
     Rule("envelope", Errno.EPROTO, "", "undecodable bytes, or an envelope that is not {v, id, call, args}"),
     Rule("unauthenticated", Errno.EPERM, "unauthenticated", "no CURVE identity (servers never see one)"),
     Rule("call", Errno.ENOSYS, "unknown call", "a call name the kernel does not have"),

@@ -59,10 +59,11 @@ EVENT_RUNS = 256  # frame runs an event (and a proc_destroy reply) lists; "trunc
 EVENTS_BYTES = 256 << 10  # an events reply stops adding events at about this many bytes
 REPLY_RUNS = 4096  # frame runs an unmap or reclaim reply lists at most (reclaim count takes no more runs)
 FRAME_INFO_SCAN = 1 << 16  # frames one frame_info call looks at, at most (``rest`` goes on from there)
-MAX_CLIENT_PAGES = 1024  # pages a client maps or unmaps in one call (it maps only kernel-shared frames)
-MAX_CLIENT_RUNS = 64  # runs a client names in one map
+MAX_CLIENT_PAGES = 256  # pages a client maps or unmaps in one call (it maps only kernel-shared frames: 1 MiB)
+MAX_CLIENT_RUNS = 16  # runs a client names in one map
 LARGE_RUNS_SHOWN = 256  # stats lists at most this many runs of frames under large mappings
 ERROR_RUNS = 64  # runs of offending frames an error names at most
+_KIND_NAME = np.array([KIND_NAMES[k] for k in range(max(KIND_NAMES) + 1)], dtype=object)  # kind code -> name
 
 __all__ = ["CLIENT_MADE", "EMPTY", "ENTRY_SHIFT", "PROT_MASK", "ROOT", "KernelCore", "Process"]
 
@@ -533,8 +534,9 @@ class KernelCore:
             change = np.flatnonzero((np.diff(kinds) != 0) | (np.diff(refs) != 0)) + 1
             starts = np.concatenate(([0], change))
             ends = np.concatenate((change, [look]))
-            for s, e in zip(starts[:room].tolist(), ends[:room].tolist()):
-                segments.append([first + s, e - s, KIND_NAMES[int(kinds[s])], int(refs[s])])
+            s, e = starts[:room], ends[:room]
+            segments.extend(map(list, zip((first + s).tolist(), (e - s).tolist(), _KIND_NAME[kinds[s]].tolist(),
+                                          refs[s].tolist())))
             budget -= look
             cut = int(starts[room]) if len(starts) > room else look
             if cut < count:
@@ -559,10 +561,7 @@ class KernelCore:
             return _err(Errno.EINVAL, f"args.vaddr: the range goes beyond user space ({self.profile.user_top:#x})",
                         field="vaddr")
         segments, rest = proc.segments(vp0, vp1, args.max_segments)
-        return {"pid": proc.pid,
-                "segments": [[vp << PAGE_SHIFT, n, f, prot, "client" if by else "mm", ps]
-                             for vp, n, f, prot, by, ps in segments],
-                "rest": None if rest is None else rest << PAGE_SHIFT}
+        return {"pid": proc.pid, "segments": segments, "rest": rest}
 
     # ---- processes ---------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ ENTRY_SHIFT = 4  # a leaf entry is frame << ENTRY_SHIFT | CLIENT_MADE? | prot (p
 CLIENT_MADE = 8  # leaf entry bit: the client made this mapping itself (not the mm)
 PROT_MASK = 7
 SPARE_LEAVES = 64  # emptied leaf entry arrays kept for reuse
+_MADE_BY = np.array(["mm", "client"], dtype=object)  # CLIENT_MADE bit -> who made the mapping
 
 Key = tuple[int, int]
 Span = tuple[int, int, int]  # (leaf tag, first index, end index): a stretch of one leaf table
@@ -260,12 +261,12 @@ class AddressSpace:
         parts.extend(np.arange(f, f + pages_at[lv], dtype=np.int64) for lv, f, _prot in self.large.values())
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def segments(self, lo: int, hi: int, limit: int) -> tuple[list[list[int]], int | None]:
-        """The mappings of pages lo..hi-1 in virtual address order, as segments ``[vpage, pages,
-        first frame, prot, by_client (0/1), page_size]``: consecutive pages mapping consecutive
+    def segments(self, lo: int, hi: int, limit: int) -> tuple[list[list[Any]], int | None]:
+        """The mappings of pages lo..hi-1 in virtual address order, as segments ``[vaddr, pages, first
+        frame, prot, made_by ("mm" or "client"), page_size]``: consecutive pages mapping consecutive
         frames with the same protection, maker and page size. At most ``limit`` of them, and the
-        page to continue from (None: the range is covered). Looks at no more leaf tables than the
-        process has, and stops once ``limit`` segments are made."""
+        virtual address to continue from (None: the range is covered). Looks at no more leaf tables
+        than the process has, and stops once ``limit`` segments are made."""
         geo = self.geo
         bits, size = geo.leaf_bits, geo.leaf_entries
         t0, t1 = lo >> bits, (hi - 1) >> bits
@@ -273,17 +274,21 @@ class AddressSpace:
         tags = range(t0, t1 + 1) if t1 - t0 < len(leaves) else sorted(t for t in leaves if t0 <= t <= t1)
         larges = sorted((b, m) for b, m in self.large.items() if b < hi and b + geo.pages_at[m[0]] > lo)
         li = 0
-        segments: list[list[int]] = []
+        segments: list[list[Any]] = []
 
-        def add(vp: int, n: int, f: int, prot: int, by: int, ps: int) -> bool:
-            """Append (or extend the last) segment; False once there is one beyond ``limit``."""
+        def add(row: list[Any]) -> bool:
+            """Append ``row`` (or extend the last segment with it); False once there is one beyond ``limit``."""
             last = segments[-1] if segments else None
-            if (last is not None and ps == PAGE_SIZE and last[5] == PAGE_SIZE and last[0] + last[1] == vp
-                    and last[2] + last[1] == f and last[3] == prot and last[4] == by):
-                last[1] += n
+            if (last is not None and row[5] == PAGE_SIZE and last[5] == PAGE_SIZE
+                    and last[0] + (last[1] << PAGE_SHIFT) == row[0] and last[2] + last[1] == row[2]
+                    and last[3] == row[3] and last[4] == row[4]):
+                last[1] += row[1]
                 return True
-            segments.append([vp, n, f, prot, by, ps])
+            segments.append(row)
             return len(segments) <= limit
+
+        def large_row(b: int, lv: int, f: int, prot: int) -> list[Any]:
+            return [b << PAGE_SHIFT, geo.pages_at[lv], f, prot, "mm", geo.pages_at[lv] << PAGE_SHIFT]
 
         for tag in tags:
             e = leaves.get(tag)
@@ -293,7 +298,7 @@ class AddressSpace:
             while li < len(larges) and larges[li][0] < base:  # large mappings before this leaf table
                 b, (lv, f, prot) = larges[li]
                 li += 1
-                if not add(b, geo.pages_at[lv], f, prot, 0, geo.pages_at[lv] << PAGE_SHIFT):
+                if not add(large_row(b, lv, f, prot)):
                     return segments[:limit], segments[limit][0]
             a, z = max(lo, base) - base, min(hi, base + size) - base
             idx = np.flatnonzero(e[a:z] != EMPTY)
@@ -301,13 +306,21 @@ class AddressSpace:
                 continue
             ents = e[a:z][idx].astype(np.int64)
             cut = np.flatnonzero((np.diff(idx) != 1) | (np.diff(ents) != (1 << ENTRY_SHIFT))) + 1
-            for s, t in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [idx.size])).tolist()):
-                ent = int(ents[s])
-                if not add(base + a + int(idx[s]), t - s, ent >> ENTRY_SHIFT, ent & PROT_MASK,
-                           1 if ent & CLIENT_MADE else 0, PAGE_SIZE):
-                    return segments[:limit], segments[limit][0]
+            room = limit + 2 - len(segments)  # (the first may join the last one; one beyond tells where to go on)
+            starts = np.concatenate(([0], cut))[:room]
+            ends = np.concatenate((cut, [idx.size]))[:room]
+            heads = ents[starts]
+            made_by = _MADE_BY[((heads & CLIENT_MADE) != 0).astype(np.intp)]
+            rows = list(map(list, zip(((base + a + idx[starts]) << PAGE_SHIFT).tolist(), (ends - starts).tolist(),
+                                      (heads >> ENTRY_SHIFT).tolist(), (heads & PROT_MASK).tolist(),
+                                      made_by.tolist(), [PAGE_SIZE] * len(heads))))
+            if not add(rows[0]):  # a leaf's segments are maximal but the first may continue the last one
+                return segments[:limit], segments[limit][0]
+            segments.extend(rows[1:])
+            if len(segments) > limit:
+                return segments[:limit], segments[limit][0]
         for b, (lv, f, prot) in larges[li:]:
-            if not add(b, geo.pages_at[lv], f, prot, 0, geo.pages_at[lv] << PAGE_SHIFT):
+            if not add(large_row(b, lv, f, prot)):
                 return segments[:limit], segments[limit][0]
         return segments, None
 

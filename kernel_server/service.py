@@ -6,8 +6,9 @@ argument. ``handle(identity, data, now)`` never raises and always returns exactl
 is not executed again (I12); a client whose process has not called for ``lease_seconds`` is
 destroyed by ``expire(now)`` (I11).
 
-A request is refused in this order (the call table's ``COMMON`` rules): size and envelope
-(E2BIG, EPROTO), no identity (EPERM), unknown call (ENOSYS), the caller's rule by identity alone
+A request is refused in this order (the call table's ``COMMON`` rules): size (E2BIG: past
+``wire.MAX_CLIENT_REQUEST_BYTES`` unless the mm or the operator sends it) and envelope (E2BIG,
+EPROTO), no identity (EPERM), unknown call (ENOSYS), the caller's rule by identity alone
 (EPERM/ESRCH: a stranger's privileged call costs no validation), the size of a client's map or
 unmap from the raw counts (E2BIG: a client's call costs little to validate), the arguments
 (EINVAL), then the call's own rules in the kernel core.
@@ -87,6 +88,10 @@ class KernelService:
     # ---- requests ---------------------------------------------------------------------------------
 
     def handle(self, identity: str | None, data: bytes, now: float) -> bytes:
+        if len(data) > wire.MAX_CLIENT_REQUEST_BYTES and not (identity is not None and self.core.is_reader(identity)):
+            return self._refuse(identity, None, "?", Error(
+                Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of {wire.MAX_CLIENT_REQUEST_BYTES} "
+                "for a client (only the memory manager and the operator send larger requests)"))
         parsed = wire.parse_request(data)
         if len(parsed) == 2:
             req_id, err = parsed

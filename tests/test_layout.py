@@ -66,7 +66,8 @@ def test_sans_io_modules_import_no_io(module):
 
 def test_the_checker_sees_imports_anywhere_in_a_module(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("import numpy as np\nfrom os import path\n\ndef f():\n    import time.x\n    from zmq import Socket\n")
+    src.write_text("import numpy as np\nfrom os import path\n\n"
+                   "def f():\n    import time.x\n    from zmq import Socket\n")
     assert imported_modules(src) == {"numpy": 1, "os": 2, "time": 5, "zmq": 6}
 
 
