@@ -104,6 +104,17 @@ def _merged(runs: list[list[int]]) -> list[list[int]]:
     return out
 
 
+def _expand(runs: list[list[int]]) -> np.ndarray:
+    """The frames of ``runs`` in order (``R.to_array``, in a few numpy passes however many runs)."""
+    if len(runs) == 1:
+        f, c = runs[0]
+        return np.arange(f, f + c, dtype=np.int64)
+    r = np.asarray(runs, dtype=np.int64)
+    counts = r[:, 1]
+    ends = np.cumsum(counts)
+    return np.repeat(r[:, 0] - (ends - counts), counts) + np.arange(int(ends[-1]), dtype=np.int64)
+
+
 def _runs_capped(a: np.ndarray, cap: int) -> tuple[list[list[int]], bool]:
     """The runs of frames ``a`` in order (as ``R.from_array``), at most ``cap`` of them; and whether
     there were more."""
@@ -656,7 +667,7 @@ class KernelCore:
             kinds, refs = ft.kind[first:first + count], ft.refs[first:first + count]
             top = first + count - 1
         else:
-            a = R.to_array(runs)  # distinct frames of the frame table: at most all of them
+            a = _expand(runs)  # distinct frames of the frame table: at most all of them
             first, count = int(a[0]), int(a.size)
             kinds, refs = ft.kind[a], ft.refs[a]
             top = int(a.max())
@@ -696,7 +707,7 @@ class KernelCore:
             return e
         if _runs_overlap(runs):
             return _err(Errno.EINVAL, "args.frames: a frame appears twice", field="frames")
-        a = R.to_array(runs)  # distinct frames of the frame table: at most all of them
+        a = _expand(runs)  # distinct frames of the frame table: at most all of them
         kinds = self.frames.kind[slice(runs[0][0], runs[0][0] + runs[0][1]) if len(runs) == 1 else a]
         if bool((kinds == KERNEL_FREE).all()) and a.size <= self.unreserved():
             return ReclaimPlan(a, int(a.size), _merged([list(r) for r in runs]))
@@ -791,7 +802,7 @@ class KernelCore:
         if large:
             a = None
             if not all(bool((kind[f:f + step] == USER).all()) for f in firsts):
-                every = R.to_array([[f, step] for f in firsts])
+                every = _expand([[f, step] for f in firsts])
                 return self._map_frame_rules(every, kind[every], True, by_mm, prot)
             if not by_mm:
                 return _err(Errno.EPERM, f"frame {firsts[0]}: a client may map only kernel-shared frames "
@@ -809,7 +820,7 @@ class KernelCore:
                         np.arange(first, first + npages, dtype=np.int64), kinds, False, by_mm, prot)):
                     return e
         else:
-            a = R.to_array(runs)
+            a = _expand(runs)
             kinds = kind[a]
             if not (by_mm and (kinds == USER).all()) and (e := self._map_frame_rules(a, kinds, False, by_mm, prot)):
                 return e

@@ -988,6 +988,20 @@ def test_silent_clients_lose_their_process_any_call_renews():
     k.invariants()
 
 
+def test_a_stall_of_the_kernel_is_added_to_every_lease():
+    k = K(lease=1.0)
+    a = k.proc(A, now=0.0)
+    b = k.proc(B, now=0.5)
+    k.svc.credit_stall(3.0)  # the kernel read no request for 3 s (stopped, or busy): no lease ran meanwhile
+    k.svc.credit_stall(-1.0)  # (nothing to credit)
+    assert k.svc.next_deadline() == pytest.approx(0.0 + 1.0 + 3.0)
+    assert k.svc.expire(3.9) == []
+    assert [e["pid"] for e in k.svc.expire(4.1)] == [a]
+    k.ok(B, "ping", now=4.4)  # a call renews from its own time on
+    assert k.svc.expire(5.3) == [] and k.svc.next_deadline() == pytest.approx(5.4)
+    assert [e["pid"] for e in k.svc.expire(5.5)] == [b] and k.svc.next_deadline() is None
+
+
 # ---- replay (I12) and malformed input (I10) through handle ---------------------------
 
 def reply_of(data: bytes) -> dict:
