@@ -325,9 +325,6 @@ class KernelCore:
             return _err(Errno.ESRCH, "the caller has no process (the memory manager creates it)")
         return self.procs[pid]
 
-    def is_mm(self, caller: str) -> bool:
-        return caller == self.mm_key
-
     def is_reader(self, caller: str) -> bool:
         """The mm or the operator: may read the frame table, mappings and per-process listings."""
         return caller == self.mm_key or (self.operator_key is not None and caller == self.operator_key)

@@ -79,9 +79,6 @@ class FrameTable:
             "user_mapped": self.user_mapped,
         }
 
-    def in_range(self, frames: np.ndarray) -> bool:
-        return frames.size == 0 or (int(frames.min()) >= 0 and int(frames.max()) < self.n)
-
     def free_list(self) -> list[int]:
         """The free list walked from its head (for checks and tests)."""
         out, f, seen = [], self.head, 0
