@@ -1310,3 +1310,74 @@ def test_the_worst_requests_get_their_answers_and_bounded_replies():
         assert check_kernel(svc.core) == [], w.name
     m, u = ordinary(10_000)
     assert reply_of(svc.handle(MM, m, now=0.0))["ok"] and reply_of(svc.handle(MM, u, now=0.0))["ok"]
+
+
+# ---- replies stay bounded -------------------------------------------------------------------------------
+
+def test_events_stop_at_a_byte_budget_and_list_at_most_so_many_runs_per_process():
+    from kernel_server.core import EVENT_RUNS, EVENTS_BYTES
+
+    k = K(memory=64 * MiB, pool=256, check=False)
+    scattered = k.user(2 * (EVENT_RUNS + 44))[::2]  # every other free frame: one run each
+    pids = []
+    for i in range(100):
+        pid = k.proc(f"{i:040d}", quota=3)
+        k.ok(MM, "map", pid=pid, vaddr=V, frames=[[f, 1] for f in scattered], prot=READ)
+        k.ok(MM, "proc_destroy", pid=pid)
+        pids.append(pid)
+    k.invariants()
+    ev = k.ok(MM, "events", limit=1000)
+    got = ev["events"]
+    assert 0 < len(got) < 100 and ev["next"] == got[-1]["seq"] < ev["latest"] == 100
+    assert len(wire.encode(ev)) < min(2 * EVENTS_BYTES, wire.MAX_REPLY_BYTES)
+    first = got[0]
+    assert first["truncated"] is True and first["frames"] == [[f, 1] for f in scattered[:EVENT_RUNS]]
+    seen = [e["pid"] for e in got]
+    while ev["next"] < ev["latest"]:  # the mm reads on from ``next``
+        ev = k.ok(MM, "events", since=ev["next"], limit=1000)
+        seen += [e["pid"] for e in ev["events"]]
+    assert seen == pids
+
+
+def test_unmap_and_reclaim_replies_list_at_most_so_many_runs():
+    from kernel_server.core import REPLY_RUNS
+
+    k = K(memory=128 * MiB, pool=64, check=False)
+    a = k.proc(A, quota=64)
+    every_other = k.user(2 * (REPLY_RUNS + 100))[::2]
+    for i in range(0, len(every_other), 1000):  # (at most MAX_RUNS runs a call)
+        part = every_other[i:i + 1000]
+        k.ok(MM, "map", pid=a, vaddr=V + i * PAGE_SIZE, frames=[[f, 1] for f in part], prot=READ)
+    r = k.ok(MM, "unmap", pid=a, vaddr=V, pages=len(every_other))
+    assert r["pages"] == len(every_other) and r["truncated"] is True
+    assert r["frames"] == [[f, 1] for f in every_other[:REPLY_RUNS]]
+    assert set(k.refs(every_other)) == {0}
+    # scattered free kernel frames: a reclaim by count takes no more runs than a reply lists
+    for f in every_other:
+        k.ok(MM, "donate", frames=[[f, 1]])
+    want = k.core.unreserved()
+    r = k.ok(MM, "reclaim", count=want)
+    assert len(r["frames"]) <= REPLY_RUNS and r["reclaimed"] < want
+    r2 = k.ok(MM, "reclaim", count=want)
+    assert r["reclaimed"] + r2["reclaimed"] == want and k.core.unreserved() == 0
+    k.invariants()
+
+
+def test_frame_info_looks_at_so_many_frames_per_call():
+    from kernel_server.core import FRAME_INFO_SCAN
+
+    k = K(memory=512 * MiB, pool=64, check=False)
+    n = k.ft.n
+    assert n > FRAME_INFO_SCAN
+    part = k.ok(MM, "frame_info", frames=[[0, n]])
+    assert part["rest"] == [[FRAME_INFO_SCAN, n - FRAME_INFO_SCAN]]
+    got, ask = part["segments"], part["rest"]
+    while ask:
+        part = k.ok(MM, "frame_info", frames=ask)
+        got += part["segments"]
+        ask = part["rest"]
+    kinds = np.zeros(n, dtype=np.uint8)
+    names = {"none": 0, "kernel_free": 1, "kernel_used": 2, "kernel_shared": 3, "user": 4}
+    for first, count, kind, _refs in got:
+        kinds[first:first + count] = names[kind]
+    assert np.array_equal(kinds, k.ft.kind)
