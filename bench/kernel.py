@@ -18,6 +18,10 @@ Figures (DESIGN.md section 6):
 - ``kernel.batch.<call>``: the median time of ``donate``/``reclaim`` (explicit
   frames) and ``map``/``unmap`` of one 4096-frame run, as a ratio to the
   floor's median round trip (target <= 2: "about one round trip").
+- ``kernel.worst_request``: the server CPU (in-process ``handle``) of the costliest request a client or a
+  stranger can build, any call, refused or not, over that of an ordinary one-page map/unmap (target <= 10);
+  ``kernel.worst_request_privileged``: the same for the mm and the operator (information: their largest
+  requests are listings they ask for, bounded by the listing limits). See ``worst_catalog``.
 - ``kernel.scale``: pipelined map+unmap rate of a 16 Mi-frame kernel (64 GiB
   of RAM on i686-pae: the boot map ends at the 64 GiB PAE addresses, exactly
   2^24 frames) over that of the smallest boot (4 MiB: 1 Ki frames); target >= 0.90.
@@ -52,6 +56,7 @@ Step = Callable[[str], None]
 VADDR = 0x1000_0000  # where the one-page mapping comes and goes
 ANCHOR = VADDR + 0x1000  # stays mapped: the page table is not allocated and freed on every call
 BATCH_VADDR = 0x2000_0000
+PROCESS_QUOTA = 16  # kernel frames of the benchmark's process: its objects and a few page tables
 
 
 @dataclass
@@ -78,7 +83,7 @@ class KernelBenchOptions:
 
     def steps(self) -> int:
         """Progress steps ``run`` reports (for a progress bar)."""
-        main = 2 + self.rounds * 6
+        main = 2 + self.rounds * 6 + 1  # (+1: the worst requests, in-process)
         return main + (3 + self.rounds * 2 if self.scale else 0)
 
 
@@ -87,6 +92,7 @@ class KernelAsMM:
 
     def __init__(self, run_dir: str, arch: str, memory: str, transport: str, ctx: zmq.Context) -> None:
         self.system = System(run_dir, arch=arch, memory=memory, lease=3600.0, transport=transport, clients=1)
+        rundir.admit(self.system.run_dir, "observer")  # the readiness check's identity (no process, no privilege)
         t0 = time.perf_counter()
         try:
             self.part = self.system.start_kernel(timeout=120.0)
@@ -99,7 +105,7 @@ class KernelAsMM:
                 raise BenchError("the kernel does not take the benchmark's key as the mm's")
             self.amap = self.stream.call("address_map")
             client_key = rundir.public_key(self.system.run_dir, "client-0").decode()
-            self.pid = self.stream.call("proc_create", {"key": client_key})["pid"]
+            self.pid = self.stream.call("proc_create", {"key": client_key, "kernel_quota": PROCESS_QUOTA})["pid"]
         except BaseException:
             self.system.stop()
             remove_ipc_dir(self.system.run_dir)
@@ -162,6 +168,8 @@ def run(opts: KernelBenchOptions, run_dir: str, step: Step = lambda s: None) -> 
                     k.close()
             finally:
                 floor_stream.close()
+        step("timing the worst requests against map/unmap (in-process)")
+        worst_figures(rep)
         if opts.scale:
             _scale(opts, rep, run_dir, ctx, step)
     finally:
@@ -300,13 +308,14 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
     """Time ``KernelService.handle`` on the benchmark's map/unmap cycle, stage by stage, in-process
     (each the best of ``passes`` passes over ``calls`` calls; "rest" is what the stages leave of
     the whole)."""
+    from kernel_server.calls import ADAPTERS
     from kernel_server.service import KernelService
     from protocol import wire
-    from protocol.calls import KERNEL_CALLS, validate
+    from protocol.calls import validate
 
     mm = "M" * 40
     svc = KernelService.boot(arch=arch, memory=parse_size(memory), mm_key=mm)
-    pid = svc.call(mm, "proc_create", {"key": "C" * 40})["pid"]
+    pid = svc.call(mm, "proc_create", {"key": "C" * 40, "kernel_quota": PROCESS_QUOTA})["pid"]
     amap = svc.call(mm, "address_map")
     first = next(e["first"] for e in amap["entries"] if e["kind"] == "user")
     svc.call(mm, "map", {"pid": pid, "vaddr": ANCHOR, "frames": [[first + 1, 1]], "prot": 3})
@@ -335,7 +344,7 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
     # the stages, each timed over the same requests
     reqs = fresh()
     parsed = [wire.parse_request(d) for d in reqs]
-    models = [validate(KERNEL_CALLS, call, args) for _, call, args in parsed]
+    models = [validate(ADAPTERS, call, args) for _, call, args in parsed]
     results: list[Any] = []
 
     def timed(fn: Callable[[], object]) -> float:
@@ -353,7 +362,7 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
     stages: dict[str, float] = {
         "decode envelope": best(lambda: timed(lambda: [wire.parse_request(d) for d in reqs])),
         "replay digest": best(lambda: timed(lambda: [svc.replay.digest(d) for d in reqs])),
-        "validate (pydantic)": best(lambda: timed(lambda: [validate(KERNEL_CALLS, c, a) for _, c, a in parsed])),
+        "validate (pydantic)": best(lambda: timed(lambda: [validate(ADAPTERS, c, a) for _, c, a in parsed])),
         "core (check+commit)": best(core_pass),
     }
     stages["encode reply"] = best(lambda: timed(lambda: [wire.ok_reply(p[0], r) for p, r in zip(parsed, results)]))
@@ -375,3 +384,215 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
         out["cprofile"] = buf.getvalue()
     return out
 
+
+
+# ---- in-process: the worst requests against an ordinary one ---------------------------------------------
+#
+# ``worst_catalog`` builds a kernel in a hostile state (a client whose memory alternates with free frames,
+# so the frame table is as fragmented as it gets; its kernel quota full) and the costliest requests we know
+# how to build for every call and every kind of caller, refused or not: a stranger (admitted, no process),
+# a client on its own process, the mm and the operator. ``worst_request`` times each through
+# ``KernelService.handle`` (decode, validation, the call, the reply: the server's CPU per request) against
+# the ordinary one-page map/unmap.
+
+WORST_MM = "M" * 40
+WORST_OP = "O" * 40
+WORST_CLIENT = "C" * 40
+WORST_STRANGER = "S" * 40
+CLIENT_QUOTA = 16
+
+
+@dataclass
+class WorstRequest:
+    name: str
+    who: str  # "client" (a client or a stranger) or "privileged" (the mm or the operator)
+    identity: str
+    make: Callable[[int], bytes]  # request id -> request bytes
+    expect: str | None  # the errno name it must be refused with; None: it must succeed
+    undo: Callable[[int], bytes] | None = None  # a request restoring the state (timed with it, as a pair)
+
+
+Ordinary = Callable[[int], tuple[bytes, bytes]]
+
+
+def worst_catalog(memory: str = "256MiB", arch: str = "i686") -> tuple[Any, list[WorstRequest], Ordinary]:
+    """(service, the worst requests, the ordinary map/unmap pair by request id)."""
+    from kernel_server.core import MAX_CLIENT_PAGES, MAX_CLIENT_RUNS
+    from kernel_server.service import KernelService
+    from protocol import wire
+    from protocol.calls import MAX_FRAME
+
+    svc = KernelService.boot(arch=arch, memory=parse_size(memory), mm_key=WORST_MM, operator_key=WORST_OP,
+                             lease_seconds=3600.0)
+    core = svc.core
+    ft = core.frames
+    n = ft.n
+
+    def ok(who: str, call: str, args: dict[str, Any]) -> dict[str, Any]:
+        out = svc.call(who, call, args)
+        if not isinstance(out, dict):
+            raise BenchError(f"setting up the worst requests: {call} {args}: {out}")
+        return out
+
+    amap = ok(WORST_MM, "address_map", {})
+    region = {e["kind"]: e for e in amap["entries"]}
+    user = next(e for e in amap["entries"] if e["kind"] == "user" and e["count"] > 40_000)
+    image, firmware = region["kernel_image"]["first"], region["firmware"]["first"]
+    pid = ok(WORST_MM, "proc_create", {"key": WORST_CLIENT, "kernel_quota": CLIENT_QUOTA})["pid"]
+    # the client's memory: 8192 pages of every other frame (the frame table's most fragmented picture)
+    u0 = user["first"]
+    for i in range(8):
+        ok(WORST_MM, "map", {"pid": pid, "vaddr": 0x1000_0000 + i * (1024 << 12), "prot": 3,
+                             "frames": [[u0 + 2 * (i * 1024 + j), 1] for j in range(1024)]})
+    own = 0x3000_0000  # the client's own maps of a boot-image frame, each in a page table of its own
+    last = 0x3040_0000 + ((MAX_CLIENT_PAGES - 1) << 12)  # a page of its second table
+    ok(WORST_CLIENT, "map", {"vaddr": own, "frames": [[image, 1]], "prot": 1})
+    ok(WORST_CLIENT, "map", {"vaddr": last, "frames": [[image, 1]], "prot": 1})
+    proc = core.procs[pid]
+    for _ in range(proc.kernel_limit - proc.kernel_used):  # its quota, full
+        ok(WORST_CLIENT, "thread_create", {})
+    big_runs = [[MAX_FRAME - (1 << 20), 1 << 10]] * wire.MAX_RUNS  # the largest numbers, the most runs
+    per_run = MAX_CLIENT_PAGES // MAX_CLIENT_RUNS
+    spread = [[image + (i % 8) * per_run, per_run] for i in range(MAX_CLIENT_RUNS)]  # a client's largest map
+    forty = [[firmware - 40 * 1024 + 1 + 40 * i, 40] for i in range(1024)]  # the last run reaches the firmware
+    top = core.profile.user_top
+    R_ = wire.request
+
+    def req(call: str, args: dict[str, Any]) -> Callable[[int], bytes]:
+        return lambda i: R_(i, call, args)
+
+    C, S, M, O = WORST_CLIENT, WORST_STRANGER, WORST_MM, WORST_OP
+    cat = [
+        # anyone: bytes before any call
+        WorstRequest("32 KiB of one-byte integers (past a client's message size)", "client", S,
+                     lambda i: wire.encode({"v": 1, "id": i, "call": "ping", "args": {"x": [[0] * 1024] * 30}}),
+                     "E2BIG"),
+        WorstRequest("4 KiB of one-byte integers (4 arrays of 1000)", "client", S,
+                     lambda i: wire.encode({"v": 1, "id": i, "call": "ping", "args": {"x": [[0] * 1000] * 4}}),
+                     "EINVAL"),
+        WorstRequest("14 fields of 256-byte strings", "client", S,
+                     lambda i: wire.encode({"v": 1, "id": i, "call": "ping",
+                                            "args": {f"k{j}": "x" * 256 for j in range(14)}}), "EINVAL"),
+        WorstRequest("31 fields of 256-byte strings by the operator", "privileged", O,
+                     lambda i: wire.encode({"v": 1, "id": i, "call": "ping",
+                                            "args": {f"k{j}": "x" * 256 for j in range(31)}}), "EINVAL"),
+        WorstRequest("32 KiB of one-byte integers by the operator", "privileged", O,
+                     lambda i: wire.encode({"v": 1, "id": i, "call": "ping", "args": {"x": [[0] * 1024] * 30}}),
+                     "EINVAL"),
+        WorstRequest("4 KiB of undecodable bytes", "client", S, lambda i: b"\xc1" * wire.MAX_CLIENT_REQUEST_BYTES,
+                     "EPROTO"),
+        WorstRequest("32 KiB of undecodable bytes by the operator", "privileged", O,
+                     lambda i: b"\xc1" * wire.MAX_REQUEST_BYTES, "EPROTO"),
+        WorstRequest("a message past the size limit", "client", S,
+                     lambda i: b"\x00" * (wire.MAX_REQUEST_BYTES + 1), "E2BIG"),
+        # a stranger or a client: privileged calls
+        WorstRequest("donate of 1024 runs by a stranger", "client", S, req("donate", {"frames": big_runs}), "E2BIG"),
+        WorstRequest("donate of 200 runs by a stranger", "client", S, req("donate", {"frames": big_runs[:200]}),
+                     "EPERM"),
+        WorstRequest("frame_info of everything by a client", "client", C,
+                     req("frame_info", {"frames": [[0, n]], "max_segments": 1 << 14}), "EPERM"),
+        WorstRequest("the process listing by a client", "client", C, req("stats", {"from_pid": 0, "limit": 1000}),
+                     "EPERM"),
+        WorstRequest("proc_create by a client", "client", C, req("proc_create", {"key": S, "kernel_quota": 1 << 30}),
+                     "EPERM"),
+        # a client on its own process
+        WorstRequest("map of 1024 runs by a client (past a client's message size)", "client", C,
+                     req("map", {"vaddr": own, "frames": [[image, 1]] * wire.MAX_RUNS, "prot": 1}), "E2BIG"),
+        WorstRequest("map of 200 runs by a client (under its message size)", "client", C,
+                     req("map", {"vaddr": own, "frames": [[image, 1]] * 200, "prot": 1}), "E2BIG"),
+        WorstRequest(f"map of {MAX_CLIENT_PAGES} boot-image pages in {MAX_CLIENT_RUNS} runs, busy at the last page",
+                     "client", C, req("map", {"vaddr": last - ((MAX_CLIENT_PAGES - 1) << 12), "frames": spread,
+                                             "prot": 1}), "EBUSY"),
+        WorstRequest(f"unmap of {MAX_CLIENT_PAGES} pages of the mm's mappings by a client", "client", C,
+                     req("unmap", {"vaddr": 0x1000_0000, "pages": MAX_CLIENT_PAGES}), "EPERM"),
+        WorstRequest(f"map of {MAX_CLIENT_PAGES - 1} boot-image pages in {MAX_CLIENT_RUNS} runs, and its unmap",
+                     "client", C, req("map", {"vaddr": last - ((MAX_CLIENT_PAGES - 1) << 12),
+                                             "frames": spread[:-1] + [[image, per_run - 1]], "prot": 1}),
+                     None, undo=req("unmap", {"vaddr": last - ((MAX_CLIENT_PAGES - 1) << 12),
+                                              "pages": MAX_CLIENT_PAGES - 1})),
+        WorstRequest("thread_create past its quota", "client", C, req("thread_create", {}), "ENOMEM"),
+        WorstRequest("stats", "client", C, req("stats", {}), None),
+        WorstRequest("address_map", "client", S, req("address_map", {}), None),
+        WorstRequest("hello", "client", S, req("hello", {}), None),
+        # the mm and the operator
+        WorstRequest("frame_info of the whole table (16384 segments)", "privileged", O,
+                     req("frame_info", {"frames": [[0, n]], "max_segments": 1 << 14}), None),
+        WorstRequest("mappings of the client's whole space (8193 segments)", "privileged", O,
+                     req("mappings", {"pid": pid, "vaddr": 0, "pages": top >> 12, "max_segments": 1 << 14}), None),
+        WorstRequest("stats with the process listing", "privileged", M, req("stats", {"limit": 1000}), None),
+        WorstRequest("events", "privileged", M, req("events", {"limit": 1000}), None),
+        WorstRequest("donate of 1024 runs, the last beyond memory", "privileged", M,
+                     req("donate", {"frames": [[2 * i, 1] for i in range(1023)] + [[n, 1]]}), "EINVAL"),
+        WorstRequest("donate of 40960 frames in 1024 runs, the last kernel-owned", "privileged", M,
+                     req("donate", {"frames": forty}), "EEXIST"),
+        WorstRequest("reclaim of 1024 frames in 1024 runs, the last user-owned", "privileged", M,
+                     req("reclaim", {"frames": [[image + i, 1] for i in range(1024)]}), "EINVAL"),
+        WorstRequest(f"map of {n - u0 - 16384} pages past the process's quota", "privileged", M,
+                     req("map", {"pid": pid, "vaddr": 0x4000_0000, "frames": [[u0 + 16384, n - u0 - 16384]],
+                                 "prot": 3}), "ENOMEM"),
+        WorstRequest("unmap of all user space, nothing mapped at its start", "privileged", M,
+                     req("unmap", {"pid": pid, "vaddr": 0, "pages": top >> 12}), "EINVAL"),
+        WorstRequest("map of 1024 runs by the mm, beyond user space", "privileged", M,
+                     req("map", {"pid": pid, "vaddr": top - (1 << 12), "frames": big_runs[:2], "prot": 3}), "EINVAL"),
+    ]
+    anchor = u0 + 20_000  # a free user frame; its page goes in the client's first own table, which stays
+
+    def ordinary(i: int) -> tuple[bytes, bytes]:
+        return (R_(i, "map", {"pid": pid, "vaddr": own + 0x1000, "frames": [[anchor, 1]], "prot": 3}),
+                R_(i + 1, "unmap", {"pid": pid, "vaddr": own + 0x1000, "pages": 1}))
+
+    return svc, cat, ordinary
+
+
+def worst_request(memory: str = "256MiB", arch: str = "i686", reps: int = 20, passes: int = 5) -> dict[str, Any]:
+    """Server CPU per request (in-process ``handle``) of each worst request, of the ordinary one-page
+    map/unmap, and the ratios (the best of ``passes`` passes of ``reps`` requests each)."""
+    svc, cat, ordinary = worst_catalog(memory, arch)
+    clock = time.process_time
+    next_id = [1]
+
+    def ids(k: int) -> range:
+        first = next_id[0]
+        next_id[0] += k
+        return range(first, first + k)
+
+    def timed(pairs: list[tuple[str, bytes]]) -> float:
+        t0 = clock()
+        for who, data in pairs:
+            svc.handle(who, data, 0.0)
+        return clock() - t0
+
+    def best(make: Callable[[], list[tuple[str, bytes]]], per: int) -> float:
+        return min(timed(make()) for _ in range(passes)) / per
+
+    base_reps = reps * 50
+    base = best(lambda: [(WORST_MM, d) for i in ids(base_reps) for d in ordinary(2 * i)], 2 * base_reps)
+    out: dict[str, Any] = {"ordinary_us": base * 1e6, "requests": []}
+    for w in cat:
+        if w.undo is not None:
+            t = best(lambda w=w: [(w.identity, d) for i in ids(reps) for d in (w.make(2 * i), w.undo(2 * i + 1))],
+                     2 * reps)
+        else:
+            t = best(lambda w=w: [(w.identity, w.make(i)) for i in ids(reps)], reps)
+        out["requests"].append({"name": w.name, "who": w.who, "us": t * 1e6, "ratio": t / base})
+    for who in ("client", "privileged"):
+        mine = [r for r in out["requests"] if r["who"] == who]
+        worst = max(mine, key=lambda r: r["us"])
+        out[who] = {"worst": worst["name"], "us": worst["us"], "ratio": worst["ratio"]}
+    return out
+
+
+def worst_figures(rep: Report, memory: str = "256MiB") -> None:
+    """The ``kernel.worst_request`` figures: a client's or a stranger's worst request against the ordinary
+    map/unmap (target <= 10), and the mm's or the operator's (information: the pages they read are work they
+    asked for, bounded by the listing limits)."""
+    w = worst_request(memory)
+    base = w["ordinary_us"]
+    c, p = w["client"], w["privileged"]
+    rep.add(Figure("kernel.worst_request", "worst request of a client or a stranger (server CPU, in-process)",
+                   c["us"], "us", base, "us", "one-page map/unmap", c["ratio"], "<=", 10.0, "<= 10 x map/unmap",
+                   note=c["worst"]))
+    rep.add(Figure("kernel.worst_request_privileged", "worst request of the mm or the operator (server CPU)",
+                   p["us"], "us", base, "us", "one-page map/unmap", p["ratio"],
+                   target="info: pages of listings they asked for", note=p["worst"]))
+    rep.details["worst_request"] = w

@@ -13,11 +13,16 @@ objects; every method either checks (pure, may return an error) or commits
 
 A user frame is *free* when ``refs == 0`` and *mapped* otherwise. Counters are
 kept incrementally so ``stats`` costs nothing per frame.
+
+The mutators are the only writers of the arrays. When a watcher is set (``watch``: an
+``observe.KernelObserver``, None by default) each of them reports the frames it wrote
+(``frames_written``), the list neighbours it relinked included.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +54,7 @@ class FrameTable:
         self.prev = np.full(n, NIL, dtype=np.int32)
         self.head = NIL
         self.free_count = 0
+        self.watch: Any = None  # an observe.KernelObserver told about every write, or None
         for r in bootmap.regions:
             k = BOOT_KIND[r.kind]
             if k != KERNEL_FREE:
@@ -72,9 +78,6 @@ class FrameTable:
             "user_free": self.user_free,
             "user_mapped": self.user_mapped,
         }
-
-    def in_range(self, frames: np.ndarray) -> bool:
-        return frames.size == 0 or (int(frames.min()) >= 0 and int(frames.max()) < self.n)
 
     def free_list(self) -> list[int]:
         """The free list walked from its head (for checks and tests)."""
@@ -121,16 +124,22 @@ class FrameTable:
                 self.next[frames[:-1]] = frames[1:]
                 self.prev[frames[1:]] = frames[:-1]
         last, first = int(frames[-1]), int(frames[0])
-        self.next[last] = self.head
-        if self.head != NIL:
-            self.prev[self.head] = last
+        old = self.head
+        self.next[last] = old
+        if old != NIL:
+            self.prev[old] = last
         self.prev[first] = NIL
         self.head = first
         self.free_count += m
+        if self.watch is not None:
+            self.watch.frames_written(range(first, first + m) if run else frames)
+            if old != NIL:
+                self.watch.frames_written(old)
 
-    def pop_free(self, count: int) -> np.ndarray:
-        """Take ``count`` frames from the head (count <= free_count); they stay KERNEL_FREE
-        until the caller sets their kind.
+    def pop_free(self, count: int, max_runs: int | None = None) -> np.ndarray:
+        """Take ``count`` frames from the head (count <= free_count), or fewer: no more than make
+        ``max_runs`` runs of ascending frames (None: no limit). They stay KERNEL_FREE until the
+        caller sets their kind.
 
         Walks the list frame by frame, except along stretches where it links ascending
         neighbours (f -> f + 1 -> ..., what a donated run leaves): those are taken a
@@ -139,8 +148,14 @@ class FrameTable:
         f = self.head
         nxt = self.next
         i = 0
+        runs, last = 0, -2
+        limited = max_runs is not None
         probe = 16  # frames a stretch is probed for; doubles while stretches go on (no quadratic cost)
         while i < count:
+            if limited and f != last + 1:
+                if runs == max_runs:
+                    break
+                runs += 1
             g = int(nxt[f])
             if g == f + 1 and count - i > 32:
                 want = min(count - i, probe)  # frames f .. f + want - 1, if the list runs straight on
@@ -149,12 +164,17 @@ class FrameTable:
                 k = int(off[0]) + 1 if off.size else seg.size + 1  # frames taken in this stretch
                 out[i:i + k] = np.arange(f, f + k, dtype=np.int64)
                 i += k
-                f = int(nxt[f + k - 1])
+                last = f + k - 1
+                f = int(nxt[last])
                 probe = probe * 2 if k == want else 16
                 continue
             out[i] = f
             i += 1
+            last = f
             f = g
+        if i < count:
+            out = out[:i]
+            count = i
         if count:
             self.next[out] = NIL
             self.prev[out] = NIL
@@ -162,6 +182,10 @@ class FrameTable:
             if f != NIL:
                 self.prev[f] = NIL
             self.free_count -= count
+            if self.watch is not None:
+                self.watch.frames_written(out)
+                if f != NIL:
+                    self.watch.frames_written(f)
         return out
 
     def unlink_free(self, frames: np.ndarray, run: bool = False) -> None:
@@ -198,11 +222,15 @@ class FrameTable:
             succ = np.where(jumping, succ[np.maximum(idx, 0)], succ)
             idx = np.where(jumping, idx[np.maximum(idx, 0)], idx)
         starts = removed_index(prv) < 0  # predecessor survives or is NIL: a chain begins here
-        for p, q in zip(prv[starts].tolist(), succ[starts].tolist()):
+        relinked = list(zip(prv[starts].tolist(), succ[starts].tolist()))
+        for p, q in relinked:
             self._link(p, q)
         self.next[s] = NIL
         self.prev[s] = NIL
         self.free_count -= m
+        if self.watch is not None:
+            self.watch.frames_written(s)
+            self.watch.frames_written(np.array([f for pq in relinked for f in pq if f != NIL], dtype=np.int64))
 
     def _unlink_chain(self, frames: np.ndarray, run: bool) -> bool:
         """Splice ``frames`` out if they follow each other on the list (either way round)."""
@@ -227,11 +255,17 @@ class FrameTable:
         else:
             return False
         # (the list has no cycle, so a chain of m links names m distinct frames)
-        self._link(int(self.prev[head]), int(nxt[tail]))
+        p, q = int(self.prev[head]), int(nxt[tail])
+        self._link(p, q)
         ix = self._index(frames, run)
         nxt[ix] = NIL
         self.prev[ix] = NIL
         self.free_count -= m
+        if self.watch is not None:
+            self.watch.frames_written(range(ix.start, ix.stop) if isinstance(ix, slice) else frames)
+            for f in (p, q):
+                if f != NIL:
+                    self.watch.frames_written(f)
         return True
 
     def _link(self, p: int, q: int) -> None:
@@ -255,6 +289,8 @@ class FrameTable:
             self.user_free += m
         elif new == KERNEL_USED:
             self.kernel_used += m
+        if self.watch is not None and m:
+            self.watch.frames_written(range(int(frames[0]), int(frames[0]) + m) if run else frames)
 
     def add_refs(self, frames: np.ndarray, delta: int, run: bool = False) -> None:
         """Add ``delta`` (+1/-1) to each frame's refcount (frames may repeat); keeps
@@ -282,6 +318,8 @@ class FrameTable:
         became_free = int(np.count_nonzero(user & (before > 0) & (after == 0)))
         self.user_mapped += became_mapped - became_free
         self.user_free += became_free - became_mapped
+        if self.watch is not None:
+            self.watch.frames_written(uniq)
 
     def add_ref(self, f: int, delta: int) -> None:
         """``add_refs`` for the one frame ``f``."""
@@ -292,6 +330,8 @@ class FrameTable:
             moved = 1 if after else -1  # free -> mapped, or mapped -> free
             self.user_mapped += moved
             self.user_free -= moved
+        if self.watch is not None:
+            self.watch.frames_written(f)
 
     def _add_refs_run(self, first: int, m: int, delta: int) -> None:
         refs = self.refs[first:first + m]  # a view: updated in place
@@ -304,3 +344,5 @@ class FrameTable:
             refs -= -delta
         self.user_mapped += moved
         self.user_free -= moved
+        if self.watch is not None:
+            self.watch.frames_written(range(first, first + m))

@@ -1,11 +1,22 @@
 """The kernel process: a thin ZeroMQ shell around ``KernelService``.
 
 One CURVE ROUTER socket. The ZAP handler (pyzmq's ``ThreadAuthenticator``)
-accepts any CURVE key and reports it as the ``User-Id`` of every frame: that
-key, never the routing id, is the caller. Each request is answered with
-exactly one reply; leases are expired between requests and whenever the
-earliest lease deadline passes. The clock (``time.monotonic``) lives here,
-not in the core.
+admits the mm, the operator and the admitted client keys (``rundir.Admission``,
+re-read while running) and reports the key as the ``User-Id`` of every frame:
+that key, never the routing id, is the caller; every other key is refused at
+the handshake. Each request is answered with exactly one reply, sent without
+blocking (``serving.send_reply``: a peer that leaves its replies unread loses
+them, counted as ``replies_dropped``). The clock (``time.monotonic``) lives
+here, not in the core.
+
+Leases measure the client, not the kernel. Each turn of the loop should take
+at most its receive timeout plus a little; whatever it took beyond that plus
+``STALL_SLACK`` (a long request, a late return from the blocking receive, the
+process stopped by SIGSTOP) is time the kernel did not read requests, and is
+credited to every lease (``KernelService.credit_stall``). Leases are expired
+when the earliest deadline passes, and only right after the requests already
+queued have been handled (at most ``DRAIN_MAX`` of them), so pings that waited
+in the queue while the kernel was stopped renew their leases first.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from protocol.errors import Errno, Error
 
 log = logging.getLogger("mmsim.kernel")
 STOP_CHECK_MS = 100.0  # the longest the loop sleeps: a signal's flag is seen within this
+STALL_SLACK = 0.05  # seconds a turn of the loop may run over its receive timeout before it counts as a stall
+DRAIN_MAX = 4096  # requests handled, at most, before leases are looked at
 
 
 @dataclass
@@ -86,12 +99,14 @@ class KernelServer:
         recv, clock = sock.recv_multipart, time.monotonic
         next_check = 0.0  # when leases are looked at next: the earliest deadline, or STOP_CHECK_MS from now
         wait = serving.Deadline(sock)
+        turn = clock()  # when the last turn of the loop ended
         try:
             while self.running:
                 # A blocking receive that returns by the next lease check: one wake-up per request (a
                 # poll, then receives ending in zmq.Again, took ~30% more server CPU per request sent one
                 # at a time), and a signal's flag is seen within STOP_CHECK_MS.
                 wait.until(next_check)
+                timeout = wait.timeout_ms / 1000
                 try:
                     frames = recv(copy=False)
                 except zmq.Again:
@@ -99,7 +114,11 @@ class KernelServer:
                 if frames is not None:
                     self._handle(sock, frames)
                 now = clock()
+                if now - turn - timeout > STALL_SLACK:
+                    self._credit(now - turn - timeout)
                 if now >= next_check:  # leases are checked on time even under a flood of requests
+                    self._drain(sock)
+                    now = clock()
                     self.admission.refresh()
                     for ev in svc.expire(now):
                         log.info("lease of pid %d expired: destroyed, %d pages unmapped", ev["pid"],
@@ -108,21 +127,41 @@ class KernelServer:
                     next_check = now + STOP_CHECK_MS / 1000
                     if deadline is not None:
                         next_check = min(next_check, deadline + 0.001)
+                turn = clock()
         finally:
             sock.close(0)
             auth.stop()
             ctx.term()
 
+    def _credit(self, overrun: float) -> None:
+        """Credit to every lease the time a turn of the loop ran over its receive timeout, if beyond
+        the slack: the kernel was not reading requests then."""
+        if overrun > STALL_SLACK:
+            self.service.credit_stall(overrun)
+            log.log(logging.INFO if overrun > 1.0 else logging.DEBUG, "the kernel did not read requests for "
+                    "%.2fs (stopped or busy): credited to every lease", overrun)
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        """Handle what is already queued (at most DRAIN_MAX requests), without waiting."""
+        for _ in range(DRAIN_MAX):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            t0 = time.monotonic()
+            self._handle(sock, frames)
+            self._credit(time.monotonic() - t0)
+
     def _handle(self, sock: zmq.Socket, frames: list) -> None:
         rid = frames[0].bytes
         if len(frames) != 2:
             err = Error(Errno.EPROTO, f"expected one message frame, got {len(frames) - 1}")
-            self._log_refused(frames[-1].get("User-Id") if len(frames) > 1 else None, "?", err)
-            serving.send_reply(sock, rid, wire.error_reply(None, err))
-            return
-        identity = frames[1].get("User-Id")
-        reply = self.service.handle(identity, frames[1].bytes, time.monotonic())
-        serving.send_reply(sock, rid, reply)
+            self.service._refused(frames[-1].get("User-Id") if len(frames) > 1 else None, "?", err)
+            reply = wire.error_reply(None, err)
+        else:
+            reply = self.service.handle(frames[1].get("User-Id"), frames[1].bytes, time.monotonic())
+        if not serving.send_reply(sock, rid, reply):
+            self.service.replies_dropped += 1
 
 
 def run(opts: KernelOptions) -> None:

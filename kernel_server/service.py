@@ -1,11 +1,23 @@
 """The kernel as a bytes-in, bytes-out service: envelope, validation, replay cache, leases.
 
-Rules for this file: no sockets, no clocks, no randomness. Time comes in as
-the ``now`` argument. ``handle(identity, data, now)`` never raises and always
-returns exactly one reply (I10); a retried request (same identity, same
-request id, same bytes) gets the cached reply and is not executed again
-(I12); a client whose process has not called for ``lease_seconds`` is
+Rules for this file: no sockets, no clocks, no randomness. Time comes in as the ``now``
+argument. ``handle(identity, data, now)`` never raises and always returns exactly one reply
+(I10); a retried request (same identity, same request id, same bytes) gets the cached reply and
+is not executed again (I12); a client whose process has not called for ``lease_seconds`` is
 destroyed by ``expire(now)`` (I11).
+
+A request is refused in this order (the call table's ``COMMON`` rules): size (E2BIG: past
+``wire.MAX_CLIENT_REQUEST_BYTES`` unless the mm or the operator sends it) and envelope (E2BIG,
+EPROTO), no identity (EPERM), unknown call (ENOSYS), the caller's rule by identity alone
+(EPERM/ESRCH: a stranger's privileged call costs no validation), the size of a client's map or
+unmap from the raw counts (E2BIG: a client's call costs little to validate), the arguments
+(EINVAL), then the call's own rules in the kernel core.
+
+Replay cache: the mm, the operator and every identity with a live process are pinned (their
+replies are never evicted by anyone else's traffic).
+
+Leases measure the client, not the kernel: ``credit_stall(seconds)`` adds time the kernel was
+not reading requests (it was stopped, or busy) to every lease; the server shell measures it.
 """
 
 from __future__ import annotations
@@ -14,9 +26,11 @@ from typing import Any, Callable
 
 from kernel_server.arch import get_profile
 from kernel_server.bootmap import BootMap, pc_map
+from kernel_server.calls import ADAPTERS
 from kernel_server.core import KernelCore
+from kernel_server.observe import NO_OBSERVER, KernelObserver
 from protocol import wire
-from protocol.calls import KERNEL_CALLS, validate
+from protocol.calls import validate
 from protocol.errors import Errno, Error
 from protocol.replay import ReplayCache
 
@@ -25,16 +39,22 @@ Refused = Callable[[str | None, str, Error], None]
 
 class KernelService:
     def __init__(self, core: KernelCore, lease_seconds: float = 5.0, on_refused: Refused | None = None,
-                 boot_id: str = "0") -> None:
+                 boot_id: str = "0", observer: KernelObserver | None = None) -> None:
         self.core = core
         self.lease_seconds = lease_seconds
-        self.on_refused = on_refused
+        self.on_refused = on_refused  # the server's log of refusals (the observer hears them too)
         self.boot_id = boot_id  # told to callers by hello, so the mm notices a kernel restart
-        self.replay = ReplayCache()
-        self.last_seen: dict[int, float] = {}  # pid -> last time its client called
+        self.replay = ReplayCache(pinned=self.pinned)
+        self.last_seen: dict[int, float] = {}  # pid -> when its client last called, on the lease clock
+        self.stalled = 0.0  # seconds credited to every lease: the kernel was not reading requests
         self.calls = 0
         self.refused = 0
         self.replayed = 0
+        self.replies_dropped = 0  # counted by the server shell: peers that did not read their replies
+        self.observer: KernelObserver = NO_OBSERVER
+        self._watched = False
+        if observer is not None:
+            self.set_observer(observer)
 
     @classmethod
     def boot(
@@ -48,14 +68,30 @@ class KernelService:
         bootmap: BootMap | None = None,
         boot_id: str = "0",
         operator_key: str | None = None,
+        observer: KernelObserver | None = None,
     ) -> "KernelService":
         profile = get_profile(arch)
         bm = bootmap if bootmap is not None else pc_map(profile, memory, kernel_pool_frames)
-        return cls(KernelCore(profile, bm, mm_key, operator_key), lease_seconds, on_refused, boot_id)
+        return cls(KernelCore(profile, bm, mm_key, operator_key), lease_seconds, on_refused, boot_id, observer)
 
-    # ---- requests ---------------------------------------------------------
+    def set_observer(self, observer: KernelObserver | None) -> None:
+        """Tell ``observer`` of every call, refusal, replay-cache miss and write (None: nobody)."""
+        self.core.set_observer(observer)
+        self.observer = self.core.observer
+        self._watched = self.core._watched
+
+    def pinned(self, identity: str) -> bool:
+        """Whose replies the replay cache keeps whatever others send: the mm, the operator, and every
+        identity with a live process."""
+        return identity in self.core.by_key or self.core.is_reader(identity)
+
+    # ---- requests ---------------------------------------------------------------------------------
 
     def handle(self, identity: str | None, data: bytes, now: float) -> bytes:
+        if len(data) > wire.MAX_CLIENT_REQUEST_BYTES and not (identity is not None and self.core.is_reader(identity)):
+            return self._refuse(identity, None, "?", Error(
+                Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of {wire.MAX_CLIENT_REQUEST_BYTES} "
+                "for a client (only the memory manager and the operator send larger requests)"))
         parsed = wire.parse_request(data)
         if len(parsed) == 2:
             req_id, err = parsed
@@ -64,21 +100,35 @@ class KernelService:
         if identity is None:
             return self._refuse(identity, req_id, call, Error(Errno.EPERM, "unauthenticated caller (CURVE required)"))
         self._renew(identity, now)
-        digest = self.replay.digest(data)
-        cached = self.replay.lookup(identity, req_id, digest)
+        replay = self.replay
+        digest = replay.digest(data)
+        cached = replay.lookup(identity, req_id, digest)
         if cached is not None:
             self.replayed += 1
             return cached
+        if self._watched:
+            self.observer.replay_miss(identity, req_id)
         reply = self._execute(identity, req_id, call, args, now)
-        self.replay.remember(identity, req_id, digest, reply)
+        replay.remember(identity, req_id, digest, reply)
         return reply
 
     def call(self, identity: str, call: str, args: dict[str, Any] | None = None, now: float = 0.0) -> dict | Error:
         """Validate and run one call in-process (no envelope, no replay cache). For tests and the simulator.
 
-        Like ``handle``, any call renews the caller's lease."""
+        Like ``handle``, any call renews the caller's lease; refusals are counted and reported alike."""
         self._renew(identity, now)
-        model = validate(KERNEL_CALLS, call, args or {})
+        out = self._checked(identity, call, args or {}, now)
+        if isinstance(out, Error):
+            self._refused(identity, call, out)
+        return out
+
+    def _checked(self, identity: str, call: str, args: dict[str, Any], now: float) -> dict | Error:
+        """The caller's rule by identity, the arguments, then the call."""
+        if call in ADAPTERS:
+            e = self.core.refuse_caller(identity, call, args)
+            if e is not None:
+                return e
+        model = validate(ADAPTERS, call, args)
         if isinstance(model, Error):
             return model
         return self._run(identity, call, model, now)
@@ -86,13 +136,10 @@ class KernelService:
     def _renew(self, identity: str, now: float) -> None:
         pid = self.core.by_key.get(identity)
         if pid is not None:
-            self.last_seen[pid] = now
+            self.last_seen[pid] = now - self.stalled
 
     def _execute(self, identity: str, req_id: int, call: str, args: dict, now: float) -> bytes:
-        model = validate(KERNEL_CALLS, call, args)
-        if isinstance(model, Error):
-            return self._refuse(identity, req_id, call, model)
-        result = self._run(identity, call, model, now)
+        result = self._checked(identity, call, args, now)
         if isinstance(result, Error):
             return self._refuse(identity, req_id, call, result)
         return wire.ok_reply(req_id, result)
@@ -105,29 +152,45 @@ class KernelService:
             return Error(Errno.EIO, f"internal error in {call}: {type(exc).__name__}: {exc}")
         if isinstance(result, dict):
             if call == "proc_create":
-                self.last_seen[result["pid"]] = now
+                self.last_seen[result["pid"]] = now - self.stalled
             elif call == "proc_destroy":
                 self.last_seen.pop(result["pid"], None)
             elif call == "hello":
                 result["lease_seconds"] = self.lease_seconds
                 result["boot_id"] = self.boot_id
             elif call == "stats":  # call counters, for rates in pictures
-                result.update(calls=self.calls, refused=self.refused, replayed=self.replayed)
+                result.update(calls=self.calls, refused=self.refused, replayed=self.replayed,
+                              replies_dropped=self.replies_dropped)
         return result
 
-    def _refuse(self, identity: str | None, req_id: int | None, call: str, err: Error) -> bytes:
+    def _refused(self, identity: str | None, call: str, err: Error) -> None:
         self.refused += 1
         if self.on_refused is not None:
             self.on_refused(identity, call, err)
+        if self._watched:
+            self.observer.refused(identity, call, err)
+
+    def _refuse(self, identity: str | None, req_id: int | None, call: str, err: Error) -> bytes:
+        self._refused(identity, call, err)
         return wire.error_reply(req_id, err)
 
-    # ---- leases -----------------------------------------------------------
+    # ---- leases -----------------------------------------------------------------------------------
+    #
+    # ``last_seen`` is kept on the lease clock: real time less the stall credited so far, so crediting
+    # a stall moves every deadline at once.
+
+    def credit_stall(self, seconds: float) -> None:
+        """The kernel did not read requests for ``seconds`` (it was stopped, or busy): no lease runs out
+        for that time."""
+        if seconds > 0:
+            self.stalled += seconds
 
     def expire(self, now: float) -> list[dict[str, Any]]:
         """Destroy every client process whose lease ran out; returns the events."""
         out = []
+        clock = now - self.stalled
         for pid, seen in list(self.last_seen.items()):
-            if now - seen > self.lease_seconds and pid in self.core.procs:
+            if clock - seen > self.lease_seconds and pid in self.core.procs:
                 self.core.proc_destroy(pid, "lease")
                 del self.last_seen[pid]
                 out.append(self.core.events[-1])
@@ -136,11 +199,12 @@ class KernelService:
         return out
 
     def next_deadline(self) -> float | None:
+        """When the first lease runs out (real time), or None."""
         if not self.last_seen:
             return None
-        return min(self.last_seen.values()) + self.lease_seconds
+        return min(self.last_seen.values()) + self.lease_seconds + self.stalled
 
-    # ---- reporting ----------------------------------------------------------
+    # ---- reporting ----------------------------------------------------------------------------------
 
     def summary(self) -> str:
         c = self.core.frames.counts()

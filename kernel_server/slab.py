@@ -1,16 +1,17 @@
-"""Slab caches for the kernel's small objects (process, endpoint, PAE PDPT).
+"""Slab caches for the kernel's small objects: a process's endpoints (64 bytes each).
 
 Rules: no sockets, clocks or randomness. A cache never takes frames by itself:
 ``needs_frame()`` tells the check phase whether an allocation will need a new
 frame, and the commit phase hands that frame in. A slab frame whose objects
-are all freed goes back to the caller (and so to the kernel free list).
+are all freed goes back to the caller (and so to the kernel free list). Every
+process has its own cache, so each slab frame is charged to one process.
 """
 
 from __future__ import annotations
 
 from kernel_server.arch import PAGE_SIZE
 
-OBJECT_SIZE = {"process": 256, "endpoint": 64, "pdpt": 32}
+OBJECT_SIZE = {"endpoint": 64}
 
 
 class SlabCache:
@@ -20,11 +21,9 @@ class SlabCache:
         self.free_slots: dict[int, list[int]] = {}  # slab frame -> free slot numbers (partial slabs)
         self.used: dict[int, int] = {}  # slab frame -> objects in use
 
-    def needs_frame(self, objects: int = 1) -> int:
-        """Frames an allocation of ``objects`` objects would take."""
-        room = sum(len(s) for s in self.free_slots.values())
-        short = objects - room
-        return 0 if short <= 0 else -(-short // self.per_frame)
+    def needs_frame(self) -> int:
+        """Frames one more object would take: 0 or 1."""
+        return 0 if self.free_slots else 1
 
     def alloc(self, new_frame: int | None) -> tuple[int, int]:
         """One object: in a partial slab, else in ``new_frame`` (given by the caller)."""
@@ -51,9 +50,3 @@ class SlabCache:
             del self.free_slots[frame]
             return frame
         return None
-
-    def frames(self) -> list[int]:
-        return list(self.used)
-
-    def objects(self) -> int:
-        return sum(self.used.values())

@@ -3,6 +3,11 @@
 Strict means no coercion: ``"1"`` is not ``1``, ``1.0`` is not ``1``, and
 unknown fields are refused. ``validate(table, call, args)`` returns the
 model or an ``Error`` naming the offending field; it never raises.
+
+The kernel's models are here; the kernel's table of calls (which model, who
+may call, the order of the rules) is ``kernel_server.calls.CALLS``, and its
+adapters ``kernel_server.calls.ADAPTERS``. The mm's table is ``MM_CALLS``.
+Lists of runs are validated fail-fast: the first bad run ends the work.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def _check_runs(runs: list[list[int]]) -> list[list[int]]:
 
 Frame = Annotated[int, Field(ge=0, le=MAX_FRAME)]
 Run = Annotated[list[Frame], Field(min_length=2, max_length=2)]
-Runs = Annotated[list[Run], Field(min_length=1, max_length=MAX_RUNS), AfterValidator(_check_runs)]
+Runs = Annotated[list[Run], Field(min_length=1, max_length=MAX_RUNS, fail_fast=True), AfterValidator(_check_runs)]
 Pid = Annotated[int, Field(ge=1, le=MAX_OBJECT_ID)]
 ObjId = Annotated[int, Field(ge=1, le=MAX_OBJECT_ID)]
 Vaddr = Annotated[int, Field(ge=0, le=MAX_VADDR)]
@@ -133,30 +138,6 @@ class Stats(Args):
     """``from_pid``/``limit`` page through the per-process listing (the mm and the operator only)."""
     from_pid: Optional[Annotated[int, Field(ge=0, le=MAX_OBJECT_ID)]] = None
     limit: Annotated[int, Field(ge=1, le=MAX_LISTING)] = 100
-
-
-KERNEL_CALLS: dict[str, TypeAdapter] = {
-    name: TypeAdapter(model)
-    for name, model in {
-        "hello": Empty,
-        "address_map": Empty,
-        "proc_create": ProcCreate,
-        "proc_destroy": ProcDestroy,
-        "donate": Donate,
-        "reclaim": Reclaim,
-        "map": Map,
-        "unmap": Unmap,
-        "thread_create": Empty,
-        "thread_destroy": ThreadDestroy,
-        "endpoint_create": Empty,
-        "endpoint_destroy": EndpointDestroy,
-        "frame_info": FrameInfo,
-        "mappings": Mappings,
-        "stats": Stats,
-        "ping": Empty,
-        "events": Events,
-    }.items()
-}
 
 
 # ---- memory-manager calls (client -> mm) ----------------------------------

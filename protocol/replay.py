@@ -8,9 +8,13 @@ Bounded, and fair (I13): each caller keeps its ``per_identity`` most recent
 replies (its own traffic evicts its own oldest ones). Callers the server
 *pins* (``pinned(identity)`` is true: an admitted client with a live
 process, the mm, the operator) are never evicted by anyone else's traffic;
-the others (a caller with no process yet, or one whose process is gone) share
-``identities`` places, least recently seen forgotten first. How many callers
-can be pinned is bounded by admission and quotas, not here.
+the others (a caller with no process yet, or one whose process is gone) are
+forgotten least recently seen first once more than ``identities`` callers are
+remembered (pinned ones count, but are skipped: they go to the back of the
+line). How many callers can be pinned is bounded by admission and quotas, not
+here. Making room costs O(1) amortised: each eviction looks at the oldest
+callers only, and a pinned one it meets is not looked at again until every
+caller behind it was.
 """
 
 from __future__ import annotations
@@ -66,12 +70,17 @@ class ReplayCache:
             cache.popitem(last=False)
 
     def _evict(self) -> None:
-        """Forget the least recently seen callers that are not pinned until at most ``identities`` of
-        the unpinned remain (pinned callers found on the way are skipped, never dropped)."""
-        unpinned = [k for k in self.replies if not self.pinned(k)]
-        for k in unpinned[: max(0, len(unpinned) - self.identities)]:
-            del self.replies[k]
+        """Forget the least recently seen caller that is not pinned (pinned callers met on the way go to
+        the back, never dropped; the caller just added, at the back, is never the one forgotten)."""
+        replies = self.replies
+        for _ in range(len(replies) - 1):
+            oldest = next(iter(replies))
+            if self.pinned(oldest):
+                replies.move_to_end(oldest)
+                continue
+            del replies[oldest]
             self.evicted += 1
+            return
 
     def forget(self, identity: str) -> None:
         """Drop a caller's replies (its process is gone and a new one starts afresh)."""

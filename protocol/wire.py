@@ -8,7 +8,9 @@ Reply:   ``{"v": 1, "id": <same>, "ok": true, "result": {...}}`` or
 an ``Error`` (EPROTO or E2BIG) so a server can answer it and carry on.
 
 Bounded work: a request is at most ``MAX_REQUEST_BYTES`` (the largest legal
-request, ``MAX_RUNS`` runs of 64-bit frame numbers, is about 20 KiB), and it
+request, ``MAX_RUNS`` runs of 64-bit frame numbers, is about 20 KiB; a server
+takes requests past ``MAX_CLIENT_REQUEST_BYTES`` only from the mm and the
+operator: a client's largest legal request is under 2 KiB), and it
 is decoded with msgpack's own limits (no array longer than ``MAX_RUNS``, no
 map wider than ``MAX_MAP``, no string or binary longer than ``MAX_STR``;
 nesting is bounded by the size), so what a request can make a server spend
@@ -27,6 +29,7 @@ from protocol.errors import Errno, Error
 PROTOCOL_VERSION = 1
 MAX_RUNS = 1024  # frame runs per call
 MAX_REQUEST_BYTES = 32 << 10  # a larger request is refused (E2BIG)
+MAX_CLIENT_REQUEST_BYTES = 4 << 10  # a larger request from anyone but the mm and the operator is refused (E2BIG)
 MAX_TRANSPORT_BYTES = 2 * MAX_REQUEST_BYTES  # a server's socket drops a peer that sends more than this at once
 MAX_REPLY_BYTES = 1 << 20  # a client's socket drops a server that answers with more than this
 MAX_MAP = 32  # keys in any map of a request

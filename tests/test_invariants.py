@@ -1,6 +1,7 @@
 """The invariant checkers find what they must: each test plants one kind of corruption in a healthy kernel
-(built through real calls on every profile) and expects ``check_kernel`` to name it, and the simulator's
-exact incremental check (``simulator.checks.KernelTracker``) to find it when a step touched it.
+(built through real calls on every profile) and expects ``check_kernel`` to name it, and the per-frame and
+per-process predicates (what an incremental checker calls on what a step touched) to find it with the same
+words when given the frames or the process involved.
 
 A checker that is fast but blind is worse than a slow one, so every check it makes (free-list links,
 allocated kernel frames, mappings, refcounts, counters, page-table accounting) has a planted corruption
@@ -14,8 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator import checks
-from kernel_server.core import CLIENT_MADE, EMPTY, ENTRY_SHIFT, ROOT
+from kernel_server import invariants as inv
 from kernel_server.frames import (
     KERNEL_FREE,
     KERNEL_SHARED,
@@ -25,8 +25,8 @@ from kernel_server.frames import (
     USER,
 )
 from kernel_server.invariants import check_kernel, free_list_sound
+from kernel_server.pagetable import CLIENT_MADE, EMPTY, ENTRY_SHIFT, ROOT
 from kernel_server.service import KernelService
-from protocol.calls import KERNEL_CALLS, validate
 from protocol.errors import Error
 
 MM = "M" * 40
@@ -47,8 +47,8 @@ class Healthy:
         self.svc = KernelService.boot(arch=arch, memory=32 * MiB, mm_key=MM, kernel_pool_frames=24)
         self.core = self.svc.core
         self.ft = self.core.frames
-        self.a = self.ok(MM, "proc_create", key=A)["pid"]
-        self.b = self.ok(MM, "proc_create", key=B)["pid"]
+        self.a = self.ok(MM, "proc_create", key=A, kernel_quota=8)["pid"]
+        self.b = self.ok(MM, "proc_create", key=B, kernel_quota=8)["pid"]
         user = np.flatnonzero((self.ft.kind == USER) & (self.ft.refs == 0))
         self.small = user[:6].tolist()
         self.ok(MM, "map", pid=self.a, vaddr=V, frames=[[f, 1] for f in self.small], prot=RW)
@@ -195,6 +195,8 @@ def test_a_link_beyond_the_table(k):
 
 
 def test_an_empty_list_with_a_head(k):
+    k.ok(MM, "proc_destroy", pid=k.a)  # (their quotas' reserved frames stay in the pool while they live)
+    k.ok(MM, "proc_destroy", pid=k.b)
     k.ok(MM, "reclaim", count=10_000)
     assert k.ft.free_count == 0 and check_kernel(k.core) == []
     k.ft.head = int(np.flatnonzero(k.ft.kind == USER)[0])
@@ -234,7 +236,7 @@ def test_an_allocated_frame_on_the_free_list(k):
 
 
 def test_a_slab_frame_that_is_free(k):
-    slab = k.core.slabs["endpoint"]
+    slab = k.core.procs[k.a].slab
     f = next(iter(slab.used))
     k.ft.set_kind(np.array([f]), KERNEL_USED, KERNEL_FREE)
     k.ft.push_free(np.array([f]))
@@ -351,7 +353,7 @@ def test_small_pages_that_lie(k):
 def test_a_dirty_spare_leaf(k):
     spare = np.full(k.core.leaf_entries, EMPTY, dtype=np.int32)
     spare[3] = 5 << ENTRY_SHIFT
-    k.core._spare_leaves.append(spare)
+    k.core.spare_leaves.append(spare)
     k.found("tables: a spare leaf entry array (for the next page table) is not empty")
 
 
@@ -421,191 +423,120 @@ def test_free_list_sound_is_the_walk(order, m, edits):
     assert free_list_sound(ft, ft.kind == KERNEL_FREE, free) == walk_says_sound(ft)
 
 
-# ---- the simulator's incremental check finds the same corruptions, in what a step touched ------------
+# ---- the subset predicates find the same corruptions, with the same words -------------------------------
 
-@pytest.fixture(params=[64, 0], ids=["frame-by-frame", "numpy"])
-def tracked(request, k, monkeypatch):
-    """A healthy kernel with the simulator's incremental tracker on it (frame-by-frame checks in Python,
-    or with numpy for every change: both ways must find the same things)."""
-    monkeypatch.setattr(checks, "SMALL", request.param)
-    t = checks.KernelTracker(k.core)
-    assert t.check() == []
-    return k, t
-
-
-def call(k: Healthy, t: checks.KernelTracker, who: str, name: str, **args) -> dict:
-    """A kernel call as the simulator's kernel node makes it: the tracker hears which processes it touches."""
-    model = validate(KERNEL_CALLS, name, args)
-    assert not isinstance(model, Error), model
-    t.touch_call(who, name, model)
-    out = k.core.call(who, name, model)
-    assert not isinstance(out, Error), out
+def subset(k: Healthy, frames=(), pids=()) -> list[str]:
+    """What an incremental checker reports when a step touched ``frames`` and processes ``pids``: the
+    per-frame rules on those frames (with their mapping and holding counts), the per-process rules on
+    those processes, and the whole-kernel rules that cost O(1) or O(processes)."""
+    core = k.core
+    out: list[str] = []
+    if len(frames):
+        f = np.unique(np.asarray(frames, dtype=np.int64))
+        out += inv.frame_problems(core, f, inv.mapping_counts(core)[f], inv.held_counts(core)[0][f])
+    for pid in pids:
+        out += inv.process_problems(core, core.procs[pid])
+    out += inv.pool_problems(core) + inv.counter_problems(core, inv.recount(core.frames))
+    out += inv.free_list_problems(core) + inv.spare_problems(core)
     return out
 
 
-def test_tracker_follows_healthy_calls(tracked):
-    k, t = tracked
-    user = np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))
-    pid = call(k, t, MM, "proc_create", key="C" * 40)["pid"]
-    assert t.check() == []
-    call(k, t, MM, "map", pid=pid, vaddr=V, frames=[[int(user[0]), 3]], prot=RW)
-    call(k, t, MM, "map", pid=pid, vaddr=V + 0x80_0000, frames=[[int(user[5]), 1]], prot=READ)
-    assert t.check() == []
-    call(k, t, "C" * 40, "thread_create")
-    call(k, t, "C" * 40, "endpoint_create")
-    call(k, t, MM, "unmap", pid=pid, vaddr=V + 0x1000, pages=2)
-    assert t.check() == []
-    call(k, t, MM, "reclaim", count=3)
-    call(k, t, MM, "donate", frames=[[int(user[-40]), 30]])
-    assert t.check() == []
-    call(k, t, MM, "unmap", pid=k.b, vaddr=VL, pages=k.core.profile.pages_at(max(k.core.profile.large_levels)))
-    call(k, t, MM, "proc_destroy", pid=k.a)
-    call(k, t, MM, "proc_destroy", pid=pid)
-    assert t.check() == [] and check_kernel(k.core) == []
+def same_words(k: Healthy, frames=(), pids=()) -> list[str]:
+    """The subset check finds something, and everything it finds the full checker says too."""
+    got = subset(k, frames, pids)
+    full = check_kernel(k.core)
+    assert got, f"the subset check missed it; the full one says {full}"
+    assert set(got) <= set(full), (got, full)
+    return got
 
 
-def found_by_both(k: Healthy, t: checks.KernelTracker, prefix: str) -> None:
-    problems = t.check()
-    assert any(p.startswith(prefix) for p in problems), problems
-    assert any(v.startswith(prefix.split(" ")[0]) for v in check_kernel(k.core)), check_kernel(k.core)
+def test_a_healthy_kernel_has_no_subset_problems(k):
+    every = np.arange(k.ft.n)
+    assert subset(k, every, list(k.core.procs)) == [] == check_kernel(k.core)
 
 
-def test_tracker_finds_a_refcount_bumped(tracked):
-    k, t = tracked
-    k.ft.add_refs(np.array([k.small[2]], dtype=np.int64), +1)
-    found_by_both(k, t, "I4")
+def test_subset_finds_a_refcount_bumped(k):
+    k.ft.refs[k.small[2]] += 1
+    assert any(p.startswith(f"I4: frame {k.small[2]}") for p in same_words(k, [k.small[2]]))
+    assert subset(k, [k.small[3]]) == []  # a frame the step did not touch is not looked at
 
 
-def test_tracker_finds_an_unmap_that_keeps_a_refcount(tracked):
-    k, t = tracked
-    proc = k.core.procs[k.a]
+def test_subset_finds_a_leaf_entry_rewritten_to_a_kernel_frame(k):
     e, i = k.leaf_entry(k.a)
-    vp = (next(tag for tag, a in proc.leaves.items() if a is e) << k.core.leaf_bits) + i
-    call(k, t, MM, "unmap", pid=k.a, vaddr=vp << 12, pages=1)
-    k.ft.add_ref(k.small[0], +1)  # what unmap_forgets_decrement does
-    found_by_both(k, t, "I4")
-
-
-def test_tracker_finds_a_leaf_entry_rewritten(tracked):
-    k, t = tracked
-    proc = k.core.procs[k.a]
-    e, i = k.leaf_entry(k.a)
-    tag = next(tag for tag, a in proc.leaves.items() if a is e)
+    old = int(e[i]) >> ENTRY_SHIFT
     kf = int(np.flatnonzero(k.ft.kind == KERNEL_USED)[-1])
-    e[i] = (kf << ENTRY_SHIFT) | RW  # now maps a kernel frame; the user frame's refcount is too high
-    t.touch(k.a, (tag << k.core.leaf_bits) + i, 1)
-    problems = t.check()
-    assert any(p.startswith("I3") for p in problems) and any(p.startswith("I4") for p in problems), problems
+    e[i] = (kf << ENTRY_SHIFT) | RW  # maps a kernel frame; the user frame's refcount is now too high
+    got = same_words(k, [old, kf], [k.a])
+    assert any(p.startswith("I3") for p in got) and any(p.startswith("I4") for p in got)
 
 
-def test_tracker_finds_a_client_made_user_mapping(tracked):
-    k, t = tracked
-    proc = k.core.procs[k.a]
+def test_subset_finds_a_client_made_user_mapping(k):
     e, i = k.leaf_entry(k.a)
-    tag = next(tag for tag, a in proc.leaves.items() if a is e)
     e[i] |= CLIENT_MADE
-    t.touch(k.a, (tag << k.core.leaf_bits) + i, 1)
-    found_by_both(k, t, "I9")
+    assert any(p.startswith("I9") for p in same_words(k, pids=[k.a]))
 
 
-def test_tracker_finds_a_mapped_frame_donated(tracked):
-    k, t = tracked
+def test_subset_finds_a_mapped_frame_donated(k):
     f = np.array([k.small[3]], dtype=np.int64)
-    k.ft.set_kind(f, USER, KERNEL_FREE)  # what donate_skips_refcount lets through
+    k.ft.set_kind(f, USER, KERNEL_FREE)  # what a donate that skips the refcount check would do
     k.ft.push_free(f)
-    found_by_both(k, t, "I3")
+    got = same_words(k, f, [k.a])
+    assert any(p.startswith("I3") for p in got)
 
 
-def test_tracker_finds_a_cycle_off_the_list(tracked):
-    k, t = tracked
-    walk = k.free_list()
-    x, y, z = walk[-3], walk[-2], walk[-1]
-    k.ft.next[x] = NIL
-    k.ft.next[y], k.ft.prev[y] = z, z
-    k.ft.next[z], k.ft.prev[z] = y, y
-    t.written.append(np.array([x, y, z]))  # as if a frame table method had written them
-    found_by_both(k, t, "I2")
-
-
-def test_tracker_finds_new_free_frames_on_a_cycle_of_their_own(tracked):
-    k, t = tracked
-    u, w = (int(f) for f in np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-2:])
-    k.ft.set_kind(np.array([u, w], dtype=np.int64), USER, KERNEL_FREE)
-    k.ft.free_count += 2
-    k.ft.next[u], k.ft.prev[u] = w, w
-    k.ft.next[w], k.ft.prev[w] = u, u
-    found_by_both(k, t, "I2")
-
-
-def test_tracker_finds_a_free_frame_off_the_list(tracked):
-    k, t = tracked
-    u = int(np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-1])
-    k.ft.set_kind(np.array([u], dtype=np.int64), USER, KERNEL_FREE)
-    k.ft.free_count += 1
-    found_by_both(k, t, "I2")
-
-
-def test_tracker_finds_links_kept_by_a_taken_frame(tracked):
-    k, t = tracked
-    got = k.ft.pop_free(1)
-    k.ft.set_kind(got, KERNEL_FREE, KERNEL_USED)
-    k.core.procs[k.a].threads[999] = int(got[0])
-    t.touch(k.a)
-    k.ft.next[int(got[0])] = k.ft.head
-    assert any(p.startswith("I2") for p in t.check())
-
-
-def test_tracker_finds_a_frame_allocated_twice(tracked):
-    k, t = tracked
+def test_subset_finds_a_frame_allocated_twice(k):
     proc = k.core.procs[k.a]
     table = next(f for f, _used in proc.tables.values() if f >= 0)
     proc.threads[999] = table
-    t.touch(k.a)
-    found_by_both(k, t, "I2")
+    got = same_words(k, [table], [k.a])
+    assert any("allocated twice" in p for p in got) and any(p.startswith("I13") for p in got)
 
 
-def test_tracker_finds_a_kernel_used_frame_nobody_holds(tracked):
-    k, t = tracked
+def test_subset_finds_a_kernel_used_frame_nobody_holds(k):
     u = int(np.flatnonzero((k.ft.kind == USER) & (k.ft.refs == 0))[-1])
     k.ft.set_kind(np.array([u], dtype=np.int64), USER, KERNEL_USED)
-    found_by_both(k, t, "I2")
+    assert any(f"unaccounted [{u}]" in p for p in same_words(k, [u]))
 
 
-def test_tracker_finds_a_table_count_that_lies(tracked):
-    k, t = tracked
+def test_subset_finds_links_kept_by_a_taken_frame(k):
+    got = k.ft.pop_free(1)
+    k.ft.set_kind(got, KERNEL_FREE, KERNEL_USED)
+    k.core.procs[k.a].threads[999] = int(got[0])
+    k.core.procs[k.a].kernel_used += 1
+    k.core.reserved -= 1
+    k.ft.next[int(got[0])] = k.ft.head
+    assert any("keep free-list links" in p for p in same_words(k, got, [k.a]))
+
+
+def test_subset_finds_a_table_count_that_lies(k):
     proc = k.core.procs[k.a]
     proc.tables[next(key for key in proc.tables if key[0] == k.core.leaf)][1] += 1
-    t.touch(k.a)
-    found_by_both(k, t, "tables")
+    assert any(p.startswith("tables") for p in same_words(k, pids=[k.a]))
 
 
-def test_tracker_finds_a_dirty_spare_leaf(tracked):
-    k, t = tracked
-    spare = np.full(k.core.leaf_entries, EMPTY, dtype=np.int32)
-    spare[7] = 3 << ENTRY_SHIFT
-    k.core._spare_leaves.append(spare)
-    found_by_both(k, t, "tables")
+def test_subset_finds_a_large_mapping_over_kernel_frames(k):
+    proc = k.core.procs[k.b]
+    base, (_lv, first, _prot) = next(iter(proc.large.items()))
+    k.ft.kind[first + 1] = KERNEL_SHARED
+    got = same_words(k, [first + 1], [k.b])
+    assert any("covers non-user frames" in p for p in got)
 
 
-def test_tracker_finds_a_large_mapping_over_kernel_frames(tracked):
-    k, t = tracked
-    proc = k.core.procs[k.a]
-    level = max(k.core.profile.large_levels)
-    first = int(np.flatnonzero(k.ft.kind == KERNEL_USED)[0])
-    proc.large[VL >> 12] = (level, first, READ)
-    t.touch(k.a)
-    assert any(p.startswith("I") for p in t.check())
-    assert any("covers non-user frames" in v for v in check_kernel(k.core))
+def test_subset_finds_a_charge_that_lies_and_a_reservation_that_lies(k):
+    k.core.procs[k.a].kernel_used -= 1
+    assert any(p.startswith(f"I13: pid {k.a} is charged") for p in same_words(k, pids=[k.a]))
+    k.core.procs[k.a].kernel_used += 1
+    k.core.reserved += 1
+    assert any(p.startswith("I13: the kernel counts") for p in same_words(k))
 
 
-def test_tracker_finds_counters_that_lie(tracked):
-    k, t = tracked
+def test_subset_finds_counters_that_lie(k):
     k.ft.user_mapped += 1
     k.ft.user_free -= 1
-    found_by_both(k, t, "I7")
+    assert any(p.startswith("I7") for p in same_words(k))
 
 
-# ---- checks.state: the simulator's exact "nothing changed" for forged requests ----------------------
+# ---- the digest: the exact "nothing changed" of a refused call (I6) ---------------------------------
 
 MUTATIONS = {
     "kind": lambda k: k.ft.kind.__setitem__(k.small[1], KERNEL_SHARED),
@@ -620,16 +551,20 @@ MUTATIONS = {
     "large": lambda k: k.core.procs[k.b].large.clear(),
     "thread": lambda k: k.core.procs[k.a].threads.clear(),
     "endpoint": lambda k: k.core.procs[k.a].endpoints.clear(),
-    "slab": lambda k: k.core.slabs["endpoint"].free_slots.clear(),
+    "slab": lambda k: k.core.procs[k.a].slab.free_slots.clear(),
+    "charge": lambda k: setattr(k.core.procs[k.a], "kernel_used", 0),
+    "quota": lambda k: setattr(k.core.procs[k.a], "kernel_limit", 99),
+    "reserved": lambda k: setattr(k.core, "reserved", 0),
     "next id": lambda k: k.core.next_id.__setitem__("tid", 77),
     "event seq": lambda k: setattr(k.core, "event_seq", 5),
+    "spares": lambda k: k.core.spare_leaves.append(np.full(k.core.leaf_entries, EMPTY, dtype=np.int32)),
+    "large index": lambda k: k.core.large_index.clear(),
 }
 
 
 @pytest.mark.parametrize("what", sorted(MUTATIONS))
-def test_state_sees_every_change_the_digest_sees(k, what):
-    before, digest = checks.state(k.core), k.core.digest()
-    assert checks.state(k.core) == before
+def test_the_digest_sees_every_change(k, what):
+    digest = k.core.digest()
+    assert k.core.digest() == digest
     MUTATIONS[what](k)
     assert k.core.digest() != digest
-    assert checks.state(k.core) != before

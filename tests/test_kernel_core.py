@@ -12,6 +12,7 @@ import pytest
 
 from kernel_server.arch import PAGE_SIZE, get_profile
 from kernel_server.bootmap import pc_map
+from kernel_server.core import MAX_CLIENT_PAGES, MAX_CLIENT_RUNS
 from kernel_server.frames import KERNEL_FREE, KERNEL_SHARED, KERNEL_USED, NONE, USER
 from kernel_server.invariants import check_kernel
 from kernel_server.service import KernelService
@@ -21,6 +22,7 @@ from protocol.calls import MAX_FRAMES_PER_CALL
 from protocol.errors import Errno, Error
 
 MM = "M" * 40
+OP = "O" * 40  # the operator: reads what the mm reads, changes nothing
 A = "A" * 40
 B = "B" * 40
 C = "C" * 40
@@ -29,6 +31,7 @@ RW = READ | WRITE
 MiB, GiB = 1 << 20, 1 << 30
 V = 0x1000_0000  # a user virtual address (256 MiB) for small pages
 VL = 0x4000_0000  # 1 GiB: aligned for every large page size
+QUOTA = 16  # kernel frames a test process may hold unless a test says otherwise
 
 
 class K:
@@ -37,7 +40,7 @@ class K:
     def __init__(self, arch: str = "i686", memory: int = 16 * MiB, pool: int | None = 64, lease: float = 5.0,
                  check: bool = True) -> None:
         self.svc = KernelService.boot(arch=arch, memory=memory, mm_key=MM, kernel_pool_frames=pool,
-                                      lease_seconds=lease)
+                                      lease_seconds=lease, operator_key=OP)
         self.core = self.svc.core
         self.ft = self.core.frames
         self.check = check
@@ -66,8 +69,23 @@ class K:
         self.invariants()
         return out
 
-    def proc(self, key: str) -> int:
-        return self.ok(MM, "proc_create", key=key)["pid"]
+    def proc(self, key: str, quota: int = QUOTA, now: float = 0.0) -> int:
+        return self.ok(MM, "proc_create", key=key, kernel_quota=quota, now=now)["pid"]
+
+    def usage(self, pid: int) -> dict:
+        """The kernel's per-process listing entry of ``pid`` (as the mm reads it)."""
+        return next(p for p in self.ok(MM, "stats", from_pid=0, limit=1000)["per_process"] if p["pid"] == pid)
+
+    def quota_refused(self, who: str, call: str, target: int, needed: int, **args) -> Error:
+        """ENOMEM for process ``target`` past its quota: needed, limit and used are its own figures."""
+        pid = target
+        proc = self.core.procs[pid]
+        limit, used = proc.kernel_limit, proc.kernel_used
+        e = self.refused(who, call, Errno.ENOMEM, **args)
+        assert (e.details["needed"], e.details["limit"], e.details["used"], e.details["pid"]) == \
+            (needed, limit, used, pid), e
+        assert used + needed > limit and "available" not in e.details
+        return e
 
     def user(self, n: int, skip: int = 0) -> list[int]:
         """``n`` free user frames (lowest first, after skipping ``skip``)."""
@@ -128,7 +146,7 @@ def test_donate_moves_free_user_frames_to_the_kernel_free_list():
     before = k.counts()
     f = k.user(8, skip=3)
     r = k.ok(MM, "donate", frames=runs(f))
-    assert r == {"donated": 8, "kernel_free": 8}
+    assert r == {"donated": 8, "kernel_free": 8, "kernel_reserved": 0}
     after = k.counts()
     assert after["kernel_free"] == 8 and after["user_free"] == before["user_free"] - 8
     assert after["kernel_used"] == before["kernel_used"]  # I5: no kernel allocation
@@ -226,7 +244,7 @@ def test_donate_and_reclaim_succeed_with_zero_free_kernel_frames():
     k = K(pool=0)
     assert k.counts()["kernel_free"] == 0
     used = k.counts()["kernel_used"]
-    assert k.ok(MM, "reclaim", count=5) == {"frames": [], "reclaimed": 0, "kernel_free": 0}
+    assert k.ok(MM, "reclaim", count=5) == {"frames": [], "reclaimed": 0, "kernel_free": 0, "kernel_reserved": 0}
     f = k.user(4)
     assert k.ok(MM, "donate", frames=runs(f))["kernel_free"] == 4
     r = k.ok(MM, "reclaim", frames=runs(f))
@@ -234,9 +252,9 @@ def test_donate_and_reclaim_succeed_with_zero_free_kernel_frames():
     assert k.ok(MM, "donate", frames=runs(f))["donated"] == 4
     assert sorted(R.to_array(k.ok(MM, "reclaim", count=10)["frames"]).tolist()) == f
     assert k.counts()["kernel_used"] == used  # I5
-    # with zero free frames, anything that needs kernel memory is ENOMEM
-    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A)
-    assert (e.details["needed"], e.details["available"]) == (2, 0)
+    # with zero free frames, a process (its whole quota) is ENOMEM: the pool's figures
+    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A, kernel_quota=2)
+    assert (e.details["needed"], e.details["available"]) == (2, 0) and "limit" not in e.details
 
 
 def test_the_free_list_keeps_its_order_through_runs_chains_and_scattered_frames():
@@ -412,35 +430,39 @@ def test_map_over_an_existing_mapping_is_ebusy_not_a_replace():
 def test_page_tables_are_allocated_lazily_and_counted_i686():
     k = K(pool=64)
     free0 = k.counts()["kernel_free"]
-    r = k.ok(MM, "proc_create", key=A)
+    r = k.ok(MM, "proc_create", key=A, kernel_quota=QUOTA)
     a = r["pid"]
-    assert r["kernel_frames"] == 2  # process slab frame + page directory
-    assert k.ok(MM, "proc_create", key=B)["kernel_frames"] == 1  # the slab frame has room
-    assert k.counts()["kernel_free"] == free0 - 3
+    assert r["kernel_frames"] == 2  # the process's object frame + page directory
+    assert k.ok(MM, "proc_create", key=B, kernel_quota=QUOTA)["kernel_frames"] == 2  # its own, not shared
+    assert k.counts()["kernel_free"] == free0 - 4
+    assert k.ok(MM, "stats")["kernel_reserved"] == 2 * (QUOTA - 2)
     f = k.user(8)
     assert k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)["tables_allocated"] == 1
     assert k.ok(MM, "map", pid=a, vaddr=V + PAGE_SIZE, frames=runs(f[1:2]), prot=READ)["tables_allocated"] == 0
     assert k.ok(MM, "map", pid=a, vaddr=V + 4 * MiB, frames=runs(f[2:3]), prot=READ)["tables_allocated"] == 1
     # straddling a 4 MiB boundary where neither table exists: two tables
     r = k.ok(MM, "map", pid=a, vaddr=V + 12 * MiB - PAGE_SIZE, frames=runs(f[3:5]), prot=READ)
-    assert r["tables_allocated"] == 2 and r["kernel_free"] == free0 - 3 - 4
-    usage = next(p for p in k.ok(A, "stats")["per_process"] if p["pid"] == a)
+    assert r["tables_allocated"] == 2 and r["kernel_free"] == free0 - 4 - 4
+    assert r["kernel_reserved"] == 2 * (QUOTA - 2) - 4  # the tables came out of A's reservation
+    usage = k.usage(a)
     assert usage["tables"] == 1 + 4 and usage["pages"] == 5
+    assert (usage["kernel_used"], usage["kernel_limit"]) == (2 + 4, QUOTA)
+    assert k.ok(A, "stats")["you"] == usage  # a client sees its own usage
     # unmap frees empty tables back to the free list
     r = k.ok(MM, "unmap", pid=a, vaddr=V, pages=1)
     assert r["tables_freed"] == 0
     r = k.ok(MM, "unmap", pid=a, vaddr=V + PAGE_SIZE, pages=1)
-    assert r["tables_freed"] == 1 and r["kernel_free"] == free0 - 3 - 3
+    assert r["tables_freed"] == 1 and r["kernel_free"] == free0 - 4 - 3
     k.refused(A, "unmap", Errno.EPERM, vaddr=V + 12 * MiB - PAGE_SIZE, pages=2)  # the mm's mapping, not A's
     r = k.ok(MM, "unmap", pid=a, vaddr=V + 12 * MiB - PAGE_SIZE, pages=2)
     assert r["tables_freed"] == 2
 
 
-@pytest.mark.parametrize("arch, tables, proc_cost", [("i686-pae", 2, 2), ("x86_64", 3, 2)])
+@pytest.mark.parametrize("arch, tables, proc_cost", [("i686-pae", 2, 1), ("x86_64", 3, 2)])
 def test_page_tables_per_profile(arch, tables, proc_cost):
     k = K(arch)
     free0 = k.counts()["kernel_free"]
-    r = k.ok(MM, "proc_create", key=A)
+    r = k.ok(MM, "proc_create", key=A, kernel_quota=QUOTA)
     assert r["kernel_frames"] == proc_cost
     a = r["pid"]
     f = k.user(4)
@@ -453,28 +475,46 @@ def test_page_tables_per_profile(arch, tables, proc_cost):
     assert r["tables_freed"] == tables and r["kernel_free"] == free0 - proc_cost
 
 
-def test_enomem_reports_needed_and_available_and_maps_nothing():
-    k = K(pool=2)
-    a = k.proc(A)
-    assert k.counts()["kernel_free"] == 0
+def test_enomem_past_the_quota_reports_needed_limit_used_and_maps_nothing():
+    k = K(pool=8)
+    a = k.proc(A, quota=2)  # its object frame and page directory: nothing left for tables
     f = k.user(4)
-    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)
-    assert (e.details["needed"], e.details["available"]) == (1, 0)
-    k.ok(MM, "donate", frames=runs(k.user(1, skip=100)))
-    # needs two tables, one free: no partial mapping (I6)
-    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V + 4 * MiB - PAGE_SIZE, frames=runs(f[:2]), prot=READ)
-    assert (e.details["needed"], e.details["available"]) == (2, 1)
-    assert not k.core.procs[a].pages and k.refs(f) == [0, 0, 0, 0]
-    k.ok(MM, "donate", frames=runs(k.user(1, skip=100)))
-    assert k.ok(MM, "map", pid=a, vaddr=V + 4 * MiB - PAGE_SIZE, frames=runs(f[:2]), prot=READ)["kernel_free"] == 0
+    k.quota_refused(MM, "map", a, 1, pid=a, vaddr=V, frames=runs(f[:1]), prot=READ)
+    # the pool has frames: they are not A's (the pool's figures are not in the error)
+    assert k.counts()["kernel_free"] == 6 and k.core.unreserved() == 6
+    b = k.proc(B, quota=3)
+    k.ok(MM, "map", pid=b, vaddr=V, frames=runs(f[:1]), prot=READ)  # its third frame: a page table
+    # needs two tables, none left of the quota: no partial mapping (I6)
+    k.quota_refused(MM, "map", b, 2, pid=b, vaddr=V + 8 * MiB - PAGE_SIZE, frames=runs(f[1:3]), prot=READ)
+    assert list(k.core.procs[b].pages) == [V >> 12] and k.refs(f) == [1, 0, 0, 0]
+    # what fits in the tables it has still maps
+    assert k.ok(MM, "map", pid=b, vaddr=V + PAGE_SIZE, frames=runs(f[1:3]), prot=READ)["tables_allocated"] == 0
 
 
 def test_enomem_x86_64_counts_every_level():
-    k = K("x86_64", pool=4)
-    a = k.proc(A)
-    assert k.counts()["kernel_free"] == 2
-    e = k.refused(MM, "map", Errno.ENOMEM, pid=a, vaddr=V, frames=runs(k.user(1)), prot=READ)
-    assert (e.details["needed"], e.details["available"]) == (3, 2)
+    k = K("x86_64", pool=8)
+    a = k.proc(A, quota=4)
+    k.quota_refused(MM, "map", a, 3, pid=a, vaddr=V, frames=runs(k.user(1)), prot=READ)
+
+
+def test_pool_enomem_only_at_proc_create_and_only_the_unreserved_frames_count():
+    k = K(pool=4)
+    k.proc(A, quota=3)  # takes 2 frames, keeps 1 reserved: 2 free, 1 unreserved
+    assert (k.counts()["kernel_free"], k.core.reserved, k.core.unreserved()) == (2, 1, 1)
+    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=B, kernel_quota=2)
+    assert (e.details["needed"], e.details["available"]) == (2, 1) and "unreserved" in e.message
+    # reclaim takes only unreserved frames: by count, and an explicit list beyond them is EBUSY
+    free = k.ft.free_list()
+    e = k.refused(MM, "reclaim", Errno.EBUSY, frames=runs(sorted(free)))
+    assert e.details["reserved"] == 1 and "reserved" in e.message
+    r = k.ok(MM, "reclaim", count=10)
+    assert r["reclaimed"] == 1 and (r["kernel_free"], r["kernel_reserved"]) == (1, 1)
+    assert k.ok(MM, "reclaim", count=10)["reclaimed"] == 0
+    # what is reserved is A's: its thread needs no donation
+    assert k.ok(A, "thread_create")["kernel_frames"] == 1 and k.core.reserved == 0
+    k.quota_refused(A, "thread_create", 1, 1)
+    k.ok(MM, "donate", frames=runs(k.user(2)))
+    assert k.ok(MM, "proc_create", key=B, kernel_quota=2)["kernel_frames"] == 2
 
 
 # ---- large pages --------------------------------------------------------------------
@@ -512,8 +552,9 @@ def test_large_pages_per_profile(arch, memory, step, tables, other):
     e = k.refused(MM, "map", Errno.EINVAL, pid=a, vaddr=VL + 2 * size,
                   frames=[[b, step // 2], [b + step // 2 + 1, step // 2]], prot=READ, large=True)
     assert e.details["field"] == "frames"
-    # a client maps no large pages, not even of kernel-shared frames
-    k.refused(A, "map", Errno.EPERM, vaddr=VL + 2 * size, frames=[[b, step]], prot=READ, large=True)
+    # a client maps no large pages: one is more than a client's call may map
+    assert "at most" in k.refused(A, "map", Errno.E2BIG, vaddr=VL + 2 * size, frames=[[b, step]], prot=READ,
+                                  large=True).message
     # a kernel-owned frame inside the block
     k.ok(MM, "donate", frames=[[b + 7, 1]])
     e = k.refused(MM, "map", Errno.EPERM, pid=a, vaddr=VL + 2 * size, frames=[[b, step]], prot=READ, large=True)
@@ -621,10 +662,10 @@ def test_a_client_unmaps_only_the_mappings_it_made_itself():
     k.ok(A, "map", vaddr=page(2), frames=runs(image[:1]), prot=READ)
     r = k.ok(MM, "unmap", pid=a, vaddr=page(0), pages=3)
     assert r["pages"] == 3 and k.counts()["user_mapped"] == 0 and k.refs(image) == [0, 0, 1]
-    # every large page is the mm's
+    # every large page is the mm's (and more than a client's call may unmap)
     big = k.block(1024)
     k.ok(MM, "map", pid=a, vaddr=VL, frames=[[big, 1024]], prot=READ, large=True)
-    assert k.refused(A, "unmap", Errno.EPERM, vaddr=VL, pages=1024).details["vaddr"] == VL
+    k.refused(A, "unmap", Errno.E2BIG, vaddr=VL, pages=1024)
 
 
 def test_unmap_of_many_pages_across_page_tables_and_runs():
@@ -651,21 +692,32 @@ def test_unmap_of_many_pages_across_page_tables_and_runs():
 
 def test_proc_create_rules():
     k = K(pool=1)
-    k.refused(A, "proc_create", Errno.EPERM, key=B)
-    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A)
+    k.refused(A, "proc_create", Errno.EPERM, key=B, kernel_quota=2)
+    k.refused(OP, "proc_create", Errno.EPERM, key=B, kernel_quota=2)  # the operator changes nothing
+    e = k.refused(MM, "proc_create", Errno.ENOMEM, key=A, kernel_quota=2)
     assert (e.details["needed"], e.details["available"]) == (2, 1)
+    e = k.refused(MM, "proc_create", Errno.EINVAL, key=A, kernel_quota=1)  # below the cost of a process
+    assert e.details["field"] == "kernel_quota" and "at least 2" in e.message
+    k.refused(MM, "proc_create", Errno.EINVAL, key=A)  # the quota is not optional
     k.ok(MM, "donate", frames=runs(k.user(8)))
-    k.refused(MM, "proc_create", Errno.EINVAL, key=MM)
-    a = k.proc(A)
-    assert k.refused(MM, "proc_create", Errno.EBUSY, key=A).details["pid"] == a
+    for server in (MM, OP):
+        assert k.refused(MM, "proc_create", Errno.EINVAL, key=server, kernel_quota=2).details["field"] == "key"
+    a = k.ok(MM, "proc_create", key=A, kernel_quota=3, user_quota=100)["pid"]
+    e = k.refused(MM, "proc_create", Errno.EBUSY, key=A, kernel_quota=2)
+    assert (e.details["pid"], e.details["kernel_limit"], e.details["user_quota"]) == (a, 3, 100)
     assert k.ok(MM, "hello")["pid"] is None and k.ok(A, "hello")["pid"] == a
+    assert k.usage(a)["user_quota"] == 100
 
 
-def test_pae_process_costs_slab_objects():
-    k = K("i686-pae")
-    assert k.ok(MM, "proc_create", key=A)["kernel_frames"] == 2  # process slab + PDPT slab
-    assert k.ok(MM, "proc_create", key=B)["kernel_frames"] == 0
-    assert k.ok(A, "stats")["slab_frames"] == {"process": 1, "endpoint": 0, "pdpt": 1}
+@pytest.mark.parametrize("arch, cost", [("i686", 2), ("i686-pae", 1), ("x86_64", 2)])
+def test_a_process_costs_its_object_frame_and_root_table(arch, cost):
+    k = K(arch)
+    assert k.ok(C, "hello")["process_cost"] == cost
+    for key in (A, B):  # every process its own frames: nothing is shared between processes
+        assert k.ok(MM, "proc_create", key=key, kernel_quota=cost)["kernel_frames"] == cost
+    st = k.ok(A, "stats")
+    assert st["slab_frames"] == 0 and st["you"]["kernel_used"] == st["you"]["kernel_limit"] == cost
+    k.quota_refused(A, "endpoint_create", 1, 1)  # its own endpoint slab frame: past its quota
 
 
 def test_proc_destroy_releases_everything():
@@ -688,8 +740,9 @@ def test_proc_destroy_releases_everything():
     assert r["pid"] == a and r["unmapped_pages"] == 6 + 1024 + 1
     assert k.refs(f) == [1, 1, 0, 0, 0, 0] and set(k.refs(range(big, big + 1024))) == {0}
     assert a not in k.core.procs and A not in k.core.by_key
-    # what is left is B's: its page directory, its page table, the process slab frame
+    # what is left is B's: its object frame, its page directory, its page table
     assert k.counts()["kernel_used"] == used0 + 3
+    assert k.core.reserved == QUOTA - 3  # A's reservation went with it
     ev = k.ok(MM, "events")["events"][-1]
     assert (ev["kind"], ev["pid"], ev["key"], ev["reason"]) == ("proc_destroyed", a, A, "proc_destroy")
     # the event lists the user frames released (the mm's business), not the boot image frame A mapped
@@ -698,59 +751,63 @@ def test_proc_destroy_releases_everything():
     k.ok(MM, "proc_destroy", pid=b)
     c = k.counts()
     assert c["kernel_free"] == free0 and c["kernel_used"] == used0 and c["user_mapped"] == 0
-    assert k.ok(MM, "stats")["slab_frames"] == {"process": 0, "endpoint": 0, "pdpt": 0}
+    st = k.ok(MM, "stats")
+    assert st["slab_frames"] == 0 and st["kernel_reserved"] == 0 and st["processes"] == 0
     k.proc(A)  # the key is free again
 
 
 # ---- threads and endpoints -----------------------------------------------------------
 
 def test_threads_cost_one_frame_each():
-    k = K(pool=4)
-    a = k.proc(A)
-    k.proc(B)
-    assert k.counts()["kernel_free"] == 1
+    k = K(pool=8)
+    a = k.proc(A, quota=3)
+    k.proc(B, quota=2)
+    assert k.counts()["kernel_free"] == 4 and k.core.unreserved() == 3
     used = k.counts()["kernel_used"]
     t = k.ok(A, "thread_create")
     assert t["kernel_frames"] == 1 and k.counts()["kernel_used"] == used + 1
-    e = k.refused(A, "thread_create", Errno.ENOMEM)
-    assert (e.details["needed"], e.details["available"]) == (1, 0)
+    k.quota_refused(A, "thread_create", a, 1)
     k.refused(B, "thread_destroy", Errno.ESRCH, tid=t["tid"])  # not B's thread
     k.refused(C, "thread_create", Errno.ESRCH)
     k.refused(MM, "thread_create", Errno.ESRCH)
     assert k.ok(A, "thread_destroy", tid=t["tid"]) == {"tid": t["tid"]}
-    assert k.counts()["kernel_used"] == used and k.counts()["kernel_free"] == 1
+    assert k.counts()["kernel_used"] == used and k.counts()["kernel_free"] == 4
     k.refused(A, "thread_destroy", Errno.ESRCH, tid=t["tid"])
-    assert k.core.procs[a].threads == {}
+    assert k.core.procs[a].threads == {} and k.usage(a)["kernel_used"] == 2
 
 
-def test_endpoints_are_slab_objects():
-    k = K(pool=5)
-    k.proc(A)
-    k.proc(B)
+def test_endpoints_are_slab_objects_in_slab_frames_of_their_own_process():
+    k = K(pool=9)
+    a = k.proc(A, quota=4)  # two slab frames' worth
+    b = k.proc(B, quota=3)
     free = k.counts()["kernel_free"]
-    assert free == 2
+    assert free == 5
     per_frame = PAGE_SIZE // 64
     eids = [k.ok(A, "endpoint_create")["eid"]]
     assert k.counts()["kernel_free"] == free - 1
     eids += [k.ok(A, "endpoint_create")["eid"] for _ in range(per_frame - 1)]
     assert k.counts()["kernel_free"] == free - 1
     r = k.ok(A, "endpoint_create")
-    assert r["kernel_frames"] == 1 and k.counts()["kernel_free"] == free - 2 == 0
+    assert r["kernel_frames"] == 1 and k.counts()["kernel_free"] == free - 2
     eids.append(r["eid"])
-    # the second slab frame fills up with no free kernel frame left: no frame needed
+    # the second slab frame fills up: no frame needed
     more = [k.ok(A, "endpoint_create") for _ in range(per_frame - 1)]
     assert {m["kernel_frames"] for m in more} == {0}
     eids += [m["eid"] for m in more]
-    e = k.refused(A, "endpoint_create", Errno.ENOMEM)
-    assert (e.details["needed"], e.details["available"]) == (1, 0)
+    k.quota_refused(A, "endpoint_create", a, 1)
+    # B's endpoints live in B's own slab frame, not in A's free slots
     k.ok(A, "endpoint_destroy", eid=eids.pop(0))
+    eb = k.ok(B, "endpoint_create")
+    assert eb["kernel_frames"] == 1 and k.usage(b)["kernel_used"] == 3
     r = k.ok(A, "endpoint_create")
     assert r["kernel_frames"] == 0  # the freed slot is reused
     eids.append(r["eid"])
     k.refused(B, "endpoint_destroy", Errno.ESRCH, eid=eids[0])
+    assert k.ok(MM, "stats")["slab_frames"] == 3
     for eid in eids:
         k.ok(A, "endpoint_destroy", eid=eid)
-    assert k.counts()["kernel_free"] == free and k.ok(A, "stats")["slab_frames"]["endpoint"] == 0
+    assert k.counts()["kernel_free"] == free - 1 and k.ok(A, "stats")["slab_frames"] == 1
+    assert k.usage(a)["kernel_used"] == 2
 
 
 # ---- informational calls ----------------------------------------------------------------
@@ -783,11 +840,18 @@ def test_stats_hello_ping_address_map():
     a = k.proc(A)
     s = k.ok(C, "stats")
     assert s["kernel_free"] + s["kernel_used"] + s["kernel_shared"] + s["user_free"] + s["user_mapped"] == s["ram"]
-    assert s["processes"] == 1 and s["per_process"][0]["pid"] == a and s["per_process"][0]["key"] == A
+    assert s["processes"] == 1 and s["you"] is None and s["kernel_reserved"] == QUOTA - 2
+    assert "per_process" not in s and "large_mappings" not in s  # other processes are not a client's business
+    k.refused(C, "stats", Errno.EPERM, from_pid=0)
+    for reader in (MM, OP):
+        s = k.ok(reader, "stats", from_pid=0)
+        assert [(p["pid"], p["key"]) for p in s["per_process"]] == [(a, A)] and s["next_pid"] is None
     h = k.ok(A, "hello")
     assert (h["v"], h["arch"], h["page_size"], h["identity"], h["is_mm"], h["pid"]) == (1, "i686", 4096, A, False, a)
     assert h["lease_seconds"] == 3.0 and "boot_id" in h and h["user_top"] == 0xC000_0000
-    assert k.ok(MM, "hello")["is_mm"] is True
+    assert h["is_operator"] is False and h["process_cost"] == 2
+    assert k.ok(MM, "hello")["is_mm"] is True and k.ok(MM, "hello")["is_operator"] is False
+    assert k.ok(OP, "hello")["is_operator"] is True and k.ok(OP, "hello")["is_mm"] is False
     assert k.ok(A, "ping") == {"pid": a} and k.ok(C, "ping") == {"pid": None}
     m = k.ok(C, "address_map")
     entries = m["entries"]
@@ -803,6 +867,60 @@ def test_stats_hello_ping_address_map():
         assert e["start"] == e["first"] * PAGE_SIZE and e["size"] == e["count"] * PAGE_SIZE
 
 
+def test_the_process_listing_is_for_readers_and_paginated():
+    k = K(pool=64)
+    pids = [k.proc(key, quota=3) for key in (A, B, C, "D" * 40, "E" * 40)]
+    assert k.ok(MM, "stats")["per_process"][0]["pid"] == pids[0]  # the mm and the operator get the first page
+    got, start = [], 0
+    while start is not None:
+        page = k.ok(OP, "stats", from_pid=start, limit=2)
+        assert len(page["per_process"]) <= 2
+        got += [p["pid"] for p in page["per_process"]]
+        start = page["next_pid"]
+    assert got == pids
+    page = k.ok(MM, "stats", from_pid=pids[3], limit=1000)
+    assert [p["pid"] for p in page["per_process"]] == pids[3:] and page["next_pid"] is None
+    p = page["per_process"][0]
+    assert (p["kernel_used"], p["kernel_limit"], p["user_quota"], p["key"]) == (2, 3, 0, "D" * 40)
+    k.refused(A, "stats", Errno.EPERM, from_pid=0)
+    assert k.ok(A, "stats")["you"]["pid"] == pids[0]
+
+
+def test_mappings_lists_what_a_process_maps_made_by_whom_and_pages_through():
+    k = K(memory=32 * MiB)
+    a = k.proc(A)
+    f = k.user(8)
+    image = k.of_kind(KERNEL_SHARED)[:2]
+    big = k.block(1024)
+    k.ok(MM, "map", pid=a, vaddr=V, frames=runs(f[:4]), prot=RW)
+    k.ok(MM, "map", pid=a, vaddr=V + 4 * PAGE_SIZE, frames=runs(f[6:8]), prot=RW)  # continues the range, not the frames
+    k.ok(A, "map", vaddr=V + 4 * MiB - PAGE_SIZE, frames=runs(image), prot=READ)  # across two page tables
+    k.ok(MM, "map", pid=a, vaddr=VL, frames=[[big, 1024]], prot=READ, large=True)
+    whole = k.ok(MM, "mappings", pid=a, vaddr=0, pages=k.core.profile.user_top >> 12)
+    assert whole == {"pid": a, "rest": None, "segments": [
+        [V, 4, f[0], RW, "mm", PAGE_SIZE],
+        [V + 4 * PAGE_SIZE, 2, f[6], RW, "mm", PAGE_SIZE],
+        [V + 4 * MiB - PAGE_SIZE, 2, image[0], READ, "client", PAGE_SIZE],
+        [VL, 1024, big, READ, "mm", 4 * MiB]]}
+    assert k.ok(OP, "mappings", pid=a, vaddr=0, pages=k.core.profile.user_top >> 12) == whole
+    # a window cuts segments; max_segments pages through
+    part = k.ok(MM, "mappings", pid=a, vaddr=V + 2 * PAGE_SIZE, pages=3)
+    assert part["segments"] == [[V + 2 * PAGE_SIZE, 2, f[2], RW, "mm", PAGE_SIZE], [V + 4 * PAGE_SIZE, 1, f[6], RW,
+                                                                                     "mm", PAGE_SIZE]]
+    got, at = [], 0
+    while at is not None:
+        page = k.ok(MM, "mappings", pid=a, vaddr=at, pages=(k.core.profile.user_top - at) >> 12, max_segments=1)
+        got += page["segments"]
+        at = page["rest"]
+    assert got == whole["segments"]
+    assert k.ok(MM, "mappings", pid=a, vaddr=0, pages=16)["segments"] == []
+    # refusals
+    k.refused(A, "mappings", Errno.EPERM, pid=a, vaddr=V, pages=1)
+    k.refused(MM, "mappings", Errno.ESRCH, pid=99, vaddr=V, pages=1)
+    assert k.refused(MM, "mappings", Errno.EINVAL, pid=a, vaddr=V + 1, pages=1).details["field"] == "vaddr"
+    k.refused(MM, "mappings", Errno.EINVAL, pid=a, vaddr=V, pages=k.core.profile.user_top >> 12)
+
+
 @pytest.mark.parametrize("arch, sizes", [("i686", [4 * MiB]), ("i686-pae", [2 * MiB]), ("x86_64", [2 * MiB, GiB])])
 def test_hello_tells_the_profile(arch, sizes):
     k = K(arch)
@@ -811,12 +929,13 @@ def test_hello_tells_the_profile(arch, sizes):
     assert h["kernel_limit"] == (1 << 20 if arch == "i686-pae" else None)
 
 
-def test_events_are_for_the_mm_only():
+def test_events_are_for_the_mm_and_the_operator_only():
     k = K()
     pids = [k.proc(key) for key in (A, B, C)]
     for p in pids:
         k.ok(MM, "proc_destroy", pid=p)
     k.refused(A, "events", Errno.EPERM)
+    assert k.ok(OP, "events") == k.ok(MM, "events")
     ev = k.ok(MM, "events")
     assert [e["pid"] for e in ev["events"]] == pids and ev["latest"] == 3 and ev["lost"] is False
     part = k.ok(MM, "events", since=1, limit=1)
@@ -835,15 +954,21 @@ def test_unknown_call_and_wrong_identity():
     k.refused(B, "proc_destroy", Errno.EPERM, pid=a)
     k.refused(B, "reclaim", Errno.EPERM, count=1)
     k.refused(B, "frame_info", Errno.EPERM, frames=f)
-    k.refused(B, "proc_create", Errno.EPERM, key=C)
+    k.refused(B, "proc_create", Errno.EPERM, key=C, kernel_quota=2)
+    k.refused(B, "mappings", Errno.EPERM, pid=a, vaddr=V, pages=1)
+    # the operator reads, and changes nothing
+    for call, args in (("donate", {"frames": f}), ("reclaim", {"count": 1}), ("proc_destroy", {"pid": a}),
+                       ("map", {"pid": a, "vaddr": V, "frames": f, "prot": READ}),
+                       ("unmap", {"pid": a, "vaddr": V, "pages": 1})):
+        k.refused(OP, call, Errno.EPERM if call not in ("map", "unmap") else Errno.ESRCH, **args)
 
 
 # ---- leases (I11) ------------------------------------------------------------------
 
 def test_silent_clients_lose_their_process_any_call_renews():
     k = K(lease=1.0)
-    a = k.ok(MM, "proc_create", key=A, now=0.0)["pid"]
-    b = k.ok(MM, "proc_create", key=B, now=0.0)["pid"]
+    a = k.proc(A, now=0.0)
+    b = k.proc(B, now=0.0)
     free0 = k.counts()["kernel_free"]
     k.ok(A, "thread_create", now=0.5)
     f = k.user(2)
@@ -856,10 +981,25 @@ def test_silent_clients_lose_their_process_any_call_renews():
     out = k.svc.expire(2.9)
     assert [e["pid"] for e in out] == [a] and out[0]["frames"] == runs(f)
     assert k.core.procs == {} and k.refs(f) == [0, 0]
-    assert k.counts()["kernel_free"] == free0 + 3  # all is back: free0 was taken after the two processes
+    assert k.counts()["kernel_free"] == free0 + 4  # all is back: free0 was taken after the two processes
+    assert k.core.reserved == 0
     assert [e["reason"] for e in k.ok(MM, "events")["events"]] == ["lease", "lease"]
     assert k.svc.expire(10.0) == [] and k.svc.next_deadline() is None
     k.invariants()
+
+
+def test_a_stall_of_the_kernel_is_added_to_every_lease():
+    k = K(lease=1.0)
+    a = k.proc(A, now=0.0)
+    b = k.proc(B, now=0.5)
+    k.svc.credit_stall(3.0)  # the kernel read no request for 3 s (stopped, or busy): no lease ran meanwhile
+    k.svc.credit_stall(-1.0)  # (nothing to credit)
+    assert k.svc.next_deadline() == pytest.approx(0.0 + 1.0 + 3.0)
+    assert k.svc.expire(3.9) == []
+    assert [e["pid"] for e in k.svc.expire(4.1)] == [a]
+    k.ok(B, "ping", now=4.4)  # a call renews from its own time on
+    assert k.svc.expire(5.3) == [] and k.svc.next_deadline() == pytest.approx(5.4)
+    assert [e["pid"] for e in k.svc.expire(5.5)] == [b] and k.svc.next_deadline() is None
 
 
 # ---- replay (I12) and malformed input (I10) through handle ---------------------------
@@ -892,6 +1032,25 @@ def test_a_retried_request_runs_once():
     k.invariants()
 
 
+def test_thousands_of_callers_without_a_process_never_evict_a_live_clients_replies():
+    k = K()
+    k.proc(A)
+    mine = wire.request(7, "thread_create")
+    first = k.svc.handle(A, mine, now=0.0)
+    f = runs(k.user(2))
+    donated = k.svc.handle(MM, wire.request(9, "donate", {"frames": f}), now=0.0)
+    places = k.svc.replay.identities
+    for i in range(places + 1000):  # each a caller the cache has never seen, with no process
+        key = f"S{i:039d}"
+        assert reply_of(k.svc.handle(key, wire.request(7, "ping"), now=0.0))["ok"] is True
+    assert k.svc.replay.evicted >= 1000 and len(k.svc.replay.replies) <= places + 2
+    replayed = k.svc.replayed
+    assert k.svc.handle(A, mine, now=0.1) == first  # the retry is answered from the cache, not run again
+    assert k.svc.handle(MM, wire.request(9, "donate", {"frames": f}), now=0.1) == donated
+    assert k.svc.replayed == replayed + 2 and len(k.core.procs[1].threads) == 1
+    k.invariants()
+
+
 HUGE_RUNS = [[i * 2, 1] for i in range(wire.MAX_RUNS + 1)]
 
 
@@ -906,7 +1065,8 @@ HUGE_RUNS = [[i * 2, 1] for i in range(wire.MAX_RUNS + 1)]
     (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[500, 1]], "prot": 1.0}), Errno.EINVAL),
     (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[500, 1]], "prot": 1, "force": 1}), Errno.EINVAL),
     (A, wire.request(7, "reboot"), Errno.ENOSYS),
-    (MM, wire.request(7, "donate", {"frames": HUGE_RUNS}), Errno.EINVAL),
+    (MM, wire.request(7, "donate", {"frames": HUGE_RUNS}), Errno.E2BIG),
+    (MM, wire.request(7, "donate", {"frames": HUGE_RUNS[:-2] + [[1, 1, 1]]}), Errno.EINVAL),
     (MM, wire.request(7, "donate", {"frames": [[0, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
     (MM, wire.request(7, "reclaim", {"frames": [[5, MAX_FRAMES_PER_CALL]]}), Errno.EINVAL),
     (MM, wire.request(7, "map", {"pid": 1, "vaddr": 0, "frames": [[1, MAX_FRAMES_PER_CALL]], "prot": 1}), Errno.EINVAL),
@@ -961,3 +1121,263 @@ def test_ram_beyond_the_profile_is_left_out_of_the_boot_map(arch, memory, left_o
     assert ram * PAGE_SIZE == memory - left_out
     assert bm.span * PAGE_SIZE <= get_profile(arch).max_phys
     assert ("not addressable on" in bm.unaddressable_note(arch)) == bool(left_out)
+
+
+# ---- refusal precedence: which errno wins when a request breaks two rules ------------------------------
+#
+# Each scenario breaks an earlier and a later rule of a call's documented order (kernel_server.calls:
+# COMMON, then CALLS[call].rules). Each breaker alone must give its own rule's refusal (so the scenario
+# really breaks both), and both at once the earlier rule's. Overrides are argument changes ("_caller"
+# changes who calls; DROP removes an argument); "both" gives the combined request when the two breakers
+# change the same argument.
+
+DROP = object()
+
+
+class Precedence:
+    """A kernel with: A (pid a, quota 16) holding two mm pages at V and its own map of a boot-image frame at
+    V + 2 pages, and a thread; B (pid b) with a quota of exactly its process (no room for a page table);
+    C with no process."""
+
+    def __init__(self) -> None:
+        self.k = k = K(memory=32 * MiB, pool=64)
+        self.a = k.proc(A)
+        self.b = k.proc(B, quota=2)
+        f = k.user(4)
+        self.mapped, self.free_user = f[0], f[3]
+        k.ok(MM, "map", pid=self.a, vaddr=V, frames=runs(f[:2]), prot=RW)
+        self.image = k.of_kind(KERNEL_SHARED)[:4]
+        k.ok(A, "map", vaddr=V + 2 * PAGE_SIZE, frames=[[self.image[0], 1]], prot=READ)
+        self.thread_frame = k.core.procs[self.a].threads[k.ok(A, "thread_create")["tid"]]
+        self.kfree = k.ft.free_list()[0]
+        self.block = k.block(1024)
+        self.n = k.ft.n
+        self.top = k.core.profile.user_top
+
+    def refused(self, call: str, caller: str, base: dict, over: dict, rule) -> Error:
+        """The request ``base`` changed by ``over`` is refused by ``rule`` (its errno and its words), and
+        changes nothing (K.refused)."""
+        args = dict(base)
+        for key, value in over.items():
+            if key == "_caller":
+                caller = value
+            elif value is DROP:
+                args.pop(key, None)
+            else:
+                args[key] = value
+        e = self.k.refused(caller, call, rule.errno, **args)
+        assert rule.says in e.message, (call, rule.name, e)
+        return e
+
+
+def _scenarios(p: Precedence) -> list[tuple]:
+    """(call, caller, base args, (early rule, overrides), (late rule, overrides), overrides for both or None)."""
+    v8 = V + 8 * PAGE_SIZE  # free, in A's page table
+    mm_map = {"pid": p.a, "vaddr": v8, "frames": [[p.free_user, 1]], "prot": READ}
+    own_map = {"vaddr": V + 16 * PAGE_SIZE, "frames": [[p.image[1], 1]], "prot": READ}
+    mm_unmap = {"pid": p.a, "vaddr": V, "pages": 1}
+    own_unmap = {"vaddr": V + 2 * PAGE_SIZE, "pages": 1}
+    donate = {"frames": [[p.free_user, 1]]}
+    reclaim = {"frames": [[p.kfree, 1]]}
+    create = {"key": "D" * 40, "kernel_quota": 2}
+    wx = {"prot": WRITE | EXEC}
+    return [
+        # what every call goes through
+        ("donate", MM, donate, ("caller", {"_caller": A}), ("args", {"frames": "all"}), None),
+        ("events", MM, {}, ("caller", {"_caller": A}), ("args", {"limit": 0}), None),
+        ("thread_destroy", A, {"tid": 1}, ("caller_process", {"_caller": C}), ("args", {"tid": "1"}), None),
+        ("map", MM, mm_map, ("args", {"prot": 0}), ("no_process", {"pid": 99}), None),
+        # map by the mm
+        ("map", MM, mm_map, ("pid_missing", {"pid": DROP}), ("write_exec", wx), None),
+        ("map", MM, mm_map, ("no_process", {"pid": 99}), ("write_exec", wx), None),
+        ("map", MM, mm_map, ("write_exec", wx), ("alignment", {"vaddr": v8 + 8}), None),
+        ("map", MM, mm_map, ("page_size", {"page_size": 8192}), ("beyond_memory", {"frames": [[p.n, 1]]}), None),
+        ("map", MM, mm_map, ("alignment", {"vaddr": v8 + 8}), ("beyond_memory", {"frames": [[p.n, 1]]}), None),
+        ("map", MM, mm_map, ("user_space", {"vaddr": p.top}), ("not_ram", {"frames": [[0, 1]]}), None),
+        ("map", MM, mm_map, ("beyond_memory", {"frames": [[p.n, 1]]}), ("quota", {"pid": p.b}), None),
+        ("map", MM, mm_map, ("large_shape", {"large": True, "vaddr": VL, "frames": [[p.block + 1, 1024]]}),
+         ("busy", {"vaddr": V}), {"large": True, "vaddr": V - V % (4 * MiB), "frames": [[p.block + 1, 1024]]}),
+        ("map", MM, mm_map, ("quota", {"pid": p.b}), ("not_ram", {"frames": [[0, 1]]}), None),
+        ("map", MM, mm_map, ("quota", {"pid": p.b}), ("kernel_owned", {"frames": [[p.kfree, 1]]}), None),
+        ("map", MM, mm_map, ("not_ram", {"frames": [[0, 1]]}), ("busy", {"vaddr": V}), None),
+        ("map", MM, mm_map, ("kernel_owned", {"frames": [[p.kfree, 1]]}), ("busy", {"vaddr": V}), None),
+        ("map", MM, mm_map, ("shared_read_only", {"frames": [[p.image[1], 1]], "prot": RW}),
+         ("busy", {"vaddr": V}), None),
+        # map by a client, into itself
+        ("map", A, own_map, ("client_size", {"frames": [[p.image[0], 1]] * (MAX_CLIENT_RUNS + 1)}),
+         ("args", {"prot": 0}), None),
+        ("map", A, own_map, ("client_size", {"frames": [[p.image[0], 1]] * (MAX_CLIENT_RUNS + 1)}),
+         ("other_process", {"pid": p.b}), None),
+        ("map", A, own_map, ("no_process", {"_caller": C}), ("write_exec", wx), None),
+        ("map", A, own_map, ("client_size", {"frames": [[p.image[0], 128]] * 3}), ("write_exec", wx), None),
+        ("map", A, own_map, ("write_exec", wx), ("client_not_shared", {"frames": [[p.free_user, 1]]}), None),
+        ("map", A, own_map, ("client_not_shared", {"frames": [[p.free_user, 1]]}),
+         ("busy", {"vaddr": V + 2 * PAGE_SIZE}), None),
+        ("map", A, own_map, ("shared_read_only", {"prot": RW}), ("busy", {"vaddr": V + 2 * PAGE_SIZE}), None),
+        # unmap
+        ("unmap", MM, mm_unmap, ("no_process", {"pid": 99}), ("alignment", {"vaddr": V + 1}), None),
+        ("unmap", MM, mm_unmap, ("alignment", {"vaddr": V + 1}), ("user_space", {"pages": p.top >> 12}), None),
+        ("unmap", MM, mm_unmap, ("user_space", {"pages": p.top >> 12}), ("hole", {"vaddr": V + 100 * PAGE_SIZE}),
+         None),
+        ("unmap", A, own_unmap, ("client_size", {"pages": MAX_CLIENT_PAGES + 1}), ("other_process", {"pid": p.b}),
+         None),
+        ("unmap", A, own_unmap, ("client_size", {"pages": MAX_CLIENT_PAGES + 1}), ("alignment", {"vaddr": V + 1}),
+         None),
+        ("unmap", A, own_unmap, ("hole", {"pages": 2}), ("made_by_mm", {"vaddr": V + PAGE_SIZE, "pages": 2}),
+         {"vaddr": V + PAGE_SIZE, "pages": 3}),
+        # donate
+        ("donate", MM, donate, ("beyond_memory", {"frames": [[p.n - 1, 2]]}),
+         ("duplicate", {"frames": [[p.free_user, 1], [p.free_user, 1]]}), {"frames": [[p.n - 1, 2], [p.n - 1, 1]]}),
+        ("donate", MM, donate, ("duplicate", {"frames": [[p.free_user, 1], [p.free_user, 1]]}),
+         ("not_ram", {"frames": [[0, 1]]}), {"frames": [[0, 1], [0, 1]]}),
+        ("donate", MM, donate, ("not_ram", {"frames": [[0, 1]]}), ("kernel_owned", {"frames": [[p.kfree, 1]]}),
+         {"frames": [[p.kfree, 1], [0, 1]]}),
+        ("donate", MM, donate, ("kernel_owned", {"frames": [[p.kfree, 1]]}), ("mapped", {"frames": [[p.mapped, 1]]}),
+         {"frames": [[p.mapped, 1], [p.kfree, 1]]}),
+        # reclaim
+        ("reclaim", MM, reclaim, ("not_ram", {"frames": [[0, 1]]}), ("user_owned", {"frames": [[p.free_user, 1]]}),
+         {"frames": [[p.free_user, 1], [0, 1]]}),
+        ("reclaim", MM, reclaim, ("user_owned", {"frames": [[p.free_user, 1]]}),
+         ("in_use", {"frames": [[p.thread_frame, 1]]}), {"frames": [[p.thread_frame, 1], [p.free_user, 1]]}),
+        ("reclaim", MM, reclaim, ("in_use", {"frames": [[p.thread_frame, 1]]}),
+         ("reserved", {"frames": [[f, 1] for f in sorted(p.k.ft.free_list())]}),
+         {"frames": [[f, 1] for f in sorted(p.k.ft.free_list() + [p.thread_frame])]}),
+        # proc_create
+        ("proc_create", MM, create, ("caller", {"_caller": OP}), ("server_key", {"key": MM}), None),
+        ("proc_create", MM, create, ("server_key", {"key": MM}), ("quota_below_cost", {"kernel_quota": 1}), None),
+        ("proc_create", MM, create, ("has_process", {"key": A}), ("quota_below_cost", {"kernel_quota": 1}), None),
+        ("proc_create", MM, create, ("has_process", {"key": A}), ("pool", {"kernel_quota": 1 << 20}), None),
+    ]
+
+
+def test_when_two_rules_break_the_documented_earlier_one_wins():
+    from kernel_server.calls import CALLS, COMMON
+
+    p = Precedence()
+    scenarios = _scenarios(p)
+    for call, caller, base, (early, e_over), (late, l_over), both in scenarios:
+        spec = CALLS[call]
+        order = [r.name for r in COMMON + spec.rules]
+        assert order.index(early) < order.index(late), (call, early, late)
+        p.refused(call, caller, base, e_over, spec.rule(early))
+        p.refused(call, caller, base, l_over, spec.rule(late))
+        p.refused(call, caller, base, both if both is not None else {**l_over, **e_over}, spec.rule(early))
+    assert len(scenarios) >= 35
+
+
+def test_the_call_table_is_the_dispatch():
+    from kernel_server.calls import ADAPTERS, CALLS, MUTATING, Who
+
+    k = K()
+    assert set(CALLS) == set(ADAPTERS) == set(k.core._dispatch)
+    for name, spec in CALLS.items():
+        names = [r.name for r in spec.rules]
+        assert len(names) == len(set(names)), name  # one rule, one name
+        if spec.who is Who.MM:  # the caller's rule is the table's: a client is refused with the same words
+            assert f"only the memory manager may {spec.verb}" == k.core.refuse_caller(A, name).message
+        elif spec.who is Who.READER:
+            assert "the operator" in k.core.refuse_caller(A, name).message and k.core.refuse_caller(OP, name) is None
+        elif spec.who is Who.PROCESS:
+            assert k.core.refuse_caller(C, name).code == Errno.ESRCH
+        else:
+            assert k.core.refuse_caller(C, name) is None
+    assert MUTATING == {"proc_create", "proc_destroy", "donate", "reclaim", "map", "unmap", "thread_create",
+                        "thread_destroy", "endpoint_create", "endpoint_destroy"}
+
+
+# ---- the worst requests (bench.kernel.worst_catalog): refused as they must be, replies bounded ------------
+
+def test_the_worst_requests_get_their_answers_and_bounded_replies():
+    """The benchmark's catalog of the costliest requests (timed there, never here): each is refused with
+    its errno or answered, within the reply limit, and a refused one changes nothing."""
+    from bench.kernel import worst_catalog
+
+    svc, cat, ordinary = worst_catalog()
+    assert {w.who for w in cat} == {"client", "privileged"} and len(cat) >= 25
+    for i, w in enumerate(cat):
+        before = svc.core.digest()
+        data = w.make(2 * i + 1)
+        raw = svc.handle(w.identity, data, now=0.0)
+        assert len(raw) <= wire.MAX_REPLY_BYTES, w.name
+        reply = reply_of(raw)
+        if w.expect is None:
+            assert reply["ok"] is True, (w.name, reply)
+            if w.undo is not None:
+                assert reply_of(svc.handle(w.identity, w.undo(2 * i + 2), now=0.0))["ok"] is True, w.name
+        else:
+            assert reply["ok"] is False and reply["error"]["code"] == w.expect, (w.name, reply)
+            assert svc.core.digest() == before, f"refused {w.name} changed the kernel"
+        assert check_kernel(svc.core) == [], w.name
+    m, u = ordinary(10_000)
+    assert reply_of(svc.handle(MM, m, now=0.0))["ok"] and reply_of(svc.handle(MM, u, now=0.0))["ok"]
+
+
+# ---- replies stay bounded -------------------------------------------------------------------------------
+
+def test_events_stop_at_a_byte_budget_and_list_at_most_so_many_runs_per_process():
+    from kernel_server.core import EVENT_RUNS, EVENTS_BYTES
+
+    k = K(memory=64 * MiB, pool=256, check=False)
+    scattered = k.user(2 * (EVENT_RUNS + 44))[::2]  # every other free frame: one run each
+    pids = []
+    for i in range(100):
+        pid = k.proc(f"{i:040d}", quota=3)
+        k.ok(MM, "map", pid=pid, vaddr=V, frames=[[f, 1] for f in scattered], prot=READ)
+        k.ok(MM, "proc_destroy", pid=pid)
+        pids.append(pid)
+    k.invariants()
+    ev = k.ok(MM, "events", limit=1000)
+    got = ev["events"]
+    assert 0 < len(got) < 100 and ev["next"] == got[-1]["seq"] < ev["latest"] == 100
+    assert len(wire.encode(ev)) < min(2 * EVENTS_BYTES, wire.MAX_REPLY_BYTES)
+    first = got[0]
+    assert first["truncated"] is True and first["frames"] == [[f, 1] for f in scattered[:EVENT_RUNS]]
+    seen = [e["pid"] for e in got]
+    while ev["next"] < ev["latest"]:  # the mm reads on from ``next``
+        ev = k.ok(MM, "events", since=ev["next"], limit=1000)
+        seen += [e["pid"] for e in ev["events"]]
+    assert seen == pids
+
+
+def test_unmap_and_reclaim_replies_list_at_most_so_many_runs():
+    from kernel_server.core import REPLY_RUNS
+
+    k = K(memory=128 * MiB, pool=64, check=False)
+    a = k.proc(A, quota=64)
+    every_other = k.user(2 * (REPLY_RUNS + 100))[::2]
+    for i in range(0, len(every_other), 1000):  # (at most MAX_RUNS runs a call)
+        part = every_other[i:i + 1000]
+        k.ok(MM, "map", pid=a, vaddr=V + i * PAGE_SIZE, frames=[[f, 1] for f in part], prot=READ)
+    r = k.ok(MM, "unmap", pid=a, vaddr=V, pages=len(every_other))
+    assert r["pages"] == len(every_other) and r["truncated"] is True
+    assert r["frames"] == [[f, 1] for f in every_other[:REPLY_RUNS]]
+    assert set(k.refs(every_other)) == {0}
+    # scattered free kernel frames: a reclaim by count takes no more runs than a reply lists
+    for f in every_other:
+        k.ok(MM, "donate", frames=[[f, 1]])
+    want = k.core.unreserved()
+    r = k.ok(MM, "reclaim", count=want)
+    assert len(r["frames"]) <= REPLY_RUNS and r["reclaimed"] < want
+    r2 = k.ok(MM, "reclaim", count=want)
+    assert r["reclaimed"] + r2["reclaimed"] == want and k.core.unreserved() == 0
+    k.invariants()
+
+
+def test_frame_info_looks_at_so_many_frames_per_call():
+    from kernel_server.core import FRAME_INFO_SCAN
+
+    k = K(memory=512 * MiB, pool=64, check=False)
+    n = k.ft.n
+    assert n > FRAME_INFO_SCAN
+    part = k.ok(MM, "frame_info", frames=[[0, n]])
+    assert part["rest"] == [[FRAME_INFO_SCAN, n - FRAME_INFO_SCAN]]
+    got, ask = part["segments"], part["rest"]
+    while ask:
+        part = k.ok(MM, "frame_info", frames=ask)
+        got += part["segments"]
+        ask = part["rest"]
+    kinds = np.zeros(n, dtype=np.uint8)
+    names = {"none": 0, "kernel_free": 1, "kernel_used": 2, "kernel_shared": 3, "user": 4}
+    for first, count, kind, _refs in got:
+        kinds[first:first + count] = names[kind]
+    assert np.array_equal(kinds, k.ft.kind)

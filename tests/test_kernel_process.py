@@ -1,5 +1,6 @@
-"""The kernel as a real process: boot output, CURVE identity, hostile input, retries, leases, CLI errors,
-and a kernel restart under a running mm. No mocks: every test talks to `mmsim kernel` over ipc.
+"""The kernel as a real process: boot output, CURVE identity and admission, hostile input, retries, leases
+(also across a stopped kernel), peers that never read, CLI errors, and a kernel restart under a running mm.
+No mocks: every test talks to `mmsim kernel` over ipc.
 
 Run directories come from ``tempfile.mkdtemp(prefix="mmt-", dir="/tmp")`` so ipc paths stay short;
 every process a test starts is stopped by a fixture finalizer, also when the test fails. Waiting is
@@ -28,18 +29,31 @@ from protocol.errors import CallError
 from protocol.runs import to_array
 from support import LEASE, conserved, mmsim, new_run_dir, remove_run_dir, state, wait_for
 
+QUOTA = 16  # the kernel quota a test process gets
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 
+def admitted_system(make: Any, **kw: Any) -> System:
+    """A System whose "observer" key pair (no process, no privilege: what status tools and readiness
+    checks use) is admitted, as the launcher admits the keys it hands out."""
+    s = make(**kw)
+    rundir.admit(s.run_dir, "observer")
+    return s
 
 
+def kstats(s: System, **args: Any) -> dict[str, Any]:
+    """The kernel's stats as the operator reads them (counts, and the per-process listing)."""
+    with s.connection("kernel", identity="operator") as conn:
+        return conn.call("stats", args)
 
 
-
-
-
-
+def refused_at_the_handshake(endpoint: str, server_key: bytes, pub: bytes, sec: bytes) -> None:
+    """A call with this key pair gets nothing back: it times out with EIO (the server never saw it)."""
+    with Connection(endpoint, server_key, pub, sec, timeout=0.5, retries=1) as conn:
+        with pytest.raises(CallError) as ei:
+            conn.call("hello")
+    assert ei.value.name == "EIO"
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -99,6 +113,7 @@ def rpc(sock: zmq.Socket, data: bytes | list[bytes], timeout: float = 2.0) -> di
 def kernel_only():
     """One kernel process (no mm) shared by the tests that leave its state as they found it."""
     s = System(new_run_dir(), lease=30.0, clients=2)  # no test here waits for a lease
+    rundir.admit(s.run_dir, "observer")
     try:
         s.start_kernel()
         yield s
@@ -140,9 +155,13 @@ def test_kernel_prints_endpoint_and_boot_summary_and_boots_a_pc_map(spawn):
         assert kfree + kused + kshared + ufree + umapped == ram and umapped == 0
         assert rundir.read_endpoint(run, "kernel") == bind
 
-        pub, sec = rundir.fresh_keypair()
-        with Connection(bind, rundir.public_key(run, "kernel"), pub, sec, timeout=2) as conn:
+        server_key = rundir.public_key(run, "kernel")
+        # a stranger (a key nobody admitted) is refused at the CURVE handshake: no reply, nothing seen
+        refused_at_the_handshake(bind, server_key, *rundir.fresh_keypair())
+        pub, sec = rundir.load_keypair(run, "operator")  # always admitted
+        with Connection(bind, server_key, pub, sec, timeout=2) as conn:
             st = conn.call("stats")
+            assert (st["calls"], st["refused"]) == (1, 0)  # the stranger's call never reached the kernel
             assert (st["kernel_free"], st["kernel_used"], st["kernel_shared"], st["user_free"]) == \
                 (kfree, kused, kshared, ufree)
             amap = conn.call("address_map")
@@ -178,7 +197,7 @@ def test_a_forged_routing_id_gains_nothing(kernel_only, zctx):
     endpoint = rundir.read_endpoint(s.run_dir, "kernel")
     kernel_key = rundir.public_key(s.run_dir, "kernel")
     mm_pub = rundir.public_key(s.run_dir, "mm")
-    pub, sec = rundir.fresh_keypair()
+    pub, sec = rundir.load_keypair(s.run_dir, "client-0")  # admitted, no privilege
     before = s.kernel_stats()
     with kernel_conn(s, "mm") as conn:
         amap = conn.call("address_map")
@@ -207,7 +226,7 @@ def test_only_the_mm_key_may_donate_reclaim_create_or_read_frames(kernel_only):
         ("donate", {"frames": [[user["first"], 8]]}),
         ("reclaim", {"count": 4}),
         ("reclaim", {"frames": [[pool["first"], 2]]}),
-        ("proc_create", {"key": victim}),
+        ("proc_create", {"key": victim, "kernel_quota": QUOTA}),
         ("proc_destroy", {"pid": 1}),
         ("frame_info", {"frames": [[0, 16]]}),
         ("events", {"since": 0}),
@@ -275,7 +294,35 @@ def test_garbage_multipart_oversized_and_anonymous_input(kernel_only, zctx):
         assert rpc(wrong, wire.request(21, "hello"), timeout=1.0) is None
     finally:
         wrong.close(0)
-    assert state(s.kernel_stats()) == state(before)
+    # this kernel's key, but a key nobody admitted: refused at the handshake, the kernel never sees it
+    seen = s.kernel_stats()
+    refused_at_the_handshake(endpoint, kernel_key, *rundir.fresh_keypair())
+    after = s.kernel_stats()
+    assert (after["calls"], after["refused"]) == (seen["calls"] + 1, seen["refused"])  # (+1: this stats)
+    assert state(after) == state(before)
+
+
+def test_a_key_admitted_while_the_kernel_runs_is_accepted_and_a_revoked_one_refused(kernel_only):
+    s = kernel_only
+    endpoint = rundir.read_endpoint(s.run_dir, "kernel")
+    kernel_key = rundir.public_key(s.run_dir, "kernel")
+    rundir.generate(s.run_dir, "late")
+    pub, sec = rundir.load_keypair(s.run_dir, "late")
+    refused_at_the_handshake(endpoint, kernel_key, pub, sec)
+    rundir.admit(s.run_dir, "late")
+    with Connection(endpoint, kernel_key, pub, sec, timeout=1.0, retries=3) as conn:
+        assert conn.call("hello")["identity"] == pub.decode()
+    rundir.revoke(s.run_dir, "late")
+    wait_for(lambda: _refused_now(endpoint, kernel_key, pub, sec), 5, "the revoked key to be refused")
+
+
+def _refused_now(endpoint: str, kernel_key: bytes, pub: bytes, sec: bytes) -> bool:
+    with Connection(endpoint, kernel_key, pub, sec, timeout=0.5, retries=0) as conn:
+        try:
+            conn.call("hello")
+            return False
+        except CallError as exc:
+            return exc.name == "EIO"
 
 
 # ---- at most once ------------------------------------------------------------------------------------------
@@ -284,7 +331,7 @@ def test_a_resent_request_executes_once(kernel_only):
     s = kernel_only
     key = rundir.public_key(s.run_dir, "client-1").decode()
     with kernel_conn(s, "mm") as mm:
-        pid = mm.call("proc_create", {"key": key})["pid"]
+        pid = mm.call("proc_create", {"key": key, "kernel_quota": QUOTA})["pid"]
         try:
             before = s.kernel_stats()
             with kernel_conn(s, "client-1") as conn:
@@ -298,7 +345,7 @@ def test_a_resent_request_executes_once(kernel_only):
                 tid = first["result"]["tid"]
                 other = conn.call("thread_create")["tid"]  # a new id is a new request
                 assert other != tid
-            after = s.kernel_stats()
+            after = kstats(s)
             proc = next(p for p in after["per_process"] if p["pid"] == pid)
             assert proc["threads"] == 2
             assert after["kernel_used"] == before["kernel_used"] + 2  # one frame per thread, not three
@@ -323,13 +370,13 @@ time.sleep(120)
 
 
 def test_killing_a_client_releases_its_process_within_the_lease(make_system, spawn):
-    s = make_system()
+    s = admitted_system(make_system)
     s.start()
     base = s.kernel_stats()
     c = spawn([sys.executable, "-c", CLIENT_SRC, s.run_dir, "client-0", "24"], stdout=subprocess.PIPE)
     line = read_line(c, 20)
     assert line.startswith("ready"), line
-    st = s.kernel_stats()
+    st = kstats(s)
     assert st["processes"] == 1 and st["user_mapped"] == 24 and st["per_process"][0]["threads"] == 1
     os.kill(c.pid, signal.SIGKILL)
     c.wait(10)
@@ -390,7 +437,7 @@ def test_a_taken_bind_fails_cleanly(kernel_only):
 # ---- kernel restart ---------------------------------------------------------------------------------------------
 
 def test_kernel_restart_under_a_running_mm(make_system):
-    s = make_system()
+    s = admitted_system(make_system)
     s.start()
     mm_log = s.parts["mm"].log_path
     with Client.from_run_dir(s.run_dir, "client-0", timeout=0.5, retries=1) as c:
@@ -424,7 +471,7 @@ def test_kernel_restart_under_a_running_mm(make_system):
         assert h["boot_id"] != old_boot and h["pid"] is None
         got = c.alloc(8)
         assert to_array(got["frames"]).size == 8
-        st = s.kernel_stats()
+        st = kstats(s)
         assert st["processes"] == 1 and st["user_mapped"] == 8 and conserved(st)
         mm_view = c.mm_stats()["view"]
         assert mm_view["used"] == 8
@@ -433,7 +480,7 @@ def test_kernel_restart_under_a_running_mm(make_system):
 
 
 def test_a_paused_kernel_is_the_same_boot_when_it_answers_again(make_system):
-    s = make_system(lease=30.0)  # the pause must not look like the client's death
+    s = admitted_system(make_system, lease=30.0)  # the pause must not look like the client's death
     s.start()
     mm_log = s.parts["mm"].log_path
     with Client.from_run_dir(s.run_dir, "client-0", timeout=0.5, retries=1) as c:
@@ -451,9 +498,129 @@ def test_a_paused_kernel_is_the_same_boot_when_it_answers_again(make_system):
         assert "restarted" not in open(mm_log).read()
         c.free(first["vaddr"], 4)  # what it had before the pause is still there and still its own
         got = c.alloc(3)
-        st = s.kernel_stats()
+        st = kstats(s)
         assert st["processes"] == 1 and st["per_process"][0]["pages"] == 3 and conserved(st)
         c.free(got["vaddr"], 3)
     report = s.audit()
     assert report["divergences"] == 0 and report["pending"] == 0, report
     assert report["recovery"]["remaining"]["divergences"] == 0  # the reconciliation after the pause
+
+
+# ---- leases measure the client, not the kernel ---------------------------------------------------------------
+
+class Pinger:
+    """A client that pings the kernel every ``every`` seconds from a thread (Lazy Pirate retries, many of
+    them: it keeps trying through a stopped kernel). ``errors`` lists what went wrong."""
+
+    def __init__(self, s: System, name: str, every: float = 0.2) -> None:
+        import threading
+
+        self.conn = s.connection("kernel", identity=name, timeout=0.5, retries=40)
+        self.every = every
+        self.errors: list[str] = []
+        self.pings = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.conn.call("ping")
+                self.pings += 1
+            except CallError as exc:
+                self.errors.append(str(exc))
+            self.stop.wait(self.every)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.conn.close()
+
+
+def test_a_stopped_kernel_destroys_no_process_of_a_client_that_kept_pinging(make_system):
+    s = admitted_system(make_system, lease=1.0)
+    kernel = s.start_kernel()
+    keys = {name: rundir.public_key(s.run_dir, name).decode() for name in ("client-0", "client-1")}
+    with kernel_conn(s, "mm") as mm:
+        pids = {name: mm.call("proc_create", {"key": key, "kernel_quota": QUOTA})["pid"] for name, key in keys.items()}
+    pingers = {name: Pinger(s, name) for name in keys}
+    try:
+        wait_for(lambda: all(p.pings >= 3 for p in pingers.values()), 10, "the clients to ping")
+        s.send_signal("kernel", signal.SIGSTOP)
+        time.sleep(3 * 1.0)  # three leases
+        s.send_signal("kernel", signal.SIGCONT)
+        wait_for(lambda: all(p.pings >= 3 + 5 for p in pingers.values()), 20, "the pings to go on")
+        time.sleep(2 * 1.0)  # two more leases of pinging
+        st = kstats(s)
+        assert sorted(p["pid"] for p in st["per_process"]) == sorted(pids.values()), st["per_process"]
+        with kernel_conn(s, "operator") as op:
+            assert op.call("events")["events"] == []  # no lease ran out
+        assert "credited to every lease" in open(kernel.log_path).read()
+        # leases still work: a client that stops pinging loses its process
+        pingers["client-1"].close()
+        wait_for(lambda: [p["pid"] for p in kstats(s)["per_process"]] == [pids["client-0"]], 10,
+                 "the silent client's lease to run out")
+        with kernel_conn(s, "operator") as op:
+            ev = op.call("events")["events"]
+        assert [(e["pid"], e["reason"]) for e in ev] == [(pids["client-1"], "lease")]
+    finally:
+        for p in pingers.values():
+            p.close()
+    assert not pingers["client-0"].errors, pingers["client-0"].errors[:3]
+
+
+# ---- bounded reply queues ---------------------------------------------------------------------------------------
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_peer_that_never_reads_costs_bounded_memory_and_an_honest_client_is_answered(make_system, zctx):
+    import threading
+
+    s = admitted_system(make_system, lease=30.0)
+    kernel = s.start_kernel()
+    endpoint = rundir.read_endpoint(s.run_dir, "kernel")
+    key = rundir.public_key(s.run_dir, "client-0").decode()
+    with kernel_conn(s, "mm") as mm:
+        mm.call("proc_create", {"key": key, "kernel_quota": QUOTA})
+    before = _rss(kernel.pid)
+    pub, sec = rundir.load_keypair(s.run_dir, "client-1")  # admitted: it gets past the handshake
+    greedy = raw_dealer(zctx, endpoint, rundir.public_key(s.run_dir, "kernel"), pub, sec)
+    greedy.sndhwm = 0  # queue without limit on its side: it sends far more than the kernel queues for it
+    sent = [0]
+    stop = threading.Event()
+
+    def flood() -> None:  # requests as fast as it can, never reading a reply
+        big = {"frames": [[1, 1]] * 200}  # a larger request and reply than a ping: an error naming the field
+        i = 0
+        while not stop.is_set() and i < 60_000:
+            greedy.send(wire.request(i, "stats" if i % 2 else "map", {} if i % 2 else big), zmq.NOBLOCK)
+            i += 1
+        sent[0] = i
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        with Client.from_run_dir(s.run_dir, "client-0", kernel_endpoint=endpoint, mm_endpoint=endpoint,
+                                 timeout=2.0, retries=2) as honest:
+            for _ in range(100):  # every call answered, none lost to the flood
+                tid = honest.kernel.call("thread_create")["tid"]
+                honest.kernel.call("thread_destroy", {"tid": tid})
+                assert honest.kernel.call("ping")["pid"] is not None
+        t.join(60)
+        handled = lambda st: st["calls"] + st["refused"]  # noqa: E731 (refused requests are not "calls")
+        st = wait_for(lambda: handled(x := kstats(s)) >= sent[0] and x, 60, "the kernel to handle the flood")
+        # what the greedy peer's queues could not hold was dropped, not kept
+        assert st["replies_dropped"] > sent[0] // 2, st
+        grown = _rss(kernel.pid) - before
+        assert grown < 64 << 20, f"the kernel grew by {grown >> 20} MiB"
+    finally:
+        stop.set()
+        t.join(10)
+        greedy.close(0)

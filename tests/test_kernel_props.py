@@ -3,15 +3,23 @@ service with valid and hostile calls on every profile, next to a plain
 reference model (frame -> owner, frame -> reference count, and each process's
 mappings), and checks after every step that:
 
-- the invariant checker finds nothing (I1-I4, I7);
-- the kernel agrees with the model on every frame's owner and refcount and on
-  every process's mappings, threads and endpoints;
+- the invariant checker finds nothing (I1-I4, I7, I13);
+- the kernel agrees with the model on every frame's owner and refcount, on
+  every process's mappings, threads and endpoints, and on every kernel frame
+  count: each process's charge (its object frame and root table, the page
+  tables its mappings need, its threads, its endpoint slab frames), the
+  reservation (the sum of the unused quotas) and the free pool;
 - every call got the answer the model predicts, and every refused call left
   the state digest unchanged (I6);
 - donate and reclaim never change kernel_used (I5: no kernel allocation),
   also when the kernel pool is empty (the machine boots with 0 to 24 frames);
 - a client unmaps only mappings it made itself (EPERM for the mm's), and a
-  destroyed process's event lists only the user frames it released.
+  destroyed process's event lists only the user frames it released;
+- quotas (I13): every process gets a random kernel quota; a call that would
+  take it past its quota is ENOMEM carrying needed, limit and used, and a
+  call within its quota NEVER gets ENOMEM, whatever the other processes, the
+  mm's donations and reclaims or an empty pool do; a pool ENOMEM (needed,
+  available) happens only at proc_create, counting unreserved frames only.
 
 A second property feeds arbitrary requests through ``handle`` (I10)."""
 
@@ -24,22 +32,26 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from kernel_server.arch import PAGE_SHIFT, PAGE_SIZE
 from kernel_server.bootmap import OWNER, SHARED
-from kernel_server.core import CLIENT_MADE
+from kernel_server.calls import ADAPTERS
+from kernel_server.core import MAX_CLIENT_PAGES
+from kernel_server.pagetable import CLIENT_MADE
 from kernel_server.frames import KERNEL_SHARED, USER
 from kernel_server.invariants import check_kernel
+from kernel_server.observe import KernelObserver, as_frames
 from kernel_server.service import KernelService
 from protocol import runs as R
 from protocol import wire
-from protocol.calls import KERNEL_CALLS
 from protocol.errors import Errno, Error
 
 MM = "M" * 40
+OP = "O" * 40
 KEYS = ["A" * 40, "B" * 40, "C" * 40]
 STRANGER = "S" * 40  # a valid identity that never gets a process
 NEWKEY = "N" * 40
 LEASE = 20.0
 MiB = 1 << 20
 NOPID = 10_000
+QUOTAS = [8, 3, 4, 5, 12, 2, 1, 40]  # kernel quotas the mm sets (1 is below a process's cost but on PAE)
 
 
 def often(data, p: int = 3) -> bool:
@@ -58,12 +70,12 @@ class KernelMachine(RuleBasedStateMachine):
                 procs=st.sampled_from([2, 3, 1, 0]))
     def boot(self, pool: int, extra: int, procs: int) -> None:
         self.svc = KernelService.boot(arch=self.arch, memory=self.memory, mm_key=MM, kernel_pool_frames=pool,
-                                      lease_seconds=LEASE)
+                                      lease_seconds=LEASE, operator_key=OP)
         self.core = self.svc.core
         self.ft = self.core.frames
         p = self.core.profile
         self.n = self.ft.n
-        self.limit = self.n if p.kernel_limit is None else min(self.n, p.kernel_limit)
+        self.limit_frame = self.n if p.kernel_limit is None else min(self.n, p.kernel_limit)
         self.step = p.pages_at(max(p.large_levels))
         self.top_page = p.user_top >> PAGE_SHIFT
         self.window = 0x4000_0000 >> PAGE_SHIFT  # small and large mappings go here, so they collide
@@ -83,6 +95,12 @@ class KernelMachine(RuleBasedStateMachine):
         self.large: dict[int, dict[int, int]] = {}  # pid -> base vpage -> first frame
         self.threads: dict[int, set[int]] = {}
         self.endpoints: dict[int, set[int]] = {}
+        # kernel memory (I13): what each process may hold and the endpoint slab frames it holds; the rest
+        # of its charge follows from the model (process cost, page tables of its mappings, threads)
+        self.base = 1 if self.arch == "i686-pae" else 2  # object frame (+ root table, except with PAE)
+        self.limit: dict[int, int] = {}
+        self.slab: dict[int, int] = {}
+        self.boot_used = sum(r.count for r in self.core.bootmap.of_kind("frame_table"))
         self.seen: dict[int, float] = {}
         self.now = 0.0
         self.req_id = 0
@@ -147,9 +165,11 @@ class KernelMachine(RuleBasedStateMachine):
         """Who calls map/unmap on whom: (identity, pid argument, the error the kernel must give
         before looking at anything else, target pid). Valid: the mm, on a live process."""
         if valid and not self.pids:  # make a process first (the mm gives the kernel memory if need be)
-            if self.ft.free_count < 4:
-                self.do_donate([f for f in self.cands if self.owner.get(f) == "user" and not self.refs.get(f)][:4])
-            self.do_proc_create(KEYS[0])
+            quota = self.base + 6
+            if self.unreserved() < quota:
+                self.do_donate([f for f in self.cands if self.owner.get(f) == "user" and not self.refs.get(f)
+                                and f < self.limit_frame][:quota - self.unreserved()])
+            self.do_proc_create(KEYS[0], quota)
         alive = sorted(k for k in KEYS if k in self.pids)
         key = data.draw(st.sampled_from(alive if alive and (valid or often(data)) else KEYS))
         who = "mm" if valid else data.draw(st.sampled_from(["mm", "self", "self", "other", "stranger"]))
@@ -201,16 +221,50 @@ class KernelMachine(RuleBasedStateMachine):
             for f in range(first, first + self.step):
                 self.add_ref(f, -1)
             pages += self.step
-        del self.threads[pid], self.endpoints[pid]
+        del self.threads[pid], self.endpoints[pid], self.limit[pid], self.slab[pid]
         self.seen.pop(pid, None)
         return pages
 
-    def enomem_ok(self, out) -> bool:
-        """An ENOMEM the model cannot foresee (it does not count page tables) is fine if it is honest."""
-        if isinstance(out, Error) and out.code == Errno.ENOMEM:
-            assert out.details["needed"] > out.details["available"] == self.ft.free_count
-            return True
-        return False
+    # ---- kernel memory, as the model counts it ------------------------------------------
+
+    def table_keys(self, vp: int, down_to: int) -> set[tuple[int, int]]:
+        """The page tables (level, tag) of levels 1..down_to on the way to page ``vp``."""
+        shifts = self.core.profile.entry_shifts
+        return {(lv, vp >> (shifts[lv - 1] - PAGE_SHIFT)) for lv in range(1, down_to + 1)}
+
+    def tables(self, pid: int, small=None, large=None) -> set[tuple[int, int]]:
+        """Every page table process ``pid`` needs for its mappings (or for ``small``/``large`` vpages)."""
+        p = self.core.profile
+        out: set[tuple[int, int]] = set()
+        for vp in (self.small[pid] if small is None else small):
+            out |= self.table_keys(vp, p.levels - 1)
+        for b in (self.large[pid] if large is None else large):
+            out |= self.table_keys(b, max(p.large_levels))
+        return out
+
+    def used(self, pid: int) -> int:
+        return self.base + len(self.tables(pid)) + len(self.threads[pid]) + self.slab[pid]
+
+    def reserved(self) -> int:
+        return sum(self.limit[pid] - self.used(pid) for pid in self.limit)
+
+    def kernel_free(self) -> int:
+        owned = sum(1 for o in self.owner.values() if o == "kernel")
+        return owned - self.boot_used - sum(self.used(pid) for pid in self.limit)
+
+    def unreserved(self) -> int:
+        return self.kernel_free() - self.reserved()
+
+    def over_quota(self, out, pid: int, needed: int, what: str) -> bool:
+        """Whether ``needed`` more frames take ``pid`` past its quota; if so the call must have been refused
+        with the quota's ENOMEM (and never otherwise: I13)."""
+        used, limit = self.used(pid), self.limit[pid]
+        if used + needed <= limit:
+            return False
+        self.expect(out, Errno.ENOMEM, f"{what} past the quota")
+        assert (out.details["needed"], out.details["limit"], out.details["used"], out.details["pid"]) == \
+            (needed, limit, used, pid), out
+        return True
 
     # ---- processes ------------------------------------------------------------------
 
@@ -218,8 +272,8 @@ class KernelMachine(RuleBasedStateMachine):
     def processes(self, data):
         if often(data, 2):
             free = [k for k in KEYS if k not in self.pids]
-            key = data.draw(st.sampled_from(free if free and often(data) else KEYS + [MM]))
-            self.do_proc_create(key)
+            key = data.draw(st.sampled_from(free if free and often(data) else KEYS + [MM, OP]))
+            self.do_proc_create(key, data.draw(st.sampled_from(QUOTAS)))
         else:
             alive = sorted(self.pids)
             key = data.draw(st.sampled_from(alive if alive and often(data) else KEYS))
@@ -231,21 +285,29 @@ class KernelMachine(RuleBasedStateMachine):
                 self.expect(out, None, "proc_destroy")
                 assert out["unmapped_pages"] == self.forget(pid, out)
 
-    def do_proc_create(self, key: str) -> None:
-        out, used = self.call(MM, "proc_create", key=key)
-        if key == MM:
-            self.expect(out, Errno.EINVAL, "proc_create for the mm's key")
+    def do_proc_create(self, key: str, quota: int = 8) -> None:
+        unreserved = self.unreserved()
+        out, used = self.call(MM, "proc_create", key=key, kernel_quota=quota)
+        if key in (MM, OP):
+            self.expect(out, Errno.EINVAL, "proc_create for a server's key")
         elif key in self.pids:
             self.expect(out, Errno.EBUSY, "proc_create twice")
             assert out.details["pid"] == self.pids[key]
-        elif not self.enomem_ok(out):
+        elif quota < self.base:
+            self.expect(out, Errno.EINVAL, "proc_create with a quota below the cost of a process")
+        elif quota > unreserved:  # the pool's ENOMEM: only here, only the unreserved frames count
+            self.expect(out, Errno.ENOMEM, "proc_create beyond the unreserved pool")
+            assert (out.details["needed"], out.details["available"]) == (quota, unreserved), out
+        else:
             self.expect(out, None, "proc_create")
             pid = out["pid"]
             assert pid not in self.small
             self.pids[key] = pid
             self.small[pid], self.large[pid], self.client_made[pid] = {}, {}, set()
             self.threads[pid], self.endpoints[pid] = set(), set()
+            self.limit[pid], self.slab[pid] = quota, 0
             self.seen[pid] = self.now
+            assert out["kernel_frames"] == self.base and out["kernel_limit"] == quota
             assert self.ft.kernel_used == used + out["kernel_frames"]
 
     # ---- donate and reclaim (I5) ---------------------------------------------------------
@@ -269,7 +331,7 @@ class KernelMachine(RuleBasedStateMachine):
         busy = [f for f in frames if self.refs.get(f)]
         if busy:
             return Errno.EBUSY, busy
-        if any(f >= self.limit for f in frames):
+        if any(f >= self.limit_frame for f in frames):
             return Errno.EINVAL, []
         return None, []
 
@@ -290,11 +352,11 @@ class KernelMachine(RuleBasedStateMachine):
         mode = data.draw(st.sampled_from(["count", "free frames", "anything"]))
         if mode == "count":
             count = data.draw(st.integers(1, 6))
-            free = self.ft.free_count
+            unreserved = self.unreserved()
             out, used = self.call(MM, "reclaim", count=count)
             self.expect(out, None, "reclaim count")
             got = R.to_array(out["frames"]).tolist()
-            assert len(got) == min(count, free) == out["reclaimed"]
+            assert len(got) == min(count, unreserved) == out["reclaimed"]  # never a reserved frame
             for f in got:
                 assert self.owner[f] == "kernel" and f not in self.refs
                 self.owner[f] = "user"
@@ -303,6 +365,7 @@ class KernelMachine(RuleBasedStateMachine):
         free = self.ft.free_list()[:12]  # reading the kernel only to choose frames worth trying
         pool = free if free and mode == "free frames" else self.cands
         frames = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=5, unique=mode != "anything"))
+        unreserved = self.unreserved()
         out, used = self.call(MM, "reclaim", frames=R.from_array(frames))
         if any(f >= self.n for f in frames) or len(set(frames)) != len(frames) \
                 or any(f not in self.owner or self.owner[f] == "user" for f in frames):
@@ -311,9 +374,13 @@ class KernelMachine(RuleBasedStateMachine):
             self.expect(out, Errno.EBUSY, f"reclaim {frames}")
         elif isinstance(out, Error):  # the model does not know which kernel frames are in use
             self.expect(out, Errno.EBUSY, f"reclaim {frames}")
-            named = R.to_array(out.details["frames"]).tolist()
-            assert named and set(named) <= set(frames) - set(self.ft.free_list())
+            if set(frames) <= set(self.ft.free_list()):  # all free: more than the unreserved ones
+                assert len(frames) > unreserved and out.details["reserved"] == self.reserved(), out
+            else:
+                named = R.to_array(out.details["frames"]).tolist()
+                assert named and set(named) <= set(frames) - set(self.ft.free_list())
         else:
+            assert len(frames) <= unreserved
             assert out["reclaimed"] == len(frames)
             for f in frames:
                 self.owner[f] = "user"
@@ -349,7 +416,12 @@ class KernelMachine(RuleBasedStateMachine):
             code = pre
         elif prot & 2 and prot & 4:
             code = Errno.ENOTSUP
-        elif vaddr % PAGE_SIZE or any(f >= self.n for f in frames) or vp0 + n > self.top_page or None in owners:
+        elif vaddr % PAGE_SIZE or any(f >= self.n for f in frames) or vp0 + n > self.top_page:
+            code = Errno.EINVAL  # (decided by arithmetic, before the quota)
+        elif self.over_quota(out, pid, len(self.tables(pid, small=range(vp0, vp0 + n), large=()) - self.tables(pid)),
+                             f"map {args}"):
+            return
+        elif None in owners:
             code = Errno.EINVAL
         elif identity != MM and any(o != "shared" for o in owners):
             code = Errno.EPERM
@@ -359,10 +431,10 @@ class KernelMachine(RuleBasedStateMachine):
             code = Errno.EBUSY
         else:
             code = None
-        if code is None and self.enomem_ok(out):
-            return
         self.expect(out, code, f"map {args} by {identity[0]}")
         if code is None:
+            needed = len(self.tables(pid, small=range(vp0, vp0 + n), large=()) - self.tables(pid))
+            assert out["tables_allocated"] == needed
             for i, f in enumerate(frames):
                 self.small[pid][vp0 + i] = f
                 self.add_ref(f, +1)
@@ -396,11 +468,18 @@ class KernelMachine(RuleBasedStateMachine):
         frames = [f for first in firsts for f in range(first, first + self.step)]
         owners = {self.owner.get(f) for f in frames}
         bases = [base + i * self.step for i in range(count)]
-        if pre is not None:
+        if identity != MM and len(frames) > MAX_CLIENT_PAGES:
+            code = Errno.E2BIG  # a client's call is small: judged before anything else of it
+        elif pre is not None:
             code = pre
         elif prot & 2 and prot & 4:
             code = Errno.ENOTSUP
-        elif not aligned or any(f >= self.n for f in frames) or any(f % self.step for f in firsts) or None in owners:
+        elif not aligned or any(f >= self.n for f in frames) or any(f % self.step for f in firsts):
+            code = Errno.EINVAL  # (decided by arithmetic, before the quota)
+        elif self.over_quota(out, pid, len(self.tables(pid, small=(), large=bases) - self.tables(pid)),
+                             f"large map {args}"):
+            return
+        elif None in owners:
             code = Errno.EINVAL
         elif owners != {"user"} or identity != MM:
             code = Errno.EPERM
@@ -408,10 +487,9 @@ class KernelMachine(RuleBasedStateMachine):
             code = Errno.EBUSY
         else:
             code = None
-        if code is None and self.enomem_ok(out):
-            return
         self.expect(out, code, f"large map {args} by {identity[0]}")
         if code is None:
+            assert out["tables_allocated"] == len(self.tables(pid, small=(), large=bases) - self.tables(pid))
             for b, first in zip(bases, firsts):
                 self.large[pid][b] = first
             for f in frames:
@@ -444,6 +522,8 @@ class KernelMachine(RuleBasedStateMachine):
         out, used = self.call(identity, "unmap", **args)
         vp1 = vp0 + pages
         code, small, large = pre, [], []
+        if identity != MM and pages > MAX_CLIENT_PAGES:
+            code = Errno.E2BIG  # a client's call is small: judged before anything else of it
         if code is None and vp1 > self.top_page:
             code = Errno.EINVAL
         if code is None:
@@ -463,6 +543,7 @@ class KernelMachine(RuleBasedStateMachine):
             code = Errno.EPERM  # a client unmaps only what it mapped itself
         self.expect(out, code, f"unmap {args} by {identity[0]}")
         if code is None:
+            before = self.tables(pid)
             self.client_made[pid] -= set(small)
             expect = [self.small[pid].pop(vp) for vp in small]
             for b in large:
@@ -472,6 +553,7 @@ class KernelMachine(RuleBasedStateMachine):
             for f in expect:
                 self.add_ref(f, -1)
             assert self.ft.kernel_used == used - out["tables_freed"]
+            assert out["tables_freed"] == len(before - self.tables(pid))
 
     @rule(data=st.data())
     def client_unmaps_own_space(self, data):
@@ -489,6 +571,9 @@ class KernelMachine(RuleBasedStateMachine):
                 pages += 1
         out, used = self.call(key, "unmap", vaddr=vp0 << PAGE_SHIFT, pages=pages)
         vps = range(vp0, vp0 + pages)
+        if pages > MAX_CLIENT_PAGES:  # (a large page: more than one client call may unmap)
+            self.expect(out, Errno.E2BIG, f"client unmap of {pages} pages")
+            return
         if not set(vps) <= self.client_made[pid]:  # (a large page is always the mm's)
             self.expect(out, Errno.EPERM, f"client unmap of the mm's mapping at page {vp0}")
             assert "memory manager" in out.message
@@ -507,20 +592,26 @@ class KernelMachine(RuleBasedStateMachine):
         alive = sorted(self.pids)
         key = data.draw(st.sampled_from(alive if alive and often(data) else KEYS + [MM, STRANGER]))
         if op.endswith("create"):
-            free = self.ft.free_count
             out, used = self.call(key, op)
-            if key not in self.pids:
+            pid = self.pids.get(key)
+            if pid is None:
                 self.expect(out, Errno.ESRCH, f"{op} without a process")
-            elif op == "thread_create" and free == 0:
-                self.expect(out, Errno.ENOMEM, "thread_create with no free kernel frame")
-            elif not self.enomem_ok(out):
-                self.expect(out, None, op)
-                if op == "thread_create":
-                    self.threads[self.pids[key]].add(out["tid"])
-                    assert self.ft.kernel_used == used + 1
-                else:
-                    self.endpoints[self.pids[key]].add(out["eid"])
-                    assert self.ft.kernel_used == used + out["kernel_frames"]
+                return
+            if op == "thread_create":
+                needed = 1
+            else:  # a slot is free exactly when the slab frames hold fewer endpoints than they have room for
+                needed = 0 if len(self.endpoints[pid]) < self.slab[pid] * (PAGE_SIZE // 64) else 1
+            if self.over_quota(out, pid, needed, op):  # (and whatever the pool holds, never otherwise)
+                return
+            self.expect(out, None, op)
+            if op == "thread_create":
+                self.threads[pid].add(out["tid"])
+                assert self.ft.kernel_used == used + 1
+            else:
+                assert out["kernel_frames"] == needed
+                self.endpoints[pid].add(out["eid"])
+                self.slab[pid] += needed
+                assert self.ft.kernel_used == used + needed
             return
         table, arg = (self.threads, "tid") if op == "thread_destroy" else (self.endpoints, "eid")
         every = sorted(x for xs in table.values() for x in xs)
@@ -534,6 +625,10 @@ class KernelMachine(RuleBasedStateMachine):
             self.expect(out, None, op)
             table[pid].remove(obj)
             assert self.ft.kernel_used in ((used - 1,) if op == "thread_destroy" else (used, used - 1))
+            if op == "endpoint_destroy":  # a slab frame goes back when its last endpoint goes
+                self.slab[pid] -= used - self.ft.kernel_used
+                eps = len(self.endpoints[pid])
+                assert -(-eps // (PAGE_SIZE // 64)) <= self.slab[pid] <= eps
         else:
             self.expect(out, Errno.ESRCH, f"{op} of another's or no object")
 
@@ -546,7 +641,7 @@ class KernelMachine(RuleBasedStateMachine):
             ("donate", {"frames": [[f, 1]]}),
             ("reclaim", {"count": 1}),
             ("reclaim", {"frames": [[f, 1]]}),
-            ("proc_create", {"key": NEWKEY}),
+            ("proc_create", {"key": NEWKEY}),  # (no quota: the caller is refused before its arguments)
             ("proc_destroy", {"pid": data.draw(st.sampled_from(sorted(self.pids.values()) + [1]))}),
             ("frame_info", {"frames": [[0, 8]]}),
             ("events", {}),
@@ -577,7 +672,7 @@ class KernelMachine(RuleBasedStateMachine):
     def retried_thread_create(self, key: str) -> None:
         self.req_id += 1
         req = wire.request(self.req_id, "thread_create")
-        free, used = self.ft.free_count, self.ft.kernel_used
+        used = self.ft.kernel_used
         first = self.svc.handle(key, req, self.now)
         if key in self.pids:
             self.seen[self.pids[key]] = self.now
@@ -589,8 +684,8 @@ class KernelMachine(RuleBasedStateMachine):
         reply = wire.parse_reply(first)
         if key not in self.pids:
             assert reply["error"]["code"] == "ESRCH"
-        elif free == 0:
-            assert reply["error"]["code"] == "ENOMEM"
+        elif self.used(self.pids[key]) + 1 > self.limit[self.pids[key]]:
+            assert reply["error"]["code"] == "ENOMEM" and reply["error"]["limit"] == self.limit[self.pids[key]]
         else:
             assert reply["ok"] is True
             self.threads[self.pids[key]].add(reply["result"]["tid"])
@@ -611,6 +706,10 @@ class KernelMachine(RuleBasedStateMachine):
         assert dict(zip(nz.tolist(), refs[nz].tolist())) == self.refs
         # processes, mappings and objects
         assert {pid: p.key for pid, p in self.core.procs.items()} == {v: k for k, v in self.pids.items()}
+        # kernel memory, frame for frame (I13): each charge, the reservation, the free pool
+        for pid, proc in self.core.procs.items():
+            assert (proc.kernel_used, proc.kernel_limit) == (self.used(pid), self.limit[pid]), pid
+        assert self.core.reserved == self.reserved() and self.ft.free_count == self.kernel_free()
         for pid, proc in self.core.procs.items():
             assert {vp: e >> 3 for vp, e in proc.pages.items()} == self.small[pid]
             vps, entries = proc.entries()
@@ -668,13 +767,13 @@ FIELDS = ["pid", "vaddr", "frames", "prot", "count", "pages", "key", "tid", "eid
 
 
 @given(identity=st.sampled_from([MM, KEYS[0], KEYS[1], None]),
-       call=st.sampled_from(sorted(KERNEL_CALLS) + ["nope", ""]),
+       call=st.sampled_from(sorted(ADAPTERS) + ["nope", ""]),
        args=st.dictionaries(st.sampled_from(FIELDS), values, max_size=4),
        req_id=st.one_of(st.integers(0, 1 << 20), st.text(max_size=2)))
 @settings(max_examples=300)
 def test_every_request_gets_exactly_one_reply(identity, call, args, req_id):
     svc = KernelService.boot(arch="i686", memory=16 * MiB, mm_key=MM, kernel_pool_frames=8)
-    svc.call(MM, "proc_create", {"key": KEYS[0]})
+    svc.call(MM, "proc_create", {"key": KEYS[0], "kernel_quota": 4})
     svc.call(KEYS[0], "thread_create")
     data = wire.encode({"v": 1, "id": req_id, "call": call, "args": args})
     before = svc.core.digest()
@@ -685,3 +784,137 @@ def test_every_request_gets_exactly_one_reply(identity, call, args, req_id):
         assert err.code != Errno.EIO and err.code.name == reply["error"]["code"] and err.message
         assert svc.core.digest() == before
     assert check_kernel(svc.core) == []
+
+
+# ---- the observer seam: every write is reported ---------------------------------------------------------
+
+class Recorder(KernelObserver):
+    """Everything the kernel reports."""
+
+    def __init__(self) -> None:
+        self.frames: set[int] = set()
+        self.pids: set[int] = set()
+        self.begun: list[str] = []
+        self.ended: list[str] = []
+        self.refusals: list[str] = []
+        self.misses: list[int] = []
+
+    def frames_written(self, frames) -> None:
+        self.frames.update(as_frames(frames).tolist())
+
+    def process_changed(self, pid: int) -> None:
+        self.pids.add(pid)
+
+    def call_begun(self, caller, name, args) -> None:
+        self.begun.append(name)
+
+    def call_ended(self, caller, name, result) -> None:
+        self.ended.append(name)
+
+    def refused(self, identity, name, error) -> None:
+        self.refusals.append(name)
+
+    def replay_miss(self, identity, req_id) -> None:
+        self.misses.append(req_id)
+
+
+def _snapshot(core):
+    ft = core.frames
+    return ([a.copy() for a in (ft.kind, ft.refs, ft.next, ft.prev)], ft.head,
+            {pid: p.state() for pid, p in core.procs.items()})
+
+
+@given(data=st.data(), arch=st.sampled_from(["i686", "i686-pae", "x86_64"]))
+@settings(max_examples=40, deadline=None)
+def test_every_write_is_reported_to_the_observer(data, arch):
+    """Random calls (valid and not); after each, every frame whose kind, refcount or links changed was
+    reported, and every process that changed, came or went. A mutator that forgets to report fails here."""
+    rec = Recorder()
+    svc = KernelService.boot(arch=arch, memory=32 * MiB, mm_key=MM, kernel_pool_frames=24, lease_seconds=LEASE,
+                             operator_key=OP, observer=rec)
+    core, ft = svc.core, svc.core.frames
+    p = core.profile
+    step = p.pages_at(max(p.large_levels))
+    users = np.flatnonzero(ft.kind == USER)
+    free_blocks = [b for b in range(0, ft.n - step, step) if (ft.kind[b:b + step] == USER).all()][:3]
+    shared = np.flatnonzero(ft.kind == KERNEL_SHARED)[:4].tolist()
+    window = 0x4000_0000
+    now = 0.0
+    for i in range(data.draw(st.integers(5, 40))):
+        pids = sorted(core.procs)
+        pid = data.draw(st.sampled_from(pids)) if pids else 1
+        key = data.draw(st.sampled_from(KEYS))
+        op = data.draw(st.sampled_from(["proc_create", "proc_destroy", "donate", "reclaim", "reclaim_frames", "map",
+                                        "map_large", "map_own", "unmap", "thread_create", "thread_destroy",
+                                        "endpoint_create", "endpoint_destroy", "expire", "handle"]))
+        who, args = MM, {}
+        if op == "proc_create":
+            args = {"key": key, "kernel_quota": data.draw(st.sampled_from([2, 4, 8]))}
+        elif op == "proc_destroy":
+            args = {"pid": pid}
+        elif op == "donate":
+            f = int(data.draw(st.sampled_from(users[:64].tolist())))
+            args = {"frames": [[f, data.draw(st.integers(1, 4))]]}
+        elif op == "reclaim":
+            args = {"count": data.draw(st.integers(1, 6))}
+        elif op == "reclaim_frames":
+            free = ft.free_list()
+            op = "reclaim"
+            args = {"frames": [[f, 1] for f in sorted(set(data.draw(st.lists(st.sampled_from(free), min_size=1,
+                                                                                  max_size=4))))]} if free else \
+                {"count": 1}
+        elif op == "map":
+            f = int(data.draw(st.sampled_from(users[:64].tolist())))
+            args = {"pid": pid, "vaddr": window + data.draw(st.integers(0, 3 * step)) * PAGE_SIZE,
+                    "frames": [[f, data.draw(st.integers(1, 3))]], "prot": 3}
+        elif op == "map_large":
+            op = "map"
+            args = {"pid": pid, "vaddr": window + data.draw(st.integers(0, 3)) * step * PAGE_SIZE,
+                    "frames": [[data.draw(st.sampled_from(free_blocks)), step]], "prot": 1, "large": True}
+        elif op == "map_own":
+            op, who = "map", key
+            args = {"vaddr": window + data.draw(st.integers(0, 3 * step)) * PAGE_SIZE,
+                    "frames": [[data.draw(st.sampled_from(shared)), 1]], "prot": 1}
+        elif op == "unmap":
+            proc = core.procs.get(pid)
+            maps = sorted([(vp, 1) for vp in proc.pages] + [(b, step) for b in proc.large]) if proc else []
+            vp, n = data.draw(st.sampled_from(maps)) if maps else (window >> 12, 1)
+            who = data.draw(st.sampled_from([MM, proc.key if proc else KEYS[0]]))
+            args = {"vaddr": vp << PAGE_SHIFT, "pages": n + data.draw(st.integers(0, 1))}
+            if who == MM:
+                args["pid"] = pid
+        elif op in ("thread_create", "endpoint_create"):
+            who = key
+        elif op in ("thread_destroy", "endpoint_destroy"):
+            proc = core.procs.get(pid)
+            objs = sorted((proc.threads if op == "thread_destroy" else proc.endpoints) if proc else [1])
+            who = proc.key if proc else key
+            args = {"tid" if op == "thread_destroy" else "eid": data.draw(st.sampled_from(objs or [1]))}
+        before = _snapshot(core)
+        rec.frames.clear()
+        rec.pids.clear()
+        begun, refusals = len(rec.begun), len(rec.refusals)
+        now += data.draw(st.sampled_from([0.0, 1.0, LEASE + 1]))
+        if op == "expire":
+            svc.expire(now)
+        elif op == "handle":
+            svc.handle(key, wire.request(i, "thread_create"), now)
+            assert rec.misses and rec.misses[-1] == i
+            svc.handle(key, wire.request(i, "thread_create"), now)  # answered from the cache: no second miss
+            assert rec.misses.count(i) == 1
+        else:
+            out = svc.call(who, op, args, now=now)
+            assert len(rec.refusals) == refusals + isinstance(out, Error)
+            if not isinstance(out, Error) or out.code not in (Errno.EPERM, Errno.ESRCH, Errno.EINVAL) \
+                    or core.refuse_caller(who, op) is None:
+                assert rec.begun[begun:] in ([op], []) and rec.ended == rec.begun
+        arrays, head, procs = _snapshot(core)
+        changed = np.flatnonzero(np.logical_or.reduce([a != b for a, b in zip(before[0], arrays)]))
+        missed = set(changed.tolist()) - rec.frames
+        assert not missed, f"{op} {args}: frames {sorted(missed)[:8]} changed unreported"
+        if head != before[1] and head != -1:
+            assert head in rec.frames, f"{op}: the new head {head} was not reported"
+        for q in set(before[2]) | set(procs):
+            if before[2].get(q) != procs.get(q):
+                assert q in rec.pids, f"{op} {args}: process {q} changed unreported"
+        assert check_kernel(core) == []

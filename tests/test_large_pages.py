@@ -31,12 +31,12 @@ V0 = 0x4000_0000  # a virtual address aligned to every large page size
 class Kernel:
     """A booted kernel service with one process, and helpers for map/unmap/donate."""
 
-    def __init__(self, arch: str, memory: int = 64 * MiB, pool: int = 64) -> None:
+    def __init__(self, arch: str, memory: int = 64 * MiB, pool: int = 64, quota: int = 16) -> None:
         self.k = KernelService.boot(arch=arch, memory=memory, mm_key=MM, kernel_pool_frames=pool)
         self.core = self.k.core
         self.large = min(self.k.call(MM, "hello")["large_page_sizes"])
         self.n = self.large // 4096  # frames per (smallest) large page
-        self.pid = self.k.call(MM, "proc_create", {"key": A})["pid"]
+        self.pid = self.k.call(MM, "proc_create", {"key": A, "kernel_quota": quota})["pid"]
 
     def call(self, name: str, **args):
         return self.k.call(MM, name, args)
@@ -127,16 +127,16 @@ def test_every_frame_must_be_user_owned(arch):
     d = k.core.digest()
     e = assert_refused(k.map(V0, f, k.n, large=True), Errno.EPERM, k, d)
     assert e.details["frames"] == [[f + 7, 1]]
-    # a client maps no large pages itself, and W+X stays refused
+    # a client maps no large pages itself (one is more than a client's call may map), and W+X stays refused
     g = k.user_block(1)
-    assert_refused(k.k.call(A, "map", {"vaddr": V0, "frames": [[g, k.n]], "prot": 1, "large": True}), Errno.EPERM, k, d)
+    assert_refused(k.k.call(A, "map", {"vaddr": V0, "frames": [[g, k.n]], "prot": 1, "large": True}), Errno.E2BIG, k, d)
     assert_refused(k.call("map", pid=k.pid, vaddr=V0, frames=[[g, k.n]], prot=6, large=True), Errno.ENOTSUP, k, d)
 
 
 @pytest.mark.parametrize("arch", PROFILES)
 def test_refcount_on_each_frame_and_unmap_whole(arch):
     k = Kernel(arch)
-    pid2 = k.call("proc_create", key=B)["pid"]
+    pid2 = k.call("proc_create", key=B, kernel_quota=16)["pid"]
     f = k.user_block()
     assert isinstance(k.map(V0, f, k.n, large=True), dict)
     assert np.all(k.refs(f, k.n) == 1)
@@ -204,7 +204,7 @@ def test_a_large_page_needs_no_leaf_table(arch):
     levels = k.core.profile.levels
     f = k.user_block()
     r = k.map(V0, f, k.n, large=True)
-    small_pid = k.call("proc_create", key=B)["pid"]
+    small_pid = k.call("proc_create", key=B, kernel_quota=16)["pid"]
     s = k.map(V0, f, k.n, pid=small_pid)
     # a fresh address space: the small pages need every level below the root, the large page one less
     assert s["tables_allocated"] == levels - 1
@@ -251,8 +251,8 @@ OPS = st.lists(st.one_of(
 
 @given(arch=st.sampled_from(PROFILES), ops=OPS)
 def test_mixed_small_and_large_keep_the_invariants(arch, ops):
-    k = Kernel(arch, memory=32 * MiB, pool=16)
-    pids = [k.pid, k.call("proc_create", key=B)["pid"]]
+    k = Kernel(arch, memory=32 * MiB, pool=16, quota=7)  # the two quotas fill the pool: ENOMEM is a quota's
+    pids = [k.pid, k.call("proc_create", key=B, kernel_quota=7)["pid"]]
     n = k.n
     vaddr = lambda slot, page=0: V0 + slot * k.large + page * 4096
     for op in ops:
@@ -281,6 +281,8 @@ def test_mixed_small_and_large_keep_the_invariants(arch, ops):
             r = k.call("reclaim", count=op[1])
         if isinstance(r, Error):
             assert r.code in (Errno.EINVAL, Errno.EPERM, Errno.EBUSY, Errno.EEXIST, Errno.ENOMEM), r
+            if r.code == Errno.ENOMEM:  # only ever past the process's own quota
+                assert r.details["used"] + r.details["needed"] > r.details["limit"], r
         problems = check_kernel(k.core)
         assert problems == [], (op, problems)
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from protocol import runs as R
 from protocol import wire
-from protocol.calls import KERNEL_CALLS, MAX_FRAME, MAX_FRAMES_PER_CALL, MM_CALLS, validate
+from kernel_server.calls import ADAPTERS as KERNEL_CALLS
+from protocol.calls import MAX_FRAME, MAX_FRAMES_PER_CALL, MM_CALLS, validate
 from protocol.errors import CallError, Errno, Error
 from protocol.replay import ReplayCache
 
@@ -26,9 +27,10 @@ DESIGN_ERRNO = {
 # DESIGN.md section 5: the kernel calls (names are the contract).
 DESIGN_KERNEL_CALLS = {
     "hello", "address_map", "proc_create", "proc_destroy", "donate", "reclaim", "map", "unmap",
-    "thread_create", "thread_destroy", "endpoint_create", "endpoint_destroy", "frame_info", "stats", "ping",
+    "thread_create", "thread_destroy", "endpoint_create", "endpoint_destroy", "frame_info", "mappings", "stats",
+    "ping",
 }
-DESIGN_MM_CALLS = {"alloc", "free", "share", "stats"}
+DESIGN_MM_CALLS = {"alloc", "free", "share", "accept", "stats"}
 
 
 def parse_error(data: bytes) -> tuple[int | None, Error]:
@@ -67,7 +69,7 @@ def test_well_formed_request_parses():
     assert wire.parse_request(env(id=0)) == (0, "ping", {})
 
 
-@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x91", b"\xde\x00\x01\x91\xc0\x01", b"\x91" * 100_000 + b"\xc0",
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x91", b"\xde\x00\x01\x91\xc0\x01", b"\x91" * 2_000 + b"\xc0",
                                   b"\xa5abc"])
 def test_garbage_bytes_are_eproto(data):
     req_id, err = parse_error(data)
@@ -127,9 +129,25 @@ def test_oversized_message_is_e2big():
     data = env(args={"pad": b"x" * wire.MAX_REQUEST_BYTES})
     req_id, err = parse_error(data)
     assert err.code == Errno.E2BIG and str(len(data)) in err.message
-    # just under the limit is parsed (and then judged by the call's own validation)
-    small = env(args={"pad": b"x" * (wire.MAX_REQUEST_BYTES - 100)})
-    assert len(small) <= wire.MAX_REQUEST_BYTES and len(wire.parse_request(small)) == 3
+    # the largest legal request (every run of the most frames, with the largest numbers) fits, and parses
+    largest = wire.request(wire.MAX_ID, "donate", {"frames": [[MAX_FRAME - MAX_FRAMES_PER_CALL, MAX_FRAMES_PER_CALL]]
+                                                   * wire.MAX_RUNS})
+    assert len(largest) <= wire.MAX_REQUEST_BYTES and len(wire.parse_request(largest)) == 3
+
+
+@pytest.mark.parametrize("args, limit", [
+    ({"frames": [[1, 1]] * (wire.MAX_RUNS + 1)}, "max_array_len"),
+    ({f"k{i}": 1 for i in range(wire.MAX_MAP + 1)}, "max_map_len"),
+    ({"key": "K" * (wire.MAX_STR + 1)}, "max_str_len"),
+    ({"key": b"K" * (wire.MAX_STR + 1)}, "max_bin_len"),
+])
+def test_containers_beyond_the_limits_are_e2big_before_anything_is_built(args, limit):
+    data = wire.request(3, "donate", args)
+    assert len(data) <= wire.MAX_REQUEST_BYTES  # small enough: refused for its shape, not its size
+    req_id, err = parse_error(data)
+    assert req_id is None and err.code == Errno.E2BIG and limit in err.message
+    at_limit = {k: (v[:-1] if isinstance(v, (list, str, bytes)) else v) for k, v in list(args.items())[:wire.MAX_MAP]}
+    assert len(wire.parse_request(wire.request(3, "donate", at_limit))) == 3
 
 
 def test_replies_round_trip():
@@ -355,3 +373,20 @@ def test_replay_cache_is_bounded_in_identities_least_recent_first():
     c.remember("D", 1, b"d", b"D")
     assert set(c.replies) == {"A", "C", "D"}
     assert c.lookup("B", 1, b"d") is None and c.lookup("A", 1, b"d") == b"A"
+
+
+def test_pinned_callers_are_never_evicted_by_anyone_elses_traffic():
+    live = {"A", "B"}
+    c = ReplayCache(per_identity=4, identities=3, pinned=lambda who: who in live)
+    c.remember("A", 1, b"d", b"A1")
+    c.remember("B", 1, b"d", b"B1")
+    for i in range(2000):  # strangers' traffic, many times the unpinned places
+        c.remember(f"S{i}", 1, b"d", b"S")
+    assert c.lookup("A", 1, b"d") == b"A1" and c.lookup("B", 1, b"d") == b"B1"
+    assert len(c.replies) == 3 and c.evicted == 2000 - 1  # the pinned two, and the latest stranger
+    assert c.lookup("S1999", 1, b"d") == b"S"  # the caller just added is never the one forgotten
+    # once its process is gone a caller is an ordinary one again
+    live.discard("A")
+    for i in range(4):
+        c.remember(f"T{i}", 1, b"d", b"T")
+    assert c.lookup("A", 1, b"d") is None and c.lookup("B", 1, b"d") == b"B1"
