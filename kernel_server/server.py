@@ -129,6 +129,7 @@ class KernelServer:
                         next_check = min(next_check, deadline + 0.001)
                 turn = clock()
         finally:
+            rundir.withdraw(self.opts.run_dir, "kernel", self.endpoint)  # (the lock is still held)
             sock.close(0)
             auth.stop()
             ctx.term()
