@@ -38,6 +38,7 @@ exception is a large-page allocation when no aligned free block is left
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, NamedTuple
 
@@ -921,7 +922,21 @@ class MMCore:
                     self.record(J.RepairMapping(c.key, m.vaddr, [[sv, k, f, p, int(ps > PAGE)]
                                                                  for sv, k, f, p, ps in segs]))
                     n += 1
-        # what still differs is mapped where no allocation of the view is: never hand it out
+        # still different: mappings the view has no allocation for (a process it had lost track of, say):
+        # read the live clients' whole address spaces and take on what the mm mapped there
+        rest = np.flatnonzero(user & (refs != self.view.refs))
+        if rest.size:
+            for c in list(self.view.clients.values()):
+                segs = yield from self._mappings(c.pid, 0, self.user_top // PAGE)
+                if isinstance(segs, Error):
+                    if segs.code == Errno.ESRCH:
+                        continue
+                    return segs
+                found = [piece for seg in segs for piece in self._uncovered(c, seg)]
+                if found:
+                    self.record(J.RepairMapping(c.key, -1, found))
+                    n += 1
+        # what still differs is mapped where no allocation of any live client is: never hand it out
         rest = np.flatnonzero(user & (refs != self.view.refs))
         for r in np.unique(refs[rest]).tolist():
             these = rest[refs[rest] == r]
@@ -931,6 +946,32 @@ class MMCore:
             self._report(f"recovery: {rest.size} frame(s) are mapped by no allocation the mm knows; kept in use "
                          f"(never handed out): first runs {R.from_array(rest)[:4]}")
         return n
+
+    @staticmethod
+    def _uncovered(c: ClientState, seg: list[int]) -> list[list[int]]:
+        """The parts of a kernel segment [vaddr, pages, first, prot, page size] that no mapping of ``c``
+        covers, as [vaddr, pages, first, prot, large] (a large page only whole)."""
+        sv, k, first, prot, ps = seg
+        end = sv + k * PAGE
+        if ps > PAGE:
+            return [] if c.overlaps(sv, k) is not None else [[sv, k, first, prot, 1]]
+        out = []
+        v = sv
+        i = bisect.bisect_right(c.starts, v) - 1
+        i = max(i, 0)
+        while v < end:
+            m = c.maps[c.starts[i]] if i < len(c.starts) else None
+            if m is not None and m.vaddr + m.pages * PAGE <= v:
+                i += 1
+                continue
+            stop = end if m is None else min(end, max(v, m.vaddr))
+            if stop > v:
+                out.append([v, (stop - v) // PAGE, first + (v - sv) // PAGE, prot, 0])
+            if m is None:
+                break
+            v = max(v, m.vaddr + m.pages * PAGE)
+            i += 1
+        return out
 
     # ---- audit ---------------------------------------------------------------------------
 
