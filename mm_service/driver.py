@@ -487,11 +487,12 @@ class Driver:
 
     def _recovered(self, rec: Any) -> None:
         if isinstance(rec, Error):
-            if self.replayed:
+            if rec.code == Errno.EIO:  # the kernel is away: requests get EIO at once until a tick's probe
+                self.out.append(Log(f"mm: could not settle with the kernel yet ({rec.message}); settling when it "
+                                    "answers", "warning"))  # is answered, and the mm settles then ("back")
+            else:
                 self.state = "stopped"
                 self.out.append(Fatal(f"mm: recovery failed: {rec.message}"))
-            else:
-                self.out.append(Log(f"mm: could not settle with the kernel yet: {rec.message}", "warning"))
             return
         found, left = rec["found"]["divergences"], rec["remaining"]["divergences"]
         if self.replayed or found:
