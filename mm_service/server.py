@@ -141,8 +141,7 @@ class MMServer:
             elif kind is D.ResetKernel:
                 self._open_dealer()
             elif kind is D.Log:
-                getattr(log, a.level if a.level in ("warning", "error") else "info")(a.text)
-                print(a.text, flush=True)
+                print(a.text, flush=True)  # (stdout is the mm's log)
             elif kind is D.NewBoot:
                 self._open_boot(a.hello, a.address_map)
                 c = self.driver.core.view.counts()  # type: ignore[union-attr]
