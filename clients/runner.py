@@ -313,20 +313,23 @@ class Runner:
             self.blocking = False
 
     def sample(self) -> None:
-        """Note the peak kernel usage of our processes (a look, not a workload call)."""
+        """Note the peak kernel usage of our processes (a look, not a workload call): each identity's own
+        ``stats`` shows its process as ``you``."""
         assert self.client is not None
-        try:
-            st = self.client.kernel.call("stats", timeout=min(0.5, self.opts.timeout), retries=0)
-        except CallError:
-            return
-        mine = {"self": self.client.identity, "peer": self.peer.identity if self.peer else None}
-        for p in st.get("per_process", []):
-            for who, key in mine.items():
-                if key and p.get("key") == key:
-                    peak = self.peak[who]
-                    for k in ("pages", "large_pages", "tables", "threads", "endpoints"):
-                        if isinstance(p.get(k), int):
-                            peak[k] = max(peak.get(k, 0), p[k])
+        for who, c in (("self", self.client), ("peer", self.peer)):
+            if c is None:
+                continue
+            try:
+                st = c.kernel.call("stats", timeout=min(0.5, self.opts.timeout), retries=0)
+            except CallError:
+                return
+            p = st.get("you")
+            if not isinstance(p, dict):
+                continue
+            peak = self.peak[who]
+            for k in ("pages", "large_pages", "tables", "threads", "endpoints", "kernel_used"):
+                if isinstance(p.get(k), int):
+                    peak[k] = max(peak.get(k, 0), p[k])
 
     # ---- the loop ----------------------------------------------------------------------
 
