@@ -233,12 +233,9 @@ class MMServer:
         ready = dict(self.poller.poll(max(0, int((deadline - now) * 1000) + 1)))
         events: list[Any] = []
         if self.dealer is not None and ready.get(self.dealer):
-            recv = self.dealer.recv
-            while True:
-                try:
-                    data = recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            recv, more = self.dealer.recv, self.dealer.getsockopt
+            while more(zmq.EVENTS) & zmq.POLLIN:  # (asking costs less than the zmq.Again that ends a loop)
+                data = recv(zmq.NOBLOCK)
                 try:
                     kid = wire.parse_reply(data).get("id")
                 except ValueError:
@@ -260,11 +257,11 @@ class MMServer:
         sock = self.router
         assert sock is not None
         out: list[Any] = []
+        events = sock.getsockopt
         for _ in range(BATCH):
-            try:
-                rid = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
+            if not events(zmq.EVENTS) & zmq.POLLIN:
                 break
+            rid = sock.recv(zmq.NOBLOCK)
             frame = sock.recv(copy=False)  # (the rest of a message is there once its first part is)
             if frame.more:  # more parts than a request has: refuse it whole
                 parts = 2
