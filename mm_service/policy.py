@@ -33,7 +33,13 @@ plus the kernel's boot pool, minus the ``low`` watermark the pool keeps
 unreserved. So a client within its quota always finds frames: free ones, or
 unreserved ones the mm reclaims from the kernel's pool for it. The one
 exception is a large-page allocation when no aligned free block is left
-(the memory is there, just not in aligned blocks): its ENOMEM says so.
+(the memory is there, just not in aligned blocks): its ENOMEM says so. (A
+client can also run out of its own virtual address space, and exhaust its
+own kernel quota: those ENOMEMs name the client's own limit. On i686 with
+PAE and RAM above 4 GiB, kernel quotas are granted only within the frames
+the kernel may own, ``kernel_budget``.) A new client whose quotas do not fit
+in what is left of the budget gets ENOMEM on its first request, and nothing
+is made for it; a dead client's quotas go back to the budget.
 """
 
 from __future__ import annotations
@@ -710,6 +716,7 @@ class MMCore:
             "kernel_quota": self.kernel_quota,
             "budget": {"frames": self.budget, "granted": gu + gk, "granted_user": gu, "granted_kernel": gk},
             "offers": len(self.view.offers),
+            "pending": len(self.view.pending),  # intents whose kernel call is not settled yet
             "watermarks": {"low": self.config.low, "target": self.config.target, "high": self.config.high},
             "you": ({"pid": c.pid, "mappings": len(c.maps), **self._quotas(c.key, c)} if c else None),
             "counters": {"requests": k.requests, "refused": k.refused, "donations": k.donations,
