@@ -18,9 +18,13 @@ long-lived services, memory kept busy), with three kinds of client:
   quiet spells.
 
 Every process costs the kernel memory (process and PDPT slab objects, page
-tables, 1-8 threads), so the mm donates and reclaims throughout, between its
-watermarks (16 / 48 / 128 frames). Clients stop growing while the user memory
-they hold is above 90% of user RAM, and free instead. The workload's decisions
+tables, 1-8 threads; its whole kernel quota is reserved in the kernel's pool),
+so the mm donates and reclaims throughout, between its watermarks (16 / 48 /
+128 frames). Each client's user quota is its working set (and a large page
+for a service); the mm grants no more than exists, so in busy spells a new
+client's first request is refused until others exit (``refused``). Clients
+stop growing while the user memory they hold is above 90% of user RAM, and
+free instead. The workload's decisions
 depend only on the seed and its own bookkeeping, so both policies see the same
 request sequence (the result reports ``churn_requests`` and ``ticks`` to show it).
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -88,8 +93,10 @@ def churn(placement: str, seed: int = 1, arch: str = "i686-pae", memory: int = 1
     """
     rng = random.Random(seed)
     kernel = KernelService.boot(arch=arch, memory=memory, mm_key=MM, kernel_pool_frames=64)
+    quotas: dict[str, int] = {}  # each client's user quota: its working set and room for one more request
     mm = MMCore(kernel.call(MM, "address_map"), kernel.call(MM, "hello"),
-                Config(low=16, target=48, high=128, quota=1 << 30, placement=placement))
+                Config(low=16, target=48, high=128, placement=placement),
+                admission=lambda key: SimpleNamespace(quota=quotas.get(key, 1), kernel_quota=None))
 
     def run(gen: Any) -> Any:
         return drive(gen, lambda c, a: kernel.call(MM, c, a), lambda ops: None)
@@ -122,6 +129,7 @@ def churn(placement: str, seed: int = 1, arch: str = "i686-pae", memory: int = 1
         else:  # a job: log-uniform working set, 128 KiB .. 8 MiB
             c = Client(key, kind, tick + rng.randrange(20, 200), int(32 * 64 ** rng.random()), 0.5)
         clients.append(c)
+        quotas[key] = c.ws + (mm.view.block if kind == "service" else 0)
 
     def exit_(c: Client) -> None:
         clients.remove(c)
@@ -133,9 +141,9 @@ def churn(placement: str, seed: int = 1, arch: str = "i686-pae", memory: int = 1
 
     def act(c: Client, held_total: int) -> int:
         """One request by ``c``; returns the change in pages held."""
-        grow = c.held < c.ws and rng.random() < 0.75 or c.held >= c.ws and rng.random() < 0.5
+        grow = c.held < c.ws and rng.random() < 0.75  # (its working set is its quota)
         if grow:
-            pages = _size(rng, 8 if c.kind == "daemon" else 256)
+            pages = min(_size(rng, 8 if c.kind == "daemon" else 256), c.ws - c.held)  # within its quota
             if held_total + pages > cap:
                 grow = False
         if not grow:
@@ -212,6 +220,8 @@ def churn(placement: str, seed: int = 1, arch: str = "i686-pae", memory: int = 1
     free = view.counts()["free"]
     whole = int(np.count_nonzero(view.bfree == block))
     large = 0
+    gu, gk = mm.granted()
+    quotas[LAST] = max(1, mm.budget - gu - gk - mm.kernel_quota)  # everything the others were not granted
     while isinstance(req(LAST, "alloc", pages=block, prot=3, large=True), dict):
         large += 1
     return {"placement": placement, "seed": seed, "steps": steps, "large_pages": large,

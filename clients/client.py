@@ -2,7 +2,9 @@
 
 ``Client`` wraps two ``protocol.Connection``s (kernel and mm) that share one
 CURVE key pair, so both servers see the same identity. Memory comes from the
-mm (``alloc``/``free``/``share``); kernel objects and the client's own address
+mm (``alloc``/``free``, and ``share``/``accept``: an offer of an allocation to a
+peer, which maps it into its own address space, charged to its own quota);
+kernel objects and the client's own address
 space are system calls (``thread_create``, ``endpoint_create``, ``unmap``,
 ``map_shared_readonly``, ``ping``). Refusals raise ``CallError`` with the
 error's name, number and details. Any kernel call renews the client's lease;
@@ -98,9 +100,18 @@ class Client:
     def free(self, vaddr: int, pages: int) -> dict[str, Any]:
         return self.mm.call("free", {"vaddr": vaddr, "pages": pages})
 
-    def share(self, vaddr: int, pages: int, peer: str, peer_vaddr: int, prot: int = PROT_READ) -> dict[str, Any]:
-        return self.mm.call("share", {"vaddr": vaddr, "pages": pages, "peer": peer, "peer_vaddr": peer_vaddr,
-                                      "prot": prot})
+    def share(self, vaddr: int, pages: int, peer: str, prot: int = PROT_READ) -> dict[str, Any]:
+        """Offer the allocation at ``vaddr`` to ``peer`` (an admitted client with a live process):
+        ``{offer, peer, pages, prot}``. Nothing is mapped until the peer accepts the offer."""
+        return self.mm.call("share", {"vaddr": vaddr, "pages": pages, "peer": peer, "prot": prot})
+
+    def accept(self, offer: int, vaddr: int | None = None) -> dict[str, Any]:
+        """Map offer ``offer`` (made to us) at ``vaddr`` (or where the mm places it), charged to our quota:
+        ``{offer, vaddr, pages, frames, prot}``. Free it with ``free`` like an allocation."""
+        args: dict[str, Any] = {"offer": offer}
+        if vaddr is not None:
+            args["vaddr"] = vaddr
+        return self.mm.call("accept", args)
 
     def mm_stats(self) -> dict[str, Any]:
         return self.mm.call("stats")

@@ -110,16 +110,29 @@ def check_reply(req: Req, result: Any, bounds: Bounds) -> str | None:
                 return f"alloc: vaddr {vaddr:#x} is unaligned (to {align:#x}) or outside user space"
             if a.get("vaddr") is not None and vaddr != a["vaddr"]:
                 return f"alloc: asked for vaddr {a['vaddr']:#x}, got {vaddr:#x}"
-        elif call in ("free", "share"):
+        elif call == "free":
             pages = _int(result, "pages", call)
             vaddr = _int(result, "vaddr", call)
             n = _runs_total(result.get("frames"), bounds, call)
-            want_vaddr = a["peer_vaddr"] if call == "share" else a["vaddr"]
-            if pages != a["pages"] or n != pages or vaddr != want_vaddr:
-                return (f"{call}: asked for {a['pages']} pages at {want_vaddr:#x}, got {pages} pages "
+            if pages != a["pages"] or n != pages or vaddr != a["vaddr"]:
+                return (f"free: asked for {a['pages']} pages at {a['vaddr']:#x}, got {pages} pages "
                         f"({n} frames) at {vaddr:#x}")
-            if call == "share" and result.get("peer") != a["peer"]:
+        elif call == "share":
+            if _int(result, "offer", call) < 1:
+                return f"share: offer {result['offer']} is not a valid offer number"
+            if result.get("peer") != a["peer"]:
                 return f"share: asked to share with {a['peer']!r}, the answer names {result.get('peer')!r}"
+            if _int(result, "pages", call) != a["pages"] or _int(result, "prot", call) != a.get("prot", 1):
+                return f"share: asked to offer {a['pages']} pages, got {result['pages']} (prot {result['prot']})"
+        elif call == "accept":
+            pages = _int(result, "pages", call)
+            vaddr = _int(result, "vaddr", call)
+            n = _runs_total(result.get("frames"), bounds, call)
+            if _int(result, "offer", call) != a["offer"] or n != pages:
+                return f"accept: asked for offer {a['offer']}, got offer {result['offer']} with {pages} pages ({n} frames)"
+            if vaddr % PAGE or vaddr + pages * PAGE > bounds.user_top or (a.get("vaddr") is not None
+                                                                          and vaddr != a["vaddr"]):
+                return f"accept: vaddr {vaddr:#x} is unaligned, outside user space or not where asked"
         elif call in ("thread_create", "endpoint_create"):
             key = "tid" if call == "thread_create" else "eid"
             if _int(result, key, call) < 1:
@@ -300,20 +313,23 @@ class Runner:
             self.blocking = False
 
     def sample(self) -> None:
-        """Note the peak kernel usage of our processes (a look, not a workload call)."""
+        """Note the peak kernel usage of our processes (a look, not a workload call): each identity's own
+        ``stats`` shows its process as ``you``."""
         assert self.client is not None
-        try:
-            st = self.client.kernel.call("stats", timeout=min(0.5, self.opts.timeout), retries=0)
-        except CallError:
-            return
-        mine = {"self": self.client.identity, "peer": self.peer.identity if self.peer else None}
-        for p in st.get("per_process", []):
-            for who, key in mine.items():
-                if key and p.get("key") == key:
-                    peak = self.peak[who]
-                    for k in ("pages", "large_pages", "tables", "threads", "endpoints"):
-                        if isinstance(p.get(k), int):
-                            peak[k] = max(peak.get(k, 0), p[k])
+        for who, c in (("self", self.client), ("peer", self.peer)):
+            if c is None:
+                continue
+            try:
+                st = c.kernel.call("stats", timeout=min(0.5, self.opts.timeout), retries=0)
+            except CallError:
+                return
+            p = st.get("you")
+            if not isinstance(p, dict):
+                continue
+            peak = self.peak[who]
+            for k in ("pages", "large_pages", "tables", "threads", "endpoints", "kernel_used"):
+                if isinstance(p.get(k), int):
+                    peak[k] = max(peak.get(k, 0), p[k])
 
     # ---- the loop ----------------------------------------------------------------------
 

@@ -12,8 +12,9 @@ their driver stops them.
   page tables (kernel-memory pressure through ``map``).
 - ``kobjects``: threads and endpoints (kernel memory through its own calls),
   plus read-only maps of kernel-shared frames into itself.
-- ``sharer``: shares its memory with a peer identity it also speaks for, so
-  frames have reference counts above 1; the peer frees its side.
+- ``sharer``: offers its memory to a peer identity it also speaks for, which
+  accepts the offers (so frames have reference counts above 1, each mapping
+  charged to its mapper) and frees its side.
 
 Every workload tolerates refusals it can expect in a healthy system (quota,
 out of memory, a restarted mm, a lease that ran out while it was paused).
@@ -146,23 +147,35 @@ def kobjects(rng: random.Random, env: Env) -> Workload:
 
 def sharer(rng: random.Random, env: Env) -> Workload:
     own: list[tuple[int, int]] = []  # our allocations
-    peer_maps: list[tuple[int, int]] = []  # (peer vaddr, pages) mapped into the peer
+    peer_maps: list[tuple[int, int]] = []  # (peer vaddr, pages): offers the peer accepted
+    peer_live = False  # an offer needs a peer with a live process: the peer's first alloc makes it
     peer_base = 0x6000_0000
     slot = 0
     while True:
         roll = rng.random()
-        if roll < 0.3 and len(own) < 8:
+        if env.peer and not peer_live:
+            r = yield Req("mm", "alloc", {"pages": 1, "prot": RW}, as_peer=True)
+            peer_live = _ok(r)
+            if peer_live:
+                peer_maps.append((r["vaddr"], 1))
+        elif roll < 0.3 and len(own) < 8:
             r = yield Req("mm", "alloc", {"pages": rng.choice((1, 2, 4, 8)), "prot": RW})
             if _ok(r):
                 own.append((r["vaddr"], r["pages"]))
         elif roll < 0.6 and own and env.peer and len(peer_maps) < 16:
             vaddr, pages = own[rng.randrange(len(own))]
-            slot = (slot + 1) % 4096
-            peer_vaddr = peer_base + slot * 16 * PAGE
-            r = yield Req("mm", "share", {"vaddr": vaddr, "pages": pages, "peer": env.peer,
-                                          "peer_vaddr": peer_vaddr, "prot": PROT_READ})
+            r = yield Req("mm", "share", {"vaddr": vaddr, "pages": pages, "peer": env.peer, "prot": PROT_READ})
+            if _code(r) == Errno.ESRCH:
+                peer_live = False  # the peer's process is gone (its lease ran out while we were paused)
+            if not _ok(r):
+                continue
+            args: dict[str, Any] = {"offer": r["offer"]}
+            if rng.random() < 0.5:  # the peer chooses where, or lets the mm place it
+                slot = (slot + 1) % 4096
+                args["vaddr"] = peer_base + slot * 16 * PAGE
+            r = yield Req("mm", "accept", args, as_peer=True)
             if _ok(r):
-                peer_maps.append((peer_vaddr, pages))
+                peer_maps.append((r["vaddr"], r["pages"]))
         elif roll < 0.8 and peer_maps:
             peer_vaddr, pages = peer_maps.pop(rng.randrange(len(peer_maps)))
             r = yield Req("mm", "free", {"vaddr": peer_vaddr, "pages": pages}, as_peer=True)
@@ -170,6 +183,8 @@ def sharer(rng: random.Random, env: Env) -> Workload:
                 peer_maps.append((peer_vaddr, pages))
         elif roll < 0.9 and peer_maps:
             r = yield Req("kernel", "ping", {}, as_peer=True)  # the peer renews its lease too
+            if _code(r) == Errno.ESRCH:
+                peer_live, peer_maps = False, []
         elif own:
             vaddr, pages = own.pop(rng.randrange(len(own)))
             r = yield Req("mm", "free", {"vaddr": vaddr, "pages": pages})

@@ -25,7 +25,14 @@ def mm(
     low: int = typer.Option(64, "--low", min=0, help="Donate to the kernel when its free pool drops below this many frames."),
     target: int = typer.Option(256, "--target", min=0, help="Pool size donations and reclaims aim for (frames)."),
     high: int = typer.Option(1024, "--high", min=0, help="Reclaim from the kernel when its pool exceeds this many frames."),
-    quota: Optional[int] = typer.Option(None, "--quota", min=1, help="Pages one client may hold (default: a quarter of user RAM)."),
+    quota: Optional[int] = typer.Option(None, "--quota", min=1, help="User pages one client may map (default: an equal "
+                                        "share of what exists for --room clients, less the kernel quota). An admitted "
+                                        "key's certificate may name its own (metadata quota)."),
+    kernel_quota: Optional[int] = typer.Option(None, "--kernel-quota", min=1, help="Kernel frames one client's process "
+                                               "may cause: address space, page tables, threads, endpoints (default 64, "
+                                               "less on a very small machine; metadata kernel_quota overrides it)."),
+    room: int = typer.Option(16, "--room", min=1, help="Clients the default quotas leave room for. The mm never grants "
+                             "more than exists: a client it cannot grant its quotas gets ENOMEM on its first request."),
     fsync: bool = typer.Option(False, "--fsync", help="fsync the journal on every commit (survive power loss, not just kill -9)."),
     compact_every: int = typer.Option(2000, "--compact-every", min=1, help="Journal ops between snapshots (compaction): "
                                       "a restart replays at most about this many ops."),
@@ -39,8 +46,8 @@ def mm(
     from mm_service.server import MMOptions, run
     from protocol import rundir
 
-    cfg = Config(low=low, target=target, high=high, quota=quota, compact_every=compact_every,
-                 placement=options.value(placement))
+    cfg = Config(low=low, target=target, high=high, quota=quota, kernel_quota=kernel_quota, room=room,
+                 compact_every=compact_every, placement=options.value(placement))
     try:
         cfg.check()
     except ValueError as exc:
@@ -67,7 +74,8 @@ def audit(
     json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, max=3600.0, help="Seconds to wait for the mm's report."),
 ) -> None:
-    """Compare the mm's view with the kernel's frame by frame; exit 1 on any divergence, 2 if no report."""
+    """Compare the mm's view with the kernel's frame by frame and check every client's charges (as the
+    operator); exit 1 on any divergence or charge problem, 2 if no report."""
     import json
 
     from protocol import rundir
@@ -89,4 +97,4 @@ def audit(
         typer.echo(f"audit failed: {exc}{hint}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(report, indent=2) if json_out else format_report(report))
-    raise typer.Exit(1 if report["divergences"] else 0)
+    raise typer.Exit(1 if report["divergences"] or report.get("i13_problems") else 0)

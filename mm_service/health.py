@@ -1,24 +1,25 @@
 """Is the kernel there, and is it still the boot the mm's view belongs to? The decision, sans-I/O.
 
 Rules for this file: no sockets, clocks, randomness or I/O. ``check`` is the
-mm's once-per-tick look at the kernel and ``verify`` its look after a kernel
-call that needed a resend; both are operation generators (see ``policy``)
-that yield ``KCall``s and keep their conclusions in a ``KernelWatch``. The
-ZeroMQ server (``mm_service.server``) and the simulator's mm node both drive
-them, so the simulator runs the real logic:
+mm's once-per-tick look at the kernel, an operation generator (see
+``policy``) that yields ``KCall``s and keeps its conclusions in a
+``KernelWatch``. The driver (``mm_service.driver``) runs it as housekeeping:
 
 - no reply to ``hello``: the kernel is *lost* (``watch.lost`` says why); the
-  drivers answer every request that needs the kernel with EIO at once, and
-  send the next tick's ``hello`` as a probe that never blocks the mm;
+  driver answers every request that needs the kernel with EIO at once, and
+  sends a ``hello`` probe that never blocks the mm;
 - the same boot id again after it was lost (a pause, not a restart): the mm
-  reconciles its view with the kernel's frame table (``MMService.recover``)
-  and carries on (``"back"``);
+  settles with the kernel (``MMService.recover``) and carries on (``"back"``);
 - another boot id (the kernel restarted: its processes and frames are gone):
   the verdict is ``"new_boot"`` with the new boot's ``hello`` and address
-  map; the driver sets the journal of the old boot aside and rebuilds the
-  view for the new one (its I/O), then serves again;
+  map; the driver's I/O sets the journal of the old boot aside and the view
+  is rebuilt for the new one, then the mm serves again;
 - a restarted kernel that does not know the mm's key: ``"foreign"``, the mm
   cannot go on.
+
+(After a kernel request that had to be resent, the driver checks the boot id
+at once with a ``hello`` of its own: the resend may have reached a kernel
+that restarted meanwhile.)
 """
 
 from __future__ import annotations
@@ -95,15 +96,3 @@ def check(watch: KernelWatch, service: MMService) -> Op:
             return Verdict("down", rec.message)
         return Verdict("back", f"the kernel is back (same boot {boot[:12]})", recovery=rec)
     return Verdict("up")
-
-
-def verify(watch: KernelWatch) -> Op:
-    """After a kernel call that needed a resend: the resend may have reached a kernel that restarted
-    meanwhile. If the answer came from another boot (or none came), the kernel is marked lost, so the
-    mm stops calling it with the old boot's state until the next ``check`` rebuilds the view."""
-    hello = yield KCall("hello", {})
-    if isinstance(hello, Error):
-        watch.lose("no reply to hello after a resend")
-    elif boot_of(hello) != watch.boot_id:
-        watch.lose(f"it restarted: boot {str(watch.boot_id)[:12]} -> {boot_of(hello)[:12]}")
-    return watch.lost is None

@@ -1,14 +1,16 @@
-"""The mm's durable journal: its view's ops in SQLite (WAL mode) in the run directory.
+"""The mm's durable journal: its view's records in SQLite (WAL mode) in the run directory.
 
-Every op the policy applies to its view is appended here (before or, for ops
-recovery can re-derive, after it is applied: see ``policy``), one row per
-batch (a msgpack array of ops), so a write is one statement, atomic by
-itself; replaying the ops over the boot address map rebuilds the view after
-``kill -9``. (Rows that hold a single op map, as earlier versions wrote them,
-are read too.) WAL with ``synchronous=NORMAL`` survives the death
-of the process (what we model); ``--fsync`` makes it survive power loss too.
-The journal remembers which kernel boot it belongs to: a journal from an
-earlier boot is set aside, not replayed, since that kernel's state is gone.
+Every record the policy applies to its view (``mm_service.records``) is
+appended here in the order applied, one row per batch (a msgpack array of
+records in their one wire form, ``records.encode``), so a write is one
+statement, atomic by itself; replaying the records over the boot address map
+rebuilds the view after ``kill -9``. WAL with ``synchronous=NORMAL`` survives
+the death of the process (what we model); ``--fsync`` makes it survive power
+loss too. The journal remembers which kernel boot it belongs to: a journal
+from an earlier boot is set aside, not replayed, since that kernel's state is
+gone. It also names its format (``records.JOURNAL_FORMAT``): a journal
+written in another format (by an earlier mm) is refused with a message that
+says so, never misread.
 
 Compaction: a batch that starts with a ``snapshot`` op (the whole view, see
 ``View.snapshot``) replaces every op before it, in the same transaction, so
@@ -25,9 +27,15 @@ from typing import Any, Iterator
 
 import msgpack
 
+from mm_service import records as J
+
+
+class JournalFormatError(RuntimeError):
+    """The journal was written in a format this mm does not read."""
+
 
 class Journal:
-    def __init__(self, path: str, fsync: bool = False) -> None:
+    def __init__(self, path: str, fsync: bool = False, check: bool = True) -> None:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # one mm per run directory (mm.lock) is the only user of its journal: exclusive locking keeps the
@@ -38,6 +46,22 @@ class Journal:
         self.db.execute("CREATE TABLE IF NOT EXISTS ops (seq INTEGER PRIMARY KEY, op BLOB NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         self.appended = 0
+        if check:
+            self.check_format()
+
+    def check_format(self) -> None:
+        """Refuse a journal in another format (JournalFormatError); mark an empty one as ours."""
+        path = self.path
+        fmt = self.meta("format")
+        if fmt is None:
+            if self.db.execute("SELECT 1 FROM ops LIMIT 1").fetchone() is not None:
+                raise JournalFormatError(f"{path} holds a journal written by an earlier mm (format 1); this mm reads "
+                                         f"format {J.JOURNAL_FORMAT}. Stop the system and start it afresh (or move "
+                                         "the file aside: the mm then starts with an empty view)")
+            self.set_meta("format", str(J.JOURNAL_FORMAT))
+        elif fmt != str(J.JOURNAL_FORMAT):
+            raise JournalFormatError(f"{path} holds a journal in format {fmt}; this mm reads format "
+                                     f"{J.JOURNAL_FORMAT}")
 
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
@@ -50,11 +74,16 @@ class Journal:
         """Ops in the journal."""
         return sum(len(batch) for batch in self._batches())
 
-    def append(self, ops: list[dict[str, Any]]) -> None:
+    def append(self, ops: list[J.Record]) -> None:
+        """Journal records in one transaction; a batch with a snapshot replaces everything before it."""
         if not ops:
             return
-        row = (msgpack.packb(ops, use_bin_type=True),)
-        if ops[0].get("op") != "snapshot":
+        for i in range(len(ops) - 1, -1, -1):
+            if isinstance(ops[i], J.Snapshot):
+                ops = ops[i:]  # (what came before it in the batch is in it too)
+                break
+        row = (msgpack.packb([J.encode(r) for r in ops], use_bin_type=True),)
+        if not isinstance(ops[0], J.Snapshot):
             self.db.execute("INSERT INTO ops (op) VALUES (?)", row)  # one statement: its own transaction
         else:  # compaction: the snapshot replaces everything before it, in one transaction
             self.db.execute("BEGIN IMMEDIATE")
@@ -67,14 +96,14 @@ class Journal:
                 raise
         self.appended += len(ops)
 
-    def _batches(self) -> Iterator[list[dict[str, Any]]]:
+    def _batches(self) -> Iterator[list[Any]]:
         for (blob,) in self.db.execute("SELECT op FROM ops ORDER BY seq"):
-            got = msgpack.unpackb(blob, raw=False, strict_map_key=False)
-            yield got if isinstance(got, list) else [got]
+            yield msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
-    def replay(self) -> Iterator[dict[str, Any]]:
+    def replay(self) -> Iterator[J.Record]:
         for batch in self._batches():
-            yield from batch
+            for item in batch:
+                yield J.decode(item)
 
     def close(self) -> None:
         self.db.close()
@@ -85,7 +114,7 @@ class Journal:
         Returns (journal, path the stale journal was moved to, or None)."""
         moved = None
         if os.path.exists(path):
-            j = cls(path, fsync)
+            j = cls(path, fsync, check=False)
             old = j.meta("boot_id")
             if old is not None and old != boot_id:
                 j.close()
@@ -94,6 +123,11 @@ class Journal:
                     if os.path.exists(path + suffix):
                         os.replace(path + suffix, moved + suffix)
             else:
+                try:
+                    j.check_format()
+                except JournalFormatError:
+                    j.close()
+                    raise
                 if old is None:
                     j.set_meta("boot_id", boot_id)
                 return j, None

@@ -2,24 +2,33 @@
 
 Rules for this file: no sockets, clocks, randomness or I/O. ``handle`` is an
 operation generator (see ``policy``): it yields the kernel calls and journal
-writes the request needs and returns the reply bytes. The ZeroMQ server and
-the simulator both drive it.
+writes the request needs and returns the reply bytes. ``mm_service.driver``
+runs it (several at once).
 
-The replay cache survives a restart for the calls that change state (I12):
-a request's intent carries its caller, request id and digest, so the reply
-of a request the kernel carried out is rebuilt from the journal (an intent
-and its ``done``) or, when a crash came before its outcome was journaled,
-from ``recover`` settling the intent with the kernel. A refusal after the
-request changed something (a new process, an undone intent, a kernel that
-did not answer) is journaled as a ``reply`` op before it is sent. A resend
-that reaches a restarted mm is so answered, never executed again; a request
-whose intent recovery undoes had no effect and runs when it comes again.
-The first answer a request got stands: a rebuilt reply never replaces one
-already given.
+Who may do what: an admitted client uses its own memory (``alloc``, ``free``,
+``share``, ``accept``); the operator's key may read (``hello``, ``stats``,
+``audit``) and change nothing; ``audit`` is the operator's alone.
 
-Compaction: every ``Config.compact_every`` journaled ops the service writes a
-snapshot op (the view, plus the recent replies that are durable), and the
-journal drops everything before it in the same transaction.
+At most once (I12), across crashes too: a request's intent (or offer) carries
+its caller, request id and digest, so the reply of a request the kernel
+carried out is rebuilt from the journal (an intent and its ``Done``; an
+offer) or, when a crash came before its outcome was journaled, from
+``recover`` settling the intent with the kernel. A refusal after the request
+changed something (an undone intent, a process made and destroyed again, a
+kernel that did not answer) is journaled as a ``Reply`` record. Every reply
+of a request that changed something is sent only after its outcome is
+journaled. A resend that reaches a restarted mm is so answered, never
+executed again; a request whose intent recovery undoes had no effect and
+runs when it comes again. The first answer a request got stands: a rebuilt
+reply never replaces one already given.
+
+The replay cache pins the replies of live clients and of the operator
+(``ReplayCache(pinned=...)``): no amount of other callers' traffic evicts
+them.
+
+Compaction: every ``Config.compact_every`` journaled records the service
+writes a snapshot (the view, plus the recent replies that are durable), and
+the journal drops everything before it in the same transaction.
 """
 
 from __future__ import annotations
@@ -27,27 +36,37 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mm_service.policy import MMCore, Op, Persist, intent_result
+from mm_service import records as J
+from mm_service.policy import KCall, MMCore, Op, Persist, intent_result, offer_result
 from protocol import wire
 from protocol.calls import MM_CALLS, validate
 from protocol.errors import Errno, Error
 from protocol.replay import ReplayCache
 
 log = logging.getLogger("mmsim.mm")
-DURABLE_REPLIES = frozenset(("alloc", "free", "share"))  # the calls that change state
+DURABLE_REPLIES = frozenset(("alloc", "free", "share", "accept"))  # the calls that change state
+READ_ONLY = frozenset(("hello", "ping", "stats"))  # answered from the view, no effects
 SNAPSHOT_REPLIES = 32  # durable replies per caller a snapshot keeps (a resend is of a recent request)
 
 
 class MMService:
-    def __init__(self, core: MMCore, admin_key: str) -> None:
+    def __init__(self, core: MMCore, mm_key: str, operator_key: str | None = None) -> None:
         self.core = core
-        self.admin_key = admin_key  # the mm's own public key: may call audit
-        self.replay = ReplayCache()
-        self.durable = ReplayCache(per_identity=SNAPSHOT_REPLIES)  # the replies a restart brings back
+        self.mm_key = mm_key
+        self.operator_key = operator_key  # may read (audit, stats), never change anything
+        self.replay = ReplayCache(pinned=self.pinned)
+        self.durable = ReplayCache(per_identity=SNAPSHOT_REPLIES, pinned=self.pinned)  # what a restart brings back
         self.recovery: dict[str, Any] | None = None
+        self.provisional: dict[tuple[str, int], int] = {}  # (caller, request id) -> its intent: EIO answered
 
-    def handle(self, identity: str | None, data: bytes) -> Op:
-        parsed = wire.parse_request(data)
+    def pinned(self, identity: str) -> bool:
+        """Callers whose replies others' traffic never evicts: live clients, the operator, the mm."""
+        return identity in self.core.view.clients or identity == self.operator_key or identity == self.mm_key
+
+    def handle(self, identity: str | None, data: bytes, parsed: Any = None) -> Op:
+        """One request's reply bytes (``parsed``: ``wire.parse_request(data)`` if the caller made it)."""
+        if parsed is None:
+            parsed = wire.parse_request(data)
         if len(parsed) == 2:
             return wire.error_reply(parsed[0], parsed[1])
         req_id, call, args = parsed
@@ -63,8 +82,10 @@ class MMService:
             result: Any = model
         elif call == "audit":
             result = yield from self.audit(identity)
+        elif call in DURABLE_REPLIES and identity in (self.operator_key, self.mm_key):
+            result = Error(Errno.EPERM, f"the operator's key may read, never change anything ({call})")
         else:
-            origin = {"caller": identity, "id": req_id, "digest": digest} if call in DURABLE_REPLIES else None
+            origin = (identity, req_id, digest) if call in DURABLE_REPLIES else None
             try:
                 result, acted = yield from _acted(self.core.request(identity, call, model, origin))
             except Exception as exc:  # a bug: answer it, log it, keep serving
@@ -73,65 +94,102 @@ class MMService:
         if isinstance(result, Error):
             log.debug("refused %s from %s: %s", call, identity[:8], result.message)
             reply = wire.error_reply(req_id, result)
-            if acted and call in DURABLE_REPLIES:  # journaled before it is sent (with the undo and whatever
-                # else is deferred): a resend after a restart gets it too; a refusal that did nothing is
-                # simply given again
-                yield from self.core.persist({"op": "reply", "key": identity, "id": req_id, "digest": digest,
-                                              "reply": reply})
+            if result.code == Errno.EIO and call in DURABLE_REPLIES:  # not final (see the module docstring)
+                n = self._pending_intent(identity, req_id)
+                if n is None:  # it left nothing to settle: a resend simply runs
+                    if acted:
+                        yield from self.core.persist()
+                    return reply
+                self.provisional[(identity, req_id)] = n
+            elif acted and call in DURABLE_REPLIES:  # journaled before it is sent: a resend after a restart gets
+                # it too; a refusal that did nothing is simply given again
+                self.core.record(J.Reply(identity, req_id, digest, reply))
                 self.durable.remember(identity, req_id, digest, reply)
         else:
             reply = wire.ok_reply(req_id, result)
-            if acted and call in DURABLE_REPLIES:  # its intent is in the journal: recovery rebuilds it
+            if acted and call in DURABLE_REPLIES:  # its intent or offer is journaled: a restart rebuilds it
                 self.durable.remember(identity, req_id, digest, reply)
+        if acted:
+            yield from self.core.persist()  # the request's outcome durable before its reply
         self.replay.remember(identity, req_id, digest, reply)
         return reply
 
     # ---- restart --------------------------------------------------------------------
 
     def restore(self, ops: Any) -> int:
-        """Rebuild the view from the journal's ops and refill the replay cache with the replies they
-        hold (after a restart). Returns how many ops were replayed (from the last snapshot on)."""
+        """Rebuild the view from the journal's records and refill the replay cache with the replies they
+        hold (after a restart). Returns how many records were replayed (from the last snapshot on)."""
         ops = list(ops)
         self.core.replay(ops)
-        intents: dict[int, dict[str, Any]] = {}
-        for op in ops:
-            kind = op["op"]
-            if kind == "intent":
-                if "id" in op:
-                    intents[op["n"]] = op
-            elif kind == "done":
-                p = intents.pop(op["n"], None)
+        intents: dict[int, J.Intent] = {}
+        for rec in ops:
+            kind = type(rec)
+            if kind is J.Intent:
+                if rec.caller is not None:
+                    intents[rec.n] = rec
+            elif kind is J.Done:
+                p = intents.pop(rec.n, None)
                 if p is not None:
                     self._answered(p)
-            elif kind == "undo":
-                intents.pop(op["n"], None)
-            elif kind == "reply":
-                self._remember(op["key"], op["id"], op["digest"], op["reply"])
-            elif kind == "snapshot":
+            elif kind is J.Undo:
+                intents.pop(rec.n, None)
+            elif kind is J.Offered:
+                if rec.caller is not None:
+                    self._remember(rec.caller, rec.rid, rec.digest, wire.ok_reply(rec.rid, offer_result(rec)))
+            elif kind is J.Reply:
+                self._remember(rec.key, rec.rid, rec.digest, rec.reply)
+            elif kind is J.Snapshot:
                 self.replay.replies.clear()
                 self.durable.replies.clear()
-                intents = {p["n"]: p for p in op["pending"] if "id" in p}
-                for key, req_id, digest, reply in op["replies"]:
+                intents = {}
+                for item in rec.body["pending"]:
+                    p = J.decode(item)
+                    if p.caller is not None:
+                        intents[p.n] = p
+                for key, req_id, digest, reply in rec.body["replies"]:
                     self._remember(key, req_id, digest, reply)
         return self.core.journaled
 
+    def _pending_intent(self, identity: str, req_id: int) -> int | None:
+        for n, p in self.core.view.pending.items():
+            if p.caller == identity and p.rid == req_id:
+                return n
+        return None
+
     def recover(self) -> Op:
-        """``MMCore.recover``, then the replies of the requests whose intents it found done."""
+        """``MMCore.recover``, then the replies of the requests whose intents it settled: the result of
+        those the kernel did; those it did not will run when they come again."""
         rec = yield from self.core.recover()
         for intent, outcome in self.core.settled:
-            if outcome == "done" and "id" in intent:
+            if intent.caller is None:
+                continue
+            if outcome == "done":
                 self._answered(intent)
+            elif self.provisional.pop((intent.caller, intent.rid), None) is not None:
+                self._drop(intent.caller, intent.rid)  # (its EIO was not final: a resend runs)
         self.core.settled = []
+        for (caller, rid), n in list(self.provisional.items()):
+            if n not in self.core.view.pending:  # settled otherwise (its process died): a resend runs
+                del self.provisional[(caller, rid)]
+                self._drop(caller, rid)
         if isinstance(rec, dict):
             self.recovery = rec
         return rec
 
-    def _answered(self, intent: dict[str, Any]) -> None:
+    def _answered(self, intent: J.Intent) -> None:
         """The kernel did what ``intent`` asked: the request gets the reply it would have got."""
-        self._remember(intent["caller"], intent["id"], intent["digest"],
-                       wire.ok_reply(intent["id"], intent_result(intent)))
+        assert intent.caller is not None and intent.rid is not None and intent.digest is not None
+        self._remember(intent.caller, intent.rid, intent.digest, wire.ok_reply(intent.rid, intent_result(intent)))
+
+    def _drop(self, identity: str, req_id: int) -> None:
+        for cache in (self.replay, self.durable):
+            known = cache.replies.get(identity)
+            if known is not None:
+                known.pop(req_id, None)
 
     def _remember(self, identity: str, req_id: int, digest: bytes, reply: bytes) -> None:
+        if self.provisional.pop((identity, req_id), None) is not None:
+            self._drop(identity, req_id)  # an EIO answer replaced by what the kernel did
         known = self.replay.replies.get(identity)
         if known is not None and req_id in known:
             return  # the first answer stands
@@ -145,25 +203,24 @@ class MMService:
         return self.core.maintain_due() or self.core.journaled >= self.core.config.compact_every
 
     def maintain(self) -> Op:
-        """After a request: the kernel pool's watermarks, and a snapshot when one is due."""
+        """The kernel pool's watermarks, and a snapshot when one is due."""
         yield from self.core.maintain()
         if self.core.journaled >= self.core.config.compact_every:
             yield from self.compact()
 
     def compact(self) -> Op:
-        """Write a snapshot op; the journal drops every op before it in the same transaction (a batch
+        """Write a snapshot; the journal drops every record before it in the same transaction (a batch
         that starts with a snapshot replaces the journal: ``Journal.append``)."""
         snap = self.core.snapshot()
-        snap["replies"] = [[key, req_id, digest, reply] for key, cache in self.durable.replies.items()
-                           for req_id, (digest, reply) in cache.items()]
+        snap.body["replies"] = [[key, req_id, digest, reply] for key, cache in self.durable.replies.items()
+                                for req_id, (digest, reply) in cache.items()]
         yield Persist([snap])  # (the view is already what the snapshot holds: nothing to apply)
         self.core.journaled = 1
         self.core.counters.journal_writes += 1
 
     def audit(self, identity: str) -> Op:
-        if identity != self.admin_key:
-            return Error(Errno.EPERM, "audit is for the operator (the mm's own key)")
-        yield from self.core.poll_events()
+        if identity != self.operator_key:
+            return Error(Errno.EPERM, "audit is the operator's (the operator key of the run directory)")
         report = yield from self.core.audit()
         if isinstance(report, dict):
             report["recovery"] = self.recovery
@@ -171,7 +228,7 @@ class MMService:
 
 
 def _acted(gen: Op) -> Op:
-    """Run ``gen`` (yielding its effects); returns (its result, whether it yielded any effect)."""
+    """Run ``gen`` (yielding its effects); returns (its result, whether it asked the kernel or wrote)."""
     value: Any = None
     acted = False
     while True:
@@ -179,5 +236,6 @@ def _acted(gen: Op) -> Op:
             effect = gen.send(value)
         except StopIteration as stop:
             return stop.value, acted
-        acted = True
+        if isinstance(effect, KCall) or effect.ops:
+            acted = True
         value = yield effect

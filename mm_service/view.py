@@ -1,23 +1,25 @@
-"""The memory manager's own view of frame ownership, and the journal ops that change it.
+"""The memory manager's own view of frame ownership, changed only by journal records.
 
 Rules for this file: no sockets, clocks, randomness or I/O. The view is built
-from the kernel's boot ``address_map`` and then changed only by ``apply(op)``,
-with ``op`` a plain dict (the same dicts the journal stores), so replaying the
-journal rebuilds exactly the view the mm had. Frame placement lives here too
-(``pick``, ``pick_reclaim``; pure): each large-page-aligned block has an owner,
-an owner's small pages and the kernel's donations gather in their own blocks,
-and settled (long-lived) owners keep theirs, so aligned runs for large pages
-survive churn (Linux's pageblock idea; the rules are in docs/large-pages.md).
+from the kernel's boot ``address_map`` and then changed only by
+``apply(record)`` (``mm_service.records``: the same records the journal
+stores), so replaying the journal rebuilds exactly the view the mm had.
+Which frames a request takes is decided in ``mm_service.placement`` (pure,
+reading this view); the view keeps the state placement reads.
 
 Per frame (numpy): ``state`` (NONE / KERNEL / FREE / USED) and ``refs`` (the
 mappings the mm made of that frame). Per block (numpy): ``bfree`` (free frames),
-``bowner`` (owner tag) and ``never_whole``. Per client: its pid, its owner tag
-and its mappings, keyed by virtual address.
+``bowner`` (owner tag) and ``never_whole``. Per client: its pid, its owner tag,
+the quotas it was granted (user pages, kernel frames), what is charged to it
+(the pages of every mapping it has: its own allocations and the offers it
+accepted), and its mappings, keyed by virtual address. Per offer: who offers
+which allocation to whom, and whether an accept of it is being settled.
 
-``snapshot()`` is one op holding the whole view (the frame arrays compressed,
-the clients with their mappings, the placement state, the pending intents);
-applying it replaces everything, so a journal compacted to a snapshot and the
-ops after it rebuilds exactly the view the full journal did.
+``snapshot()`` is one record holding the whole view (the frame arrays
+compressed, the clients with their mappings, the offers, the placement
+state, the pending intents); applying it replaces everything, so a journal
+compacted to a snapshot and the records after it rebuilds exactly the view
+the full journal did.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from mm_service import records as J
 from protocol import runs as R
-from protocol.wire import MAX_RUNS
 
 NONE, KERNEL, FREE, USED = 0, 1, 2, 3
 FREE_BYTE = bytes([FREE])  # (``state`` is one byte per frame)
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 STATE_NAMES = {NONE: "none", KERNEL: "kernel", FREE: "free", USED: "used"}
 PAGE = 4096
 KERNEL_TAG = 0  # the kernel's owner tag for blocks (donations); clients get 1, 2, ... in arrival order
@@ -72,8 +74,19 @@ class Mapping:
     prot: int
     large: bool
     frames: list[list[int]]  # runs
-    owner: bool = True  # False: a share of another client's frames (not charged to this client)
-    pending: bool = False  # an intent whose kernel call has not been confirmed
+    offer: int = 0  # the offer it accepted (0: an allocation of the client's own)
+    pending: bool = False  # an intent whose kernel call has not been settled
+
+
+@dataclass
+class Offer:
+    offer: int
+    key: str  # who offers
+    vaddr: int  # its allocation
+    pages: int
+    prot: int
+    peer: str  # who may accept
+    taken: int = 0  # the intent of an accept being settled (0: none)
 
 
 @dataclass
@@ -81,10 +94,14 @@ class ClientState:
     key: str
     pid: int
     tag: int = -1  # block owner tag (placement keeps a client's frames together)
+    quota: int = 0  # user pages granted
+    kernel_quota: int = 0  # kernel frames granted
     maps: dict[int, Mapping] = field(default_factory=dict)  # vaddr -> mapping
     starts: list[int] = field(default_factory=list)  # sorted vaddrs of maps
-    charged: int = 0  # pages counted against the quota
+    charged: int = 0  # pages of its mappings (each mapper is charged for the frames it maps)
     va_next: int = VA_START
+    offers_out: set[int] = field(default_factory=set)  # offers it made that are still open
+    offers_in: set[int] = field(default_factory=set)  # offers made to it that are still open
 
     def overlaps(self, vaddr: int, pages: int) -> Mapping | None:
         end = vaddr + pages * PAGE
@@ -122,7 +139,11 @@ class View:
         self.spoilt_list: list[int] = self.never_whole_blocks.tolist()
         self.clients: dict[str, ClientState] = {}
         self.by_pid: dict[int, str] = {}
-        self.pending: dict[int, dict[str, Any]] = {}  # intent number -> op
+        self.pending: dict[int, J.Intent] = {}  # intent number -> intent, in journal order
+        self.offers: dict[int, Offer] = {}  # open offers by number
+        self.last_offer = 0  # the highest offer number ever made (never reused)
+        self.granted_user = 0  # user pages granted to the clients (their quotas)
+        self.granted_kernel = 0  # kernel frames granted to them
         self.event_seq = 0
         self.bowner = np.full(nblocks, -1, dtype=np.int32)  # owner tag of each block (-1: none yet)
         self.next_tag = KERNEL_TAG + 1
@@ -148,134 +169,6 @@ class View:
     def free_count(self) -> int:
         return int(self.bfree.sum())
 
-    # ---- placement (pure: picks, does not change) ---------------------------
-
-    def pick(self, n: int, *, below: int | None = None, large: bool = False, naive: bool = False,
-             owner: int = -1) -> np.ndarray | None:
-        """Choose ``n`` free frames, or None if there are not enough. Pure: changes nothing.
-
-        ``large``: n is a multiple of the block and whole aligned free blocks are taken, lowest first.
-        ``naive``: plain first fit (the lowest free frames), for comparison with the block policy.
-        ``below``: only frames below this frame number (kernel-eligible ones, for donations).
-        ``owner``: the tag of who gets them (a client's tag, or KERNEL_TAG for donations).
-
-        Small requests and donations take blocks in this order (docs/large-pages.md):
-        1. blocks that can never be a large page (a hole or boot data in them), fullest first;
-        2. the owner's own blocks, fullest first, so an owner's pages gather in few blocks;
-        3. whole free blocks, lowest first (a block broken becomes the owner's);
-        4. other blocks, except those of settled owners, most free first (the owner takes a
-           block over if its owner is gone or younger: see ``_may_take``);
-        5. blocks of other settled owners (``_settled``), fullest first.
-        """
-        B = self.block
-        top = self.n if below is None else min(below, self.n)
-        if large:
-            whole = np.flatnonzero(self.bfree[: top // B] == B)
-            need = n // B
-            if whole.size < need:
-                return None
-            return (whole[:need, None] * B + np.arange(B)).reshape(-1)
-        if naive:
-            free = np.flatnonzero(self.state[:top] == FREE)
-            return free[:n] if free.size >= n else None
-        bfree = self.bfree[: -(-top // B)]
-        state = self.state
-        if n > 0:
-            # the first block in placement order usually has enough (a one-page request): no sort, and no
-            # count of all free frames (it has at least n, then)
-            b = self._first_block(bfree, owner)
-            if b < 0:
-                return None  # not one free frame
-            lo = b * B
-            if n == 1:  # the lowest free frame of the block, found in its bytes
-                i = state[lo:min(lo + B, top)].tobytes().find(FREE_BYTE)
-                if i >= 0:
-                    return np.array([lo + i], dtype=np.int64)
-            else:
-                f = np.flatnonzero(state[lo:min(lo + B, top)] == FREE)
-                if f.size >= n:
-                    return f[:n] + lo
-        if int(bfree.sum()) < n:  # (the last block may reach beyond ``top``: the walk below checks)
-            return None
-        keys = self._pick_keys(bfree, owner)
-        out: list[np.ndarray] = []
-        got = 0
-        blocks = np.argsort(keys, kind="stable")[: int(np.count_nonzero(bfree))]
-        for b in blocks.tolist():
-            lo = b * B
-            f = np.flatnonzero(state[lo:min(lo + B, top)] == FREE)[: n - got] + lo
-            out.append(f)
-            got += f.size
-            if got >= n:
-                return np.concatenate(out)
-        return None
-
-    def _first_block(self, bfree: np.ndarray, owner: int) -> int:
-        """The first block of ``_pick_keys``' order, tier by tier (most requests stop at the first tier);
-        -1 if no block has a free frame."""
-        B = self.block
-        nb = bfree.size
-        if nb == self.bfree.size and len(self.spoilt_list) <= SCALAR_SPOILT:
-            # the first tier in plain Python: a few blocks, read one by one, cost less than the array
-            # operations (same answer: the fullest, the first in block order among equals)
-            best, low = -1, B
-            item = bfree.item
-            for b in self.spoilt_list:
-                v = item(b)
-                if 0 < v < low:
-                    best, low = b, v
-            if best >= 0:
-                return best
-        else:
-            spoilt = self.never_whole_blocks
-            if nb < self.bfree.size:
-                spoilt = spoilt[spoilt < nb]
-            bf = bfree[spoilt]
-            ok = (bf > 0) & (bf < B)
-            if ok.any():
-                return int(spoilt[ok][np.argmin(bf[ok])])
-        has = bfree > 0
-        whole = bfree == B
-        nw = self.never_whole[:nb]
-        broken = has & ~whole & ~nw
-        bo = self.bowner[:nb]
-        cand = np.flatnonzero(broken & (bo == owner))
-        if cand.size:
-            return int(cand[np.argmin(bfree[cand])])
-        cand = np.flatnonzero(whole)
-        if cand.size:
-            return int(cand[0])
-        rest = np.flatnonzero(broken & (bo != owner))
-        settled = self._settled(bo[rest])
-        cand = rest[~settled]
-        if cand.size:  # most free first, the highest block among equals
-            return int(cand[cand.size - 1 - np.argmax(bfree[cand][::-1])])
-        cand = rest[settled]
-        if not cand.size:
-            return -1
-        return int(cand[np.argmin(bfree[cand])])
-
-    def _pick_keys(self, bfree: np.ndarray, owner: int) -> np.ndarray:
-        """The placement order of ``pick`` as one sort key per block (smallest first; blocks with no
-        free frame last): tier, then the order within the tier, then the block number."""
-        B = self.block
-        nb = bfree.size
-        idx = np.arange(nb, dtype=np.int64)
-        whole = bfree == B
-        spoilt = self.never_whole[:nb] & ~whole
-        bo = self.bowner[:nb]
-        mine = bo == owner
-        settled = ~mine & self._settled(bo)
-        free = bfree.astype(np.int64)
-        # tiers 0 (spoilt), 1 (mine), 4 (settled others): fullest first, lowest block first among equals;
-        # 2 (whole): lowest first; 3 (the rest): most free first, highest block first among equals
-        tier = np.where(spoilt, 0, np.where(whole, 2, np.where(mine, 1, np.where(settled, 4, 3))))
-        within = np.where(tier == 3, (B - free) << 29 | (nb - 1 - idx), free << 29 | idx)
-        within = np.where(tier == 2, idx, within)
-        keys = tier.astype(np.int64) << 58 | within
-        keys[bfree <= 0] = np.iinfo(np.int64).max
-        return keys
-
     def _alive(self, owners: np.ndarray) -> np.ndarray:
         t = self.alive_tags
         return t.take(owners, mode="clip") & (owners >= 0) & (owners < t.size)
@@ -292,51 +185,13 @@ class View:
         if tag < self.alive_tags.size:
             self.alive_tags[tag] = alive
 
-    def _settled(self, owners: np.ndarray) -> np.ndarray:
-        """Which owners are settled, that is likely to live long: the kernel, and live clients
-        that have seen more clients arrive since they came than there are clients now. By
-        Little's law that means they have outlived the mean client lifetime; a process that has
-        lived long is likely to live long still (Harchol-Balter and Downey, 1997)."""
-        young_limit = self.next_tag - (len(self.alive) - 1)  # tags at or above this are young
-        return (owners == KERNEL_TAG) | (self._alive(owners) & (owners > KERNEL_TAG) & (owners < young_limit))
-
     def _may_take(self, owners: np.ndarray, owner: int) -> np.ndarray:
         """Which of these block owners a request by ``owner`` takes a block over from: owners
         that are gone, and owners younger than it (a larger tag; the kernel, tag 0, is the oldest
         owner of all). A block so ends up with the longest-lived owner that uses it."""
         return ~self._alive(owners) | ((owners > owner) & (owner >= 0))
 
-    def pick_reclaim(self, kernel_free: np.ndarray, n: int, most: int | None = None) -> np.ndarray:
-        """Of the kernel's free frames (as the kernel just reported them), the ones to take back:
-        ``n`` of them, or up to ``most`` when that empties one more block of kernel frames.
-        Sorted; pure. Blocks are taken in this order: those that are then entirely free (a
-        large page again), then those left with the fewest frames not free; blocks that can
-        never be a large page last."""
-        B = self.block
-        most = n if most is None else max(n, most)
-        kf = np.unique(kernel_free)
-        if kf.size == 0 or n <= 0:
-            return kf[:0]
-        blocks = kf // B
-        ub, first, counts = np.unique(blocks, return_index=True, return_counts=True)
-        left = B - self.bfree[ub] - counts  # frames still not free in each block afterwards
-        left = np.where(self.never_whole[ub], B + 1, left)
-        order = np.lexsort((counts, left))  # fewest left first; among equals, fewest frames to move
-        parts = []
-        total = 0
-        for i in order.tolist():
-            if total >= n:
-                break
-            k = int(counts[i]) if total + int(counts[i]) <= most else n - total
-            parts.append(kf[first[i]:first[i] + k])
-            total += k
-        take = np.sort(np.concatenate(parts))
-        runs = R.from_array(take)
-        if len(runs) > MAX_RUNS:  # keep the request within the wire's run limit
-            take = R.to_array(runs[:MAX_RUNS])
-        return take
-
-    # ---- changes (only through ops) -----------------------------------------
+    # ---- changes (only through records) -----------------------------------------
 
     def _set(self, frames: np.ndarray, new: int, owner: int = -1) -> None:
         if frames.size == 1:
@@ -412,133 +267,202 @@ class View:
     def _add_mapping(self, c: ClientState, m: Mapping) -> None:
         c.maps[m.vaddr] = m
         bisect.insort(c.starts, m.vaddr)
-        if m.owner:
-            c.charged += m.pages
+        c.charged += m.pages
         c.va_next = max(c.va_next, m.vaddr + m.pages * PAGE)
         self._refs_runs(m.frames, +1, c.tag)
 
     def _drop_mapping(self, c: ClientState, vaddr: int) -> Mapping:
         m = c.maps.pop(vaddr)
         c.starts.pop(bisect.bisect_left(c.starts, vaddr))
-        if m.owner:
-            c.charged -= m.pages
+        c.charged -= m.pages
         self._refs_runs(m.frames, -1)
+        self._close_offers_of(c, vaddr)
         return m
 
-    def apply(self, op: dict[str, Any]) -> None:
-        kind = op["op"]
-        if kind == "client":
-            old = self.clients.get(op["key"])
-            if old is not None:
-                self._set_alive(old.tag, False)
-                if self.by_pid.get(old.pid) == old.key:
-                    del self.by_pid[old.pid]
-            self.clients[op["key"]] = ClientState(op["key"], op["pid"], tag=self.next_tag)
-            self._set_alive(self.next_tag, True)
-            self.next_tag += 1
-            self.by_pid[op["pid"]] = op["key"]
-        elif kind == "client_gone":
-            c = self.clients.pop(op["key"], None)
+    def _close_offer(self, o: int) -> None:
+        off = self.offers.pop(o, None)
+        if off is None:
+            return
+        for key, side in ((off.key, "offers_out"), (off.peer, "offers_in")):
+            c = self.clients.get(key)
             if c is not None:
-                self._set_alive(c.tag, False)
-                self.by_pid.pop(c.pid, None)
-                for v in list(c.maps):
-                    self._drop_mapping(c, v)
-            for n, p in list(self.pending.items()):
-                if p["key"] == op["key"]:
-                    del self.pending[n]
-        elif kind == "intent":
-            c = self.clients[op["key"]]
-            if op["do"] == "map":
-                self._add_mapping(c, Mapping(op["vaddr"], op["pages"], op["prot"], op["large"], op["frames"],
-                                             owner=op.get("owner", True), pending=True))
-            else:  # unmap
-                c.maps[op["vaddr"]].pending = True
-            self.pending[op["n"]] = op
-            self.last_intent = max(self.last_intent, op["n"])
-        elif kind in ("done", "undo"):
-            p = self.pending.pop(op["n"], None)
-            if p is None:
-                return
-            c = self.clients.get(p["key"])
-            if c is None:
-                return
-            if p["do"] == "map":
-                if kind == "done":
-                    c.maps[p["vaddr"]].pending = False
+                getattr(c, side).discard(o)
+
+    def _close_offers_of(self, c: ClientState, vaddr: int) -> None:
+        """An allocation is being freed (or is gone): the offers of it die."""
+        for o in [o for o in c.offers_out if self.offers[o].vaddr == vaddr]:
+            self._close_offer(o)
+
+    def apply(self, rec: J.Record) -> None:
+        """Apply one journal record (``mm_service.records``)."""
+        self._apply[type(rec)](self, rec)
+
+    def _new_client(self, rec: J.NewClient) -> None:
+        if rec.key in self.clients:  # (a process the view had lost track of: the old one is gone)
+            self._client_gone(J.ClientGone(rec.key))
+        self.clients[rec.key] = ClientState(rec.key, rec.pid, tag=self.next_tag, quota=rec.quota,
+                                            kernel_quota=rec.kernel_quota)
+        self.granted_user += rec.quota
+        self.granted_kernel += rec.kernel_quota
+        self._set_alive(self.next_tag, True)
+        self.next_tag += 1
+        self.by_pid[rec.pid] = rec.key
+
+    def _client_gone(self, rec: J.ClientGone) -> None:
+        c = self.clients.get(rec.key)
+        if c is not None:
+            for n in [n for n, p in self.pending.items() if p.key == rec.key]:
+                self._settle(n, False)  # its intents settle with its death (undone: nothing is left)
+            for o in list(c.offers_out) + list(c.offers_in):
+                self._close_offer(o)
+            for v in list(c.maps):
+                self._drop_mapping(c, v)
+            del self.clients[rec.key]
+            self.granted_user -= c.quota
+            self.granted_kernel -= c.kernel_quota
+            self._set_alive(c.tag, False)
+            if self.by_pid.get(c.pid) == rec.key:
+                del self.by_pid[c.pid]
+
+    def _intent(self, rec: J.Intent) -> None:
+        c = self.clients[rec.key]
+        if rec.do == "map":
+            self._add_mapping(c, Mapping(rec.vaddr, rec.pages, rec.prot, rec.large, rec.frames, offer=rec.offer,
+                                         pending=True))
+            off = self.offers.get(rec.offer) if rec.offer else None
+            if off is not None:
+                off.taken = rec.n
+        else:  # unmap
+            c.maps[rec.vaddr].pending = True
+            self._close_offers_of(c, rec.vaddr)
+        self.pending[rec.n] = rec
+        self.last_intent = max(self.last_intent, rec.n)
+
+    def _settle(self, n: int, done: bool) -> None:
+        p = self.pending.pop(n, None)
+        if p is None:
+            return
+        c = self.clients.get(p.key)
+        if p.offer:
+            off = self.offers.get(p.offer)
+            if off is not None and off.taken == n:
+                if done:
+                    self._close_offer(p.offer)  # an offer is accepted once
                 else:
-                    self._drop_mapping(c, p["vaddr"])
-            else:
-                if kind == "done":
-                    self._drop_mapping(c, p["vaddr"])
-                else:
-                    c.maps[p["vaddr"]].pending = False
-        elif kind == "donate":
-            self._set(R.to_array(op["frames"]), KERNEL, KERNEL_TAG)
-        elif kind == "reclaim":
-            self._set(R.to_array(op["frames"]), FREE)
-        elif kind == "events":
-            self.event_seq = max(self.event_seq, op["seq"])
-        elif kind == "reply":
-            pass  # a journaled reply: the service's replay cache, not the view (MMService.restore)
-        elif kind == "snapshot":
-            self._load(op)
-        elif kind == "repair":
-            # set frames to a state after a reconciliation found the kernel disagreeing
-            a = R.to_array(op["frames"])
-            self._set(a, op["state"])
-            self.refs[a] = op.get("refs", 0) if op["state"] == USED else 0
+                    off.taken = 0  # the accept failed: the peer may try again
+        if c is None or p.vaddr not in c.maps:
+            return
+        if (p.do == "map") != done:  # an undone map, a done unmap: the mapping goes
+            self._drop_mapping(c, p.vaddr)
         else:
-            raise ValueError(f"unknown journal op {kind!r}")
+            c.maps[p.vaddr].pending = False
+
+    def _done(self, rec: J.Done) -> None:
+        self._settle(rec.n, True)
+
+    def _undo(self, rec: J.Undo) -> None:
+        self._settle(rec.n, False)
+
+    def _offered(self, rec: J.Offered) -> None:
+        self.offers[rec.offer] = Offer(rec.offer, rec.key, rec.vaddr, rec.pages, rec.prot, rec.peer)
+        self.clients[rec.key].offers_out.add(rec.offer)
+        self.clients[rec.peer].offers_in.add(rec.offer)
+        self.last_offer = max(self.last_offer, rec.offer)
+
+    def _donate(self, rec: J.Donate) -> None:
+        self._set(R.to_array(rec.frames), KERNEL, KERNEL_TAG)
+
+    def _reclaim(self, rec: J.Reclaim) -> None:
+        self._set(R.to_array(rec.frames), FREE)
+
+    def _events(self, rec: J.EventsRead) -> None:
+        self.event_seq = max(self.event_seq, rec.seq)
+
+    def _reply(self, rec: J.Reply) -> None:
+        pass  # a journaled reply: the service's replay cache, not the view (MMService.restore)
+
+    def _repair(self, rec: J.Repair) -> None:
+        """Frames set to a state after recovery found the kernel disagreeing."""
+        a = R.to_array(rec.frames)
+        self._set(a, rec.state)
+        self.refs[a] = rec.refs if rec.state == USED else 0
+
+    def _repair_mapping(self, rec: J.RepairMapping) -> None:
+        """An allocation replaced by what the kernel really maps in its range (recovery)."""
+        c = self.clients.get(rec.key)
+        if c is None:
+            return
+        if rec.vaddr in c.maps:
+            self._drop_mapping(c, rec.vaddr)
+        for vaddr, pages, first, prot, large in rec.segments:
+            self._add_mapping(c, Mapping(vaddr, pages, prot, bool(large), [[first, pages]]))
+
+    _apply = {J.NewClient: _new_client, J.ClientGone: _client_gone, J.Intent: _intent, J.Done: _done,
+              J.Undo: _undo, J.Offered: _offered, J.Donate: _donate, J.Reclaim: _reclaim, J.EventsRead: _events,
+              J.Reply: _reply, J.Repair: _repair, J.RepairMapping: _repair_mapping,
+              J.Snapshot: lambda self, rec: self._load(rec.body)}
 
     # ---- snapshots (journal compaction) ------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """The whole view as one journal op (see the module docstring). Its ``replies`` are the
-        service's to fill (the view ignores them)."""
+    def snapshot(self) -> J.Snapshot:
+        """The whole view as one record (see the module docstring). Its ``replies`` are the service's
+        to fill (the view ignores them)."""
         pack = _pack_array
-        return {
-            "op": "snapshot", "v": SNAPSHOT_VERSION, "frames": self.n, "block": self.block,
+        return J.Snapshot({
+            "v": SNAPSHOT_VERSION, "frames": self.n, "block": self.block,
             "state": pack(self.state), "refs": pack(self.refs), "bowner": pack(self.bowner),
             "next_tag": self.next_tag, "event_seq": self.event_seq, "last_intent": self.last_intent,
-            "clients": [[c.key, c.pid, c.tag, c.va_next,
-                         [[m.vaddr, m.pages, m.prot, m.large, m.frames, m.owner, m.pending] for m in c.maps.values()]]
+            "last_offer": self.last_offer,
+            "clients": [[c.key, c.pid, c.tag, c.quota, c.kernel_quota, c.va_next,
+                         [[m.vaddr, m.pages, m.prot, m.large, m.frames, m.offer, m.pending] for m in c.maps.values()]]
                         for c in self.clients.values()],
-            "pending": list(self.pending.values()),
+            "offers": [[o.offer, o.key, o.vaddr, o.pages, o.prot, o.peer, o.taken] for o in self.offers.values()],
+            "pending": [J.encode(p) for p in self.pending.values()],
             "replies": [],
-        }
+        })
 
-    def _load(self, op: dict[str, Any]) -> None:
-        if op.get("v") != SNAPSHOT_VERSION or op["frames"] != self.n or op["block"] != self.block:
-            raise ValueError(f"the journal's snapshot (version {op.get('v')}, {op['frames']} frames in blocks of "
-                             f"{op['block']}) does not fit this machine ({self.n} frames in blocks of {self.block})")
-        self.state = _unpack_array(op["state"], np.uint8)
-        self.refs = _unpack_array(op["refs"], np.uint32)
-        self.bowner = _unpack_array(op["bowner"], np.int32)
+    def _load(self, body: dict[str, Any]) -> None:
+        if body.get("v") != SNAPSHOT_VERSION or body["frames"] != self.n or body["block"] != self.block:
+            raise ValueError(f"the journal's snapshot (version {body.get('v')}, {body['frames']} frames in blocks of "
+                             f"{body['block']}) does not fit this machine ({self.n} frames in blocks of {self.block})")
+        self.state = _unpack_array(body["state"], np.uint8)
+        self.refs = _unpack_array(body["refs"], np.uint32)
+        self.bowner = _unpack_array(body["bowner"], np.int32)
         B = self.block
         nblocks = self.bowner.size
         padded = np.zeros(nblocks * B, dtype=np.uint8)
         padded[: self.n] = self.state
         self.bfree = np.count_nonzero(padded.reshape(nblocks, B) == FREE, axis=1).astype(np.int32)
-        self.next_tag = int(op["next_tag"])
-        self.event_seq = int(op["event_seq"])
-        self.last_intent = int(op["last_intent"])
+        self.next_tag = int(body["next_tag"])
+        self.event_seq = int(body["event_seq"])
+        self.last_intent = int(body["last_intent"])
+        self.last_offer = int(body["last_offer"])
         self.clients = {}
         self.by_pid = {}
         self.alive = set()
         self.alive_tags = np.zeros(max(64, self.next_tag), dtype=bool)
         self._set_alive(KERNEL_TAG, True)
-        for key, pid, tag, va_next, maps in op["clients"]:
-            c = ClientState(key, pid, tag=tag, va_next=va_next)
-            for vaddr, pages, prot, large, frames, owner, pending in maps:
-                c.maps[vaddr] = Mapping(vaddr, pages, prot, large, frames, owner=owner, pending=pending)
-                if owner:
-                    c.charged += pages
+        self.granted_user = self.granted_kernel = 0
+        for key, pid, tag, quota, kquota, va_next, maps in body["clients"]:
+            c = ClientState(key, pid, tag=tag, quota=quota, kernel_quota=kquota, va_next=va_next)
+            for vaddr, pages, prot, large, frames, offer, pending in maps:
+                c.maps[vaddr] = Mapping(vaddr, pages, prot, large, frames, offer=offer, pending=pending)
+                c.charged += pages
             c.starts = sorted(c.maps)
             self.clients[key] = c
             self.by_pid[pid] = key
+            self.granted_user += quota
+            self.granted_kernel += kquota
             self._set_alive(tag, True)
-        self.pending = {p["n"]: p for p in op["pending"]}
+        self.offers = {}
+        for o, key, vaddr, pages, prot, peer, taken in body["offers"]:
+            self.offers[o] = Offer(o, key, vaddr, pages, prot, peer, taken)
+            self.clients[key].offers_out.add(o)
+            self.clients[peer].offers_in.add(o)
+        self.pending = {}
+        for item in body["pending"]:
+            p = J.decode(item)
+            self.pending[p.n] = p
         self.changes += 1
 
     # ---- comparison with the kernel (audit / recovery) ------------------------

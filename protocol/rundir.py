@@ -269,8 +269,9 @@ def admitted(run_dir: str) -> dict[str, Grant]:
 
 class Admission:
     """The admitted keys of a run directory as a server sees them: always the ``always`` keys (the
-    mm, the operator), plus ``RUN/keys/admitted/``, re-read when the directory changes (looked at
-    no more often than every ``recheck`` seconds, so a stranger's handshakes cost a cached lookup).
+    mm, the operator), plus ``RUN/keys/admitted/``, re-read when the directory changes (an unknown
+    key's handshake costs one stat of the directory; ``recheck`` is no longer used: a cached "no"
+    refused keys admitted a moment before, and ZeroMQ never retries a refused handshake).
     Safe to read from the ZAP thread while the server thread refreshes it."""
 
     def __init__(self, run_dir: str | None, always: tuple[str, ...] = (), recheck: float = 0.25) -> None:
@@ -304,10 +305,11 @@ class Admission:
     def allowed(self, key: str) -> bool:
         if key in self.always or key in self.grants:
             return True
-        if time.monotonic() - self._looked >= self.recheck:  # maybe admitted since we last looked
-            self.refresh()
-            return key in self.grants
-        return False
+        # an unknown key: look whether the directory changed (one stat; it is re-read only if it did). Never
+        # answer from an older look: ZeroMQ does not retry a refused CURVE handshake, so a key admitted a
+        # moment ago and refused once would stay locked out for the life of its socket.
+        self.refresh()
+        return key in self.grants
 
     def grant(self, key: str) -> Grant | None:
         return self.grants.get(key)

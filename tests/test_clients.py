@@ -51,10 +51,17 @@ def summary_of(log_path: str) -> dict[str, Any]:
 
 
 
+def kstats(s: System) -> dict[str, Any]:
+    """The kernel's stats with its per-process listing (the operator's)."""
+    with s.connection("kernel", identity="operator") as conn:
+        return conn.call("stats", {"from_pid": 0})
+
+
 @pytest.fixture(scope="module")
 def system():
     run_dir = tempfile.mkdtemp(prefix="mmt-", dir="/tmp")
     s = System(run_dir, lease=LEASE, clients=0)
+    rundir.admit(run_dir, "observer")  # (the System's readiness pings: only admitted keys get in)
     try:
         s.start()
         yield s
@@ -74,7 +81,7 @@ def test_each_workload_runs_as_a_process_and_the_views_agree_after(system: Syste
     kobj_key = rundir.public_key(system.run_dir, "w-kobjects").decode()
     shared_seen = 0  # kernel stats that prove a frame had a reference count above 1
     while any(p.alive() for p in parts.values()):
-        st = system.kernel_stats()
+        st = kstats(system)
         # every mapping counts one reference on each frame it covers; more references than mapped
         # user frames means some frame is mapped twice (kobjects' read-only maps are of kernel frames)
         refs = sum(p["pages"] + p["large_pages"] * 1024 for p in st["per_process"] if p["key"] != kobj_key)
@@ -95,19 +102,19 @@ def test_each_workload_runs_as_a_process_and_the_views_agree_after(system: Syste
         assert calls_ok(s, call) > 0, call
     assert s["peak"]["threads"] >= 1 and s["peak"]["endpoints"] >= 1
     s = summ["sharer"]
-    assert calls_ok(s, "share") > 0 and calls_ok(s, "free") > 0
-    assert s["peer"] and s["peer_peak"].get("pages", 0) > 0  # the peer only ever has shared frames
+    assert calls_ok(s, "share") > 0 and calls_ok(s, "accept") > 0 and calls_ok(s, "free") > 0
+    assert s["peer"] and s["peer_peak"].get("pages", 0) > 1  # the peer maps the offers it accepted
     assert shared_seen > 0
     report = system.wait_quiet(timeout=15)
-    assert system.kernel_stats()["processes"] == 0
-    assert report["divergences"] == 0, report
+    assert kstats(system)["processes"] == 0
+    assert report["divergences"] == 0 and report["i13_problems"] == 0, report
 
 
 def test_runner_survives_the_mm_being_killed_and_restarted(system: System) -> None:
     part = system.start_client("survivor", "steady", seed=3, duration=4.0,
                                extra=["--json", "--progress", "0.1", "--timeout", "0.3", "--retries", "1"])
     key = rundir.public_key(system.run_dir, "survivor").decode()
-    wait_for(lambda: any(p["key"] == key and p["pages"] for p in system.kernel_stats()["per_process"]), 10,
+    wait_for(lambda: any(p["key"] == key and p["pages"] for p in kstats(system)["per_process"]), 10,
              "the client's first allocation")
     system.kill("mm", signal.SIGKILL)
     line = wait_for(lambda: next((ln for ln in reversed(part.log_tail(5).splitlines()) if "EIO" in ln), None), 10,
@@ -127,7 +134,7 @@ def test_runner_outlives_a_pause_longer_than_its_lease_and_stops_on_sigterm(syst
     key = rundir.public_key(system.run_dir, "stopper").decode()
 
     def pid() -> int | None:
-        return next((p["pid"] for p in system.kernel_stats()["per_process"] if p["key"] == key), None)
+        return next((p["pid"] for p in kstats(system)["per_process"] if p["key"] == key), None)
 
     first = wait_for(pid, 10, "the client's process")
     system.send_signal("stopper", signal.SIGSTOP)
@@ -139,7 +146,7 @@ def test_runner_outlives_a_pause_longer_than_its_lease_and_stops_on_sigterm(syst
     assert second != first
 
     def acted_in_new_process() -> bool:  # kernel objects come only after the alloc's reply arrived
-        p = next((p for p in system.kernel_stats()["per_process"] if p["pid"] == second), None)
+        p = next((p for p in kstats(system)["per_process"] if p["pid"] == second), None)
         return p is not None and p["threads"] + p["endpoints"] > 0
 
     wait_for(acted_in_new_process, 10, "the resumed client to use its new process")
@@ -181,6 +188,11 @@ def test_check_reply_accepts_right_answers() -> None:
     assert check_reply(req, Error(Errno.EIO, "mm away"), BOUNDS) is None
     big = Req("mm", "alloc", {"pages": 1024, "prot": 3, "large": True})
     assert check_reply(big, {"vaddr": 0x80_0000, "pages": 1024, "frames": [[2048, 1024]]}, BOUNDS) is None
+    share = Req("mm", "share", {"vaddr": 0x40_0000, "pages": 2, "peer": "p" * 40, "prot": 1})
+    assert check_reply(share, {"offer": 7, "peer": "p" * 40, "pages": 2, "prot": 1}, BOUNDS) is None
+    accept = Req("mm", "accept", {"offer": 7})
+    assert check_reply(accept, {"offer": 7, "vaddr": 0x6000_0000, "pages": 2, "frames": [[9, 2]], "prot": 1},
+                       BOUNDS) is None
 
 
 @pytest.mark.parametrize("req, result", [
@@ -195,8 +207,14 @@ def test_check_reply_accepts_right_answers() -> None:
                                                                       "frames": [[2049, 1024]]}),
     (Req("mm", "alloc", {"pages": 1, "prot": 3}), {"value": 5}),
     (Req("mm", "free", {"vaddr": 0x40_0000, "pages": 2}), {"vaddr": 0x40_0000, "pages": 1, "frames": [[1, 1]]}),
-    (Req("mm", "share", {"vaddr": 0x40_0000, "pages": 1, "peer": "p" * 40, "peer_vaddr": 0x6000_0000}),
-     {"vaddr": 0x6000_0000, "pages": 1, "frames": [[1, 1]], "peer": "q" * 40}),
+    (Req("mm", "share", {"vaddr": 0x40_0000, "pages": 1, "peer": "p" * 40, "prot": 1}),
+     {"offer": 3, "pages": 1, "prot": 1, "peer": "q" * 40}),
+    (Req("mm", "share", {"vaddr": 0x40_0000, "pages": 2, "peer": "p" * 40, "prot": 1}),
+     {"offer": 3, "pages": 1, "prot": 1, "peer": "p" * 40}),
+    (Req("mm", "accept", {"offer": 3}), {"offer": 4, "vaddr": 0x6000_0000, "pages": 1, "frames": [[1, 1]]}),
+    (Req("mm", "accept", {"offer": 3}), {"offer": 3, "vaddr": 0x6000_0000, "pages": 2, "frames": [[1, 1]]}),
+    (Req("mm", "accept", {"offer": 3, "vaddr": 0x7000_0000}), {"offer": 3, "vaddr": 0x6000_0000, "pages": 1,
+                                                                 "frames": [[1, 1]]}),
     (Req("kernel", "thread_create", {}), {"tid": "1"}),
     (Req("kernel", "thread_destroy", {"tid": 4}), {"tid": 5}),
     (Req("kernel", "map", {"vaddr": 0x8000_0000, "frames": [[4096, 1]], "prot": 1}), {"pages": 2}),

@@ -1,6 +1,6 @@
-"""The mm view's quick paths agree with its general ones: ``pick`` (the first block found tier by tier, a
+"""Placement's quick paths agree with its general ones: ``pick`` (the first block found tier by tier, a
 plain loop over few never-whole blocks, one page found in the block's bytes) places exactly where the
-documented order (``_pick_keys``, lowest free frames first in each block) does, and the one-frame
+documented order (``pick_keys``, lowest free frames first in each block) does, and the one-frame
 reference and state updates keep the per-block counts that a recount of the frames gives."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from kernel_server.service import KernelService
+from mm_service import placement
+from mm_service import records as J
 from mm_service.view import FREE, KERNEL, SCALAR_SPOILT, USED, View
 from protocol import runs as R
 
@@ -25,7 +27,7 @@ def spec_pick(v: View, n: int, owner: int, below: int | None = None) -> np.ndarr
     if int(bfree.sum()) < n:
         return None
     out, got = [], 0
-    for b in np.argsort(v._pick_keys(bfree, owner), kind="stable")[: int(np.count_nonzero(bfree))].tolist():
+    for b in np.argsort(placement.pick_keys(v, bfree, owner), kind="stable")[: int(np.count_nonzero(bfree))].tolist():
         f = np.flatnonzero(v.state[b * B:min(b * B + B, top)] == FREE)[: n - got] + b * B
         out.append(f)
         got += f.size
@@ -57,42 +59,42 @@ def test_quick_placement_and_refcount_paths_agree_with_the_general_ones(arch, me
         r = rng.random()
         if r < 0.06 or not v.clients:
             pid += 1
-            v.apply({"op": "client", "key": rng.choice(keys), "pid": pid})
+            key = rng.choice(keys)
+            if key not in v.clients:
+                v.apply(J.NewClient(key, pid, 1 << 20, 64))
         elif r < 0.08:
-            v.apply({"op": "client_gone", "key": rng.choice(list(v.clients))})
+            v.apply(J.ClientGone(rng.choice(list(v.clients))))
         elif r < 0.55:
             key = rng.choice(list(v.clients))
             c = v.clients[key]
             n = rng.choice([1, 1, 1, 1, 2, 5, 40, 900])
-            got = v.pick(n, owner=c.tag)
+            got = placement.pick(v, n, owner=c.tag)
             want = spec_pick(v, n, c.tag)
             assert (got is None) == (want is None) and (got is None or np.array_equal(got, want)), (step, n)
             picks += 1
             if got is not None:
                 n_intent += 1
-                v.apply({"op": "intent", "do": "map", "key": key, "vaddr": c.va_next, "pages": n, "prot": 3,
-                         "large": False, "frames": R.from_array(got), "owner": True, "n": n_intent})
-                v.apply({"op": "done", "n": n_intent})
+                v.apply(J.Intent(n_intent, "map", key, c.va_next, n, R.from_array(got), 3))
+                v.apply(J.Done(n_intent))
         elif r < 0.85:
             c = v.clients[rng.choice(list(v.clients))]
             if c.maps:
                 m = c.maps[rng.choice(list(c.maps))]
                 n_intent += 1
-                v.apply({"op": "intent", "do": "unmap", "key": c.key, "vaddr": m.vaddr, "pages": m.pages,
-                         "frames": m.frames, "n": n_intent})
-                v.apply({"op": "done", "n": n_intent})
+                v.apply(J.Intent(n_intent, "unmap", c.key, m.vaddr, m.pages, m.frames, m.prot))
+                v.apply(J.Done(n_intent))
         elif r < 0.95:  # a donation: the kernel's blocks, below the kernel limit
             n = rng.choice([1, 3, 64])
-            got = v.pick(n, owner=0, below=v.kernel_limit)
+            got = placement.pick(v, n, owner=0, below=v.kernel_limit)
             want = spec_pick(v, n, 0, below=v.kernel_limit)
             assert (got is None) == (want is None) and (got is None or np.array_equal(got, want)), (step, n)
             if got is not None:
-                v.apply({"op": "donate", "frames": R.from_array(np.sort(got))})
+                v.apply(J.Donate(R.from_array(np.sort(got))))
         else:
             kernel = np.flatnonzero(v.state == KERNEL)
             if kernel.size:
                 take = np.sort(rng.sample(kernel.tolist(), min(kernel.size, 20)))
-                v.apply({"op": "reclaim", "frames": R.from_array(take)})
+                v.apply(J.Reclaim(R.from_array(take)))
         if step % 10 == 0 or v.n < 1 << 20:
             consistent(v)
     assert picks > 100
@@ -101,9 +103,8 @@ def test_quick_placement_and_refcount_paths_agree_with_the_general_ones(arch, me
 def test_pick_says_none_when_no_frame_is_free():
     k = KernelService.boot(arch="i686", memory=16 << 20, mm_key=MM)
     v = View(k.call(MM, "address_map"), 1024)
-    v.apply({"op": "client", "key": "A" * 40, "pid": 1})
+    v.apply(J.NewClient("A" * 40, 1, 1 << 20, 64))
     free = np.flatnonzero(v.state == FREE)
-    v.apply({"op": "intent", "do": "map", "key": "A" * 40, "vaddr": 0x40_0000, "pages": int(free.size), "prot": 3,
-             "large": False, "frames": R.from_array(free), "owner": True, "n": 1})
+    v.apply(J.Intent(1, "map", "A" * 40, 0x40_0000, int(free.size), R.from_array(free), 3))
     assert v.free_count() == 0
-    assert v.pick(1, owner=1) is None and v.pick(3, owner=1) is None and spec_pick(v, 1, 1) is None
+    assert placement.pick(v, 1, owner=1) is None and placement.pick(v, 3, owner=1) is None and spec_pick(v, 1, 1) is None
