@@ -220,7 +220,7 @@ class World:
     def __init__(self, memory: int = 64 << 20, arch: str = "i686") -> None:
         self.kernel = KernelService.boot(arch=arch, memory=memory, mm_key=MM, operator_key=OP, kernel_pool_frames=256)
         self.mm = MMCore(self.kernel.call(MM, "address_map"), self.kernel.call(MM, "hello"),
-                         Config(low=16, target=64, high=256))
+                         Config(low=16, target=64, high=256, room=4))
         self.run(self.mm.refresh())
 
     def run(self, gen):
