@@ -1,4 +1,4 @@
-"""Every kernel call of DESIGN.md section 5 and every refusal the design names,
+"""Every kernel call of docs/design.md section 5 and every refusal the design names,
 through ``KernelService.call`` (in-process, no sockets) and ``handle`` (bytes).
 
 Every refused call is made through ``K.refused``, which asserts that the

@@ -1,6 +1,6 @@
 """The wire contract: envelope parsing and limits, strict call validation, frame
 runs, error values on the wire, the replay cache, and the error table of
-DESIGN.md section 5."""
+docs/design.md section 5."""
 
 from __future__ import annotations
 
@@ -19,18 +19,18 @@ from protocol.replay import ReplayCache
 
 KEY = "K" * 40
 
-# DESIGN.md section 5: Jinue's errno.h, plus our EEXIST.
-DESIGN_ERRNO = {
+# docs/design.md section 5: Jinue's errno.h, plus our EEXIST.
+SPEC_ERRNO = {
     "ENOMEM": 1, "ENOSYS": 2, "EINVAL": 3, "EAGAIN": 4, "EBADF": 5, "EIO": 6, "EPERM": 7, "E2BIG": 8,
     "ENOMSG": 9, "ENOTSUP": 10, "EBUSY": 11, "ESRCH": 12, "EDEADLK": 13, "EPROTO": 14, "EEXIST": 15,
 }
-# DESIGN.md section 5: the kernel calls (names are the contract).
-DESIGN_KERNEL_CALLS = {
+# docs/design.md section 5: the kernel calls (names are the contract).
+SPEC_KERNEL_CALLS = {
     "hello", "address_map", "proc_create", "proc_destroy", "donate", "reclaim", "map", "unmap",
     "thread_create", "thread_destroy", "endpoint_create", "endpoint_destroy", "frame_info", "mappings", "stats",
     "ping",
 }
-DESIGN_MM_CALLS = {"alloc", "free", "share", "accept", "stats"}
+SPEC_MM_CALLS = {"alloc", "free", "share", "accept", "stats"}
 
 
 def parse_error(data: bytes) -> tuple[int | None, Error]:
@@ -53,12 +53,12 @@ DROP = object()
 # ---- error table ------------------------------------------------------------
 
 def test_error_names_and_numbers_match_the_design():
-    assert {e.name: int(e) for e in Errno} == DESIGN_ERRNO
+    assert {e.name: int(e) for e in Errno} == SPEC_ERRNO
 
 
 def test_call_names_match_the_design():
-    assert DESIGN_KERNEL_CALLS <= set(KERNEL_CALLS)
-    assert DESIGN_MM_CALLS <= set(MM_CALLS)
+    assert SPEC_KERNEL_CALLS <= set(KERNEL_CALLS)
+    assert SPEC_MM_CALLS <= set(MM_CALLS)
 
 
 # ---- envelope -----------------------------------------------------------------
