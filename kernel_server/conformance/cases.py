@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kernel_server.arch import get_profile
 from kernel_server.bootmap import BootMap, Region
 from kernel_server.conformance import digest as D
 from kernel_server.conformance.normal import expected, resolve
@@ -93,9 +94,14 @@ class HighestFirst(FrameTable):
         return free
 
 
-def boot(arch: str, bootmap: BootMap, variant: type[FrameTable] | None = None) -> KernelService:
-    svc = KernelService.boot(arch=arch, bootmap=bootmap, mm_key=key_for("mm"), operator_key=key_for("operator"),
-                             lease_seconds=1e9)
+def boot(arch: str, bootmap: BootMap, variant: type[FrameTable] | None = None, core: type | None = None
+         ) -> KernelService:
+    """An in-process kernel service booted from ``bootmap`` (``core``: a ``KernelCore`` subclass to use)."""
+    if core is None:
+        svc = KernelService.boot(arch=arch, bootmap=bootmap, mm_key=key_for("mm"),
+                                 operator_key=key_for("operator"), lease_seconds=1e9)
+    else:
+        svc = KernelService(core(get_profile(arch), bootmap, key_for("mm"), key_for("operator")), 1e9)
     if variant is not None:
         svc.core.frames.__class__ = variant
     return svc

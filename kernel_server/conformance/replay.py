@@ -105,10 +105,10 @@ class Kernel:
 class ServiceKernel(Kernel):
     """The model's kernel in-process: each request encoded and sent through ``KernelService.handle``."""
 
-    def __init__(self, arch: str, bootmap: BootMap) -> None:
+    def __init__(self, arch: str, bootmap: BootMap, core: type | None = None) -> None:
         from kernel_server.conformance.cases import boot
 
-        self.svc = boot(arch, bootmap)
+        self.svc = boot(arch, bootmap, core=core)
         self.req = 0
 
     def call(self, role: str, name: str, args: dict[str, Any]) -> dict[str, Any] | Error:
@@ -328,20 +328,20 @@ def by_boot_map(tests: Iterable[Test]) -> dict[str, list[Test]]:
     return out
 
 
-def run_in_process(tests: list[Test], shared: bool = False, step: Callable[[str], None] = lambda s: None
-                   ) -> list[Outcome]:
-    """Every test against the model's core: a fresh kernel per test, or (``shared``) one per boot map,
-    reset by calls between tests."""
+def run_in_process(tests: list[Test], shared: bool = False, step: Callable[[str], None] = lambda s: None,
+                   core: type | None = None) -> list[Outcome]:
+    """Every test against the model's core (or ``core``, a ``KernelCore`` subclass): a fresh kernel per
+    test, or (``shared``) one per boot map, reset by calls between tests."""
     out = []
     for key, group in by_boot_map(tests).items():
         arch, bm = bootmap_of(group[0])
         step(f"{arch}: {len(group)} test(s) on one boot map")
         if shared:
-            s = Session(ServiceKernel(arch, bm), arch, bm, shared=True)
+            s = Session(ServiceKernel(arch, bm, core), arch, bm, shared=True)
             out.extend(s.run(t) for t in group)
         else:
-            s = Session(ServiceKernel(arch, bm), arch, bm, shared=False)
-            out.extend(s.run(t, fresh_kernel=lambda: ServiceKernel(arch, bm)) for t in group)
+            s = Session(ServiceKernel(arch, bm, core), arch, bm, shared=False)
+            out.extend(s.run(t, fresh_kernel=lambda: ServiceKernel(arch, bm, core)) for t in group)
     return out
 
 

@@ -82,6 +82,18 @@ class Setup:
         ]
 
 
+def pairs(s: Setup) -> dict[tuple[str, str], list[tuple[str, str, dict[str, Any]]]]:
+    """Rule pairs whose breakers change the same argument: (earlier, later, one override breaking both)."""
+    return {
+        ("unmap", "mm"): [("alignment", "user_space", {"vaddr": s.top - PAGE_SIZE + 1, "pages": 2}),
+                          ("user_space", "hole", {"vaddr": s.top - PAGE_SIZE, "pages": 2}),
+                          ("hole", "cuts_large", {"vaddr": VL - PAGE_SIZE, "pages": 2})],
+        ("unmap", "client-0"): [("hole", "made_by_mm", {"vaddr": V + PAGE_SIZE, "pages": 3}),
+                                ("cuts_large", "made_by_mm", {"vaddr": VL, "pages": 1})],
+        ("map", "mm"): [("large_not_user", "busy", {"large": True, "vaddr": VL, "frames": [[s.top_block, s.step]]})],
+    }
+
+
 def breakers(s: Setup) -> dict[tuple[str, str], tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]]:
     """(call, who) -> (the valid request, [(rule, overrides), ...] in the documented order)."""
     big = {f"pad{i:02d}": "x" * 200 for i in range(24)}  # a client's message past 4 KiB
@@ -146,7 +158,7 @@ def breakers(s: Setup) -> dict[tuple[str, str], tuple[dict[str, Any], list[tuple
             ("client_size", {"pages": MAX_CLIENT_PAGES + 1}), ("args", {"pages": 0}),
             ("no_process", {"_as": "stranger"}), ("other_process", {"pid": 2}),
             ("alignment", {"vaddr": V + 2 * PAGE_SIZE + 1}), ("hole", {"vaddr": V + 3 * PAGE_SIZE}),
-            ("made_by_mm", {"vaddr": V})]),
+            ("cuts_large", {"vaddr": VL + PAGE_SIZE, "pages": 1}), ("made_by_mm", {"vaddr": V})]),
         ("thread_create", "client-0"): ({}, [
             ("caller_process", {"_as": "stranger"}), ("args", {"other": 1}), ("quota", {"_as": "client-1"})]),
         ("thread_destroy", "client-0"): ({"tid": 1}, [
@@ -217,6 +229,13 @@ def rule_cases(arch: str) -> list[Case]:
                 who2, args2 = got
                 case(f"{tag}/{rule}+{rule2}", f"{call} breaking {rule!r} and the later {rule2!r}: {rule!r} wins",
                      call, who2, args2, rule, [f"rule:{call}.{rule}", f"later:{call}.{rule2}", "precedence"])
+    for (call, who), extra in pairs(s).items():
+        tag = f"{call}/{arch}/{who}"
+        for rule, rule2, over in extra:
+            who2, args2 = _apply(breakers(s)[(call, who)][0], who, over)
+            case(f"{tag}/{rule}+{rule2}", f"{call} breaking {rule!r} and the later {rule2!r} with one argument: "
+                 f"{rule!r} wins", call, who2, args2, rule, [f"rule:{call}.{rule}", f"later:{call}.{rule2}",
+                                                              "precedence"])
     out.extend(_unknown_call(s, setup))
     return out
 
@@ -386,21 +405,26 @@ def pae_high_cases() -> list[Case]:
     user = 256 + 32 + table + 16
     regions = [("reserved", 0, 256), ("kernel_image", 256, 32), ("frame_table", 288, table),
                ("kernel_pool", 288 + table, 16), ("user", user, 4096 - user), ("user", hi, 16)]
-    steps = [
-        Step("mm", "hello"),
-        Step("mm", "address_map"),
-        Step("mm", "donate", {"frames": [[hi, 2]]}, rule="not_eligible"),
-        Step("mm", "donate", {"frames": [[user, 1], [hi + 3, 1]]}, rule="not_eligible"),
-        Step("mm", "donate", {"frames": [[hi + 4, 1], [300, 1]]}, rule="kernel_owned"),
-        Step("mm", "proc_create", {"key": key("client-0"), "kernel_quota": 4}),
-        Step("mm", "map", {"pid": 1, "vaddr": V, "frames": [[hi, 4]], "prot": RW}),
-        Step("mm", "donate", {"frames": [[hi, 1]]}, rule="mapped"),
-        Step("mm", "donate", {"frames": [[hi + 8, 8]]}, rule="not_eligible"),
-        Step("mm", "donate", {"frames": [[user, 2]]}),
+    boot = [Step("mm", "hello"), Step("mm", "address_map")]
+    mapped = [Step("mm", "proc_create", {"key": key("client-0"), "kernel_quota": 4}),
+              Step("mm", "map", {"pid": 1, "vaddr": V, "frames": [[hi, 4]], "prot": RW})]
+    cid = "donate/i686-pae/above-4gib"
+    why = ("i686-pae: the PDPT must be addressable by a 32-bit CR3, so no frame at or above 4 GiB may be "
+           "donated (rule not_eligible, the last of donate's)")
+    return [
+        Case(cid, why, "i686-pae", regions, boot + [
+            Step("mm", "donate", {"frames": [[hi, 2]]}, rule="not_eligible"),
+            Step("mm", "donate", {"frames": [[user, 1], [hi + 3, 1]]}, rule="not_eligible"),
+            Step("mm", "donate", {"frames": [[hi + 8, 8]]}, rule="not_eligible"),
+            Step("mm", "donate", {"frames": [[user, 2]]})], setup=2, flags=["rule:donate.not_eligible", "pae"]),
+        Case(f"{cid}/kernel_owned+not_eligible", why + "; a kernel-owned frame named with one above 4 GiB: EEXIST",
+             "i686-pae", regions, boot + [Step("mm", "donate", {"frames": [[hi + 4, 1], [300, 1]]},
+                                               rule="kernel_owned")], setup=2,
+             flags=["rule:donate.kernel_owned", "later:donate.not_eligible", "precedence", "pae"]),
+        Case(f"{cid}/mapped+not_eligible", why + "; a mapped frame above 4 GiB: EBUSY (mapped comes first)",
+             "i686-pae", regions, boot + mapped + [Step("mm", "donate", {"frames": [[hi, 1]]}, rule="mapped")],
+             setup=4, flags=["rule:donate.mapped", "later:donate.not_eligible", "precedence", "pae"]),
     ]
-    return [Case("donate/i686-pae/above-4gib", "i686-pae: the PDPT must be addressable by a 32-bit CR3, so no frame "
-                 "at or above 4 GiB may be donated (rule not_eligible, the last of donate's)", "i686-pae", regions,
-                 steps, flags=["rule:donate.not_eligible", "pae"])]
 
 
 def all_cases() -> list[Case]:

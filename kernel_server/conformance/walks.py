@@ -64,6 +64,32 @@ def _roles(mod: Any) -> dict[str, str]:
     return out
 
 
+def _no_local_constants() -> Any:
+    """Hypothesis biases its draws with constants from the source of every local module imported so far, so
+    the draws would depend on what else the process imported (a test suite, a command): during the walks
+    it sees none. Returns the undo."""
+    try:
+        from hypothesis.internal.conjecture import providers as P
+
+        real = P._get_local_constants
+        empty = type(P._local_constants)()
+    except (ImportError, AttributeError):  # another version: its draws are checked against its own record
+        return lambda: None
+
+    def clear() -> None:
+        cache = getattr(P, "CONSTANTS_CACHE", None)
+        if cache is not None and hasattr(cache, "cache"):
+            cache.cache.clear()
+
+    P._get_local_constants = lambda: empty
+    clear()
+
+    def undo() -> None:
+        P._get_local_constants = real
+        clear()
+    return undo
+
+
 def walks(arch: str, examples: int, steps: int) -> list[Case]:
     """``examples`` walks of up to ``steps`` rule applications each, on ``arch``, always the same ones
     for one version of hypothesis and of the state machine."""
@@ -105,12 +131,18 @@ def walks(arch: str, examples: int, steps: int) -> list[Case]:
     Walker.__name__ = f"Walk_{arch.replace('-', '_')}"
     saved = mod.KernelService
     mod.KernelService = Recording
+    profile = getattr(settings, "_current_profile", None)
+    settings.load_profile("default")  # whatever profile a test suite loaded, the same draws
+    unpatch = _no_local_constants()
     try:
         run_state_machine_as_test(Walker, settings=settings(
             max_examples=examples, stateful_step_count=steps, derandomize=True, database=None, deadline=None,
             phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck), print_blob=False))
     finally:
         mod.KernelService = saved
+        unpatch()
+        if profile:
+            settings.load_profile(profile)
     out = []
     for i, (svc, walk) in enumerate(recorded):
         regions = [(r.kind, r.first, r.count) for r in svc.core.bootmap.regions]
