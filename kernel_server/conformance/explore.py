@@ -104,9 +104,14 @@ class Action:
         return out
 
     def describe(self, core: Any | None = None) -> str:
+        """``role: call(arg=value, ...)``; symbolic values as ``pid(client-0)`` unless resolved on ``core``."""
         args = self.resolve(core) if core is not None else dict(self.args)
-        shown = ", ".join(f"{k}={role_for(v) if k == 'key' and isinstance(v, str) else v}" for k, v in args.items())
-        return f"{self.role}: {self.call}({shown})"
+
+        def show(k: str, v: Any) -> str:
+            if isinstance(v, tuple):
+                return v[1] if v[0] == "key" else f"{v[0]}({v[1]})"
+            return role_for(v) if k == "key" and isinstance(v, str) else str(v)
+        return f"{self.role}: {self.call}({', '.join(f'{k}={show(k, v)}' for k, v in args.items())})"
 
 
 def _a(role: str, call: str, **args: Any) -> Action:
