@@ -9,6 +9,9 @@ from typing import Optional
 
 import typer
 
+from mmsim import options
+
+DEFAULT_DIR = os.path.join("tests", "vectors")
 VECTORS_HELP = ("Kernel test vectors: an executable specification of the kernel's calls (boot map, calls by role, "
                 "expected replies and state digests), for any implementation of the design.")
 vectors_app = typer.Typer(help=VECTORS_HELP, no_args_is_help=True)
@@ -27,8 +30,8 @@ def _progress(quiet: bool):
 
 @vectors_app.command("export")
 def export_cmd(
-    out_dir: str = typer.Argument(..., metavar="DIR", help="Where to write the vectors (tests/vectors in the "
-                                  "repository)."),
+    out_dir: str = typer.Argument(DEFAULT_DIR, metavar="[DIR]", help="Where to write the vectors (default: "
+                                  "tests/vectors, the repository's copy).", callback=options.dir_callback("DIR")),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Write the vectors: every call's rules (alone and in pairs), the design's scenarios and walks of the
@@ -38,8 +41,6 @@ def export_cmd(
     from kernel_server.conformance.export import export
     from kernel_server.conformance.walks import WalkError
 
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise typer.BadParameter(f"{out_dir} exists and is not a directory", param_hint="DIR")
     try:
         s = export(out_dir, step=_progress(json_out))
     except WalkError as exc:
@@ -63,13 +64,16 @@ def export_cmd(
 
 @vectors_app.command("run")
 def run_cmd(
-    path: str = typer.Argument(..., metavar="DIR", help="A vectors directory (or one vectors file)."),
+    path: str = typer.Argument(DEFAULT_DIR, metavar="[DIR]", help="A vectors directory or one vectors file "
+                               "(default: tests/vectors)."),
     kernel: Optional[str] = typer.Option(None, "--kernel", metavar="ENDPOINT", help="A running kernel (ipc://... or "
                                          "tcp://...): runs the tests whose boot map it booted from, resetting it "
-                                         "by calls between tests. Start it with a long --lease."),
+                                         "by calls between tests. Start it with a long --lease.",
+                                         callback=options.endpoint_callback("--kernel")),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="With --kernel: the run directory holding the "
                                           "kernel's public key and the mm's and operator's key pairs; client and "
-                                          "stranger keys are made and admitted there."),
+                                          "stranger keys are made and admitted there.",
+                                          callback=options.run_dir_callback()),
     spawn: bool = typer.Option(False, "--spawn", help="Start a kernel process per boot map (this project's, or "
                                "--kernel-cmd) and run the tests on it."),
     kernel_cmd: Optional[str] = typer.Option(None, "--kernel-cmd", metavar="COMMAND", help="With --spawn: the "
@@ -95,6 +99,8 @@ def run_cmd(
         raise typer.BadParameter("--kernel needs --run-dir (the kernel's keys)", param_hint="--run-dir")
     if kernel_cmd is not None and not spawn:
         raise typer.BadParameter("--kernel-cmd goes with --spawn", param_hint="--kernel-cmd")
+    if not os.path.exists(path):
+        raise typer.BadParameter(f"{path} does not exist", param_hint="DIR")
     try:
         tests = list(rp.iter_tests(rp.load(path), group, profile))
     except (OSError, ValueError) as exc:
