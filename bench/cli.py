@@ -1,4 +1,4 @@
-"""The ``mmsim bench`` commands: kernel, mm, largepages, sim, all.
+"""The ``mmsim bench`` commands: kernel, mm, largepages, sim, check, all.
 
 Each starts what it measures as real processes in a fresh run directory
 (a temporary one unless ``--run-dir`` is given), shows progress on stderr,
@@ -164,6 +164,13 @@ def _sim(seconds: float, step: Callable[[str], None]):
     return rep
 
 
+def _check(seconds: float, step: Callable[[str], None]):
+    from bench.explore import figures
+
+    step(f"mmsim check: breadth-first on the tiny machine for {seconds:g} s")
+    return figures(seconds)
+
+
 def _kernel_opts(seconds: float, rounds: int, transport: str, window: int, batch: int, scale: bool):
     from bench.kernel import KernelBenchOptions
 
@@ -300,6 +307,20 @@ def sim_cmd(
     _emit(rep, json_out, strict, "mmsim bench sim")
 
 
+@bench_app.command("check")
+def check_cmd(
+    seconds: float = typer.Option(60.0, "--seconds", min=0.5, help="How long the search runs."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+) -> None:
+    """How far mmsim check gets on its tiny machine: states per second and the depth reached (no target)."""
+    with _progress(1) as step:
+        try:
+            rep = _check(seconds, step)
+        except RuntimeError as exc:  # a violation is a bug, not a figure
+            _fail(exc)
+    _emit(rep, json_out, False, "mmsim bench check")
+
+
 @bench_app.command("all")
 def all_cmd(
     seconds: float = typer.Option(0.5, "--seconds", min=0.01, help=_SECONDS),
@@ -309,14 +330,14 @@ def all_cmd(
     storm: str = typer.Option("64MiB", "--storm", help="Memory the donation-storm client allocates in 4 KiB pages."),
     steps: int = typer.Option(6000, "--steps", min=10, help="Client requests in the large-page churn."),
     seed: int = typer.Option(1, "--seed", help="Seed of the large-page churn."),
-    quick: bool = typer.Option(False, "--quick", help="About 15 s: --seconds 0.3 --rounds 2 --storm 8MiB "
-                               "--steps 1500 (noisier)."),
+    quick: bool = typer.Option(False, "--quick", help="About 20 s: --seconds 0.3 --rounds 2 --storm 8MiB "
+                               "--steps 1500, 5 s of mmsim check (noisier)."),
     json_out: bool = typer.Option(False, "--json", help=_JSON),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR, callback=_RUN_DIR_CHECK),
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
-    """Every benchmark (kernel, mm, largepages, sim) in one report: about a minute and a half by default."""
+    """Every benchmark (kernel, mm, largepages, sim, check) in one report: about two and a half minutes by default."""
     from bench.report import Report
     from bench.roundtrip import BenchError
 
@@ -329,11 +350,12 @@ def all_cmd(
     rep = Report()
     with _run_dir(run_dir, keep) as rd:
         try:
-            with _progress(kopts.steps() + mopts.steps() + 2) as step:
+            with _progress(kopts.steps() + mopts.steps() + 3) as step:
                 rep.extend(_kernel(rd, step, kopts))
                 rep.extend(_mm(rd, step, mopts))
                 rep.extend(_largepages(seed, steps, step))
                 rep.extend(_sim(2.0 if quick else 8.0, step))
+                rep.extend(_check(5.0 if quick else 60.0, step))
         except (BenchError, RuntimeError, OSError) as exc:
             _fail(exc)
     _emit(rep, json_out, strict, "mmsim bench all")

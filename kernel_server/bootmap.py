@@ -159,6 +159,32 @@ def pc_map(profile: Profile, memory: int, kernel_pool_frames: int | None = None)
     return BootMap(tuple(regions), unaddressable, profile.max_phys if unaddressable else None)
 
 
+def from_json(data: object, profiles: dict[str, Profile]) -> tuple[str, BootMap]:
+    """A boot map given as data, ``{"arch": NAME, "regions": [[kind, first frame, frames], ...]}`` (the form
+    the test vectors carry): its profile's name and the map. ValueError says what is wrong with it."""
+    if not isinstance(data, dict) or set(data) != {"arch", "regions"}:
+        raise ValueError('a boot map is {"arch": NAME, "regions": [[kind, first, count], ...]}')
+    arch = data["arch"]
+    if arch not in profiles:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(profiles)}")
+    regions = data["regions"]
+    if not isinstance(regions, list) or not regions:
+        raise ValueError("regions: a non-empty list of [kind, first frame, frames]")
+    out: list[Region] = []
+    end = 0
+    for i, r in enumerate(regions):
+        if not (isinstance(r, list) and len(r) == 3 and r[0] in KINDS and all(type(x) is int for x in r[1:])):
+            raise ValueError(f"region {i}: [kind, first frame, frames] with kind one of {', '.join(KINDS)}")
+        kind, first, count = r
+        if first < end or count < 1:
+            raise ValueError(f"region {i}: regions must be in order, not overlap, and hold at least one frame")
+        out.append(Region(kind, first, count))
+        end = first + count
+    if end > MAX_FRAMES or end * PAGE_SIZE > profiles[arch].max_phys:
+        raise ValueError(f"the map spans {end} frames: beyond the frame-table limit or what {arch} addresses")
+    return arch, BootMap(tuple(out))
+
+
 _UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
           "g": GiB, "gb": GiB, "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 

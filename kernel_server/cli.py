@@ -30,12 +30,16 @@ def kernel(
                                               "free pool (default: min(256, RAM/16))."),
     mm_key: Optional[str] = typer.Option(None, "--mm-key", help="The memory manager's Z85 public key "
                                          "(default: RUN/keys/mm.key)."),
+    boot_map: Optional[str] = typer.Option(None, "--boot-map", metavar="FILE", help="Boot from this map instead: "
+                                           'JSON {"arch": NAME, "regions": [[kind, first frame, frames], ...]} '
+                                           "(the form test vectors carry); its arch replaces --arch, and "
+                                           "--memory and --kernel-pool are not used."),
     log_level: LogLevel = typer.Option(LogLevel.INFO, "--log-level", case_sensitive=False,
                                        help="DEBUG logs every refused call."),
 ) -> None:
     """Start the kernel process."""
     from kernel_server.arch import PROFILES
-    from kernel_server.bootmap import pc_map
+    from kernel_server.bootmap import from_json, pc_map
     from kernel_server.server import KernelOptions, run
     from protocol import rundir
 
@@ -46,8 +50,18 @@ def kernel(
             rundir.check_key(mm_key)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--mm-key") from None
+    bm = None
+    if boot_map is not None:
+        import json
+
+        try:
+            with open(boot_map) as f:
+                arch, bm = from_json(json.load(f), PROFILES)
+        except (OSError, ValueError) as exc:  # (json.JSONDecodeError is a ValueError)
+            raise typer.BadParameter(f"{boot_map}: {exc}", param_hint="--boot-map") from None
     try:  # a boot map that cannot be built is a usage error: say so before touching the run directory
-        pc_map(PROFILES[arch], size, kernel_pool)
+        if bm is None:
+            pc_map(PROFILES[arch], size, kernel_pool)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--memory/--kernel-pool") from None
     logging.basicConfig(level=options.value(log_level).upper(), format="%(asctime)s kernel %(levelname)s %(message)s")
@@ -57,7 +71,7 @@ def kernel(
     else:
         rundir.generate(run_dir, "kernel")
     opts = KernelOptions(run_dir=run_dir, bind=bind or rundir.default_bind(run_dir, "kernel"), arch=arch, memory=size,
-                         lease_seconds=lease, kernel_pool_frames=kernel_pool, mm_key=mm_key)
+                         lease_seconds=lease, kernel_pool_frames=kernel_pool, mm_key=mm_key, bootmap=bm)
     try:
         run(opts)
     except ValueError as exc:  # a boot map that cannot be built

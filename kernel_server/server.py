@@ -50,6 +50,7 @@ class KernelOptions:
     lease_seconds: float = 5.0
     kernel_pool_frames: int | None = None
     mm_key: str | None = None  # default: RUN/keys/mm.key
+    bootmap: Any = None  # a bootmap.BootMap to boot from instead of the PC-like map of ``memory``
 
 
 class KernelServer:
@@ -63,6 +64,7 @@ class KernelServer:
             mm_key=mm_key,
             lease_seconds=opts.lease_seconds,
             kernel_pool_frames=opts.kernel_pool_frames,
+            bootmap=opts.bootmap,
             on_refused=self._log_refused,
             boot_id=uuid.uuid4().hex,
             operator_key=rundir.operator_key(opts.run_dir),

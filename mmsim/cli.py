@@ -151,6 +151,11 @@ ROOT_COMMANDS = dict(
     kernel=Lazy("kernel_server.cli:kernel", "Start the kernel process.", "kernel_server.cli:KERNEL_HELP"),
     mm=Lazy("mm_service.cli:mm", "Start the memory manager (mm) process.", "mm_service.cli:MM_HELP"),
     client=Lazy("mmsim.cli:client_app", "Client processes: workload runners and lying clients."),
+    vectors=Lazy("kernel_server.conformance.cli:vectors_app", "Kernel test vectors: export them, or run them "
+                 "against a kernel (in-process, a kernel process, any wire-protocol endpoint)."),
+    check=Lazy("kernel_server.conformance.cli:check", "Every sequence of kernel calls on a tiny machine, "
+               "breadth-first, every invariant after every step (planted bugs: --bug).",
+               "kernel_server.conformance.cli:CHECK_HELP"),
     bench=Lazy("bench.cli:bench_app", "Benchmarks: each figure a ratio against a floor measured in the same run."),
 )
 
