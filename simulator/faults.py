@@ -13,20 +13,33 @@ Fault *families* (``FAMILIES``), each one kind of trouble:
   kernel reply to a call that changes something arrives (the kernel did it,
   the mm never hears); with a journal batch written but not committed; right
   after a commit, before what it released is sent (the intent's kernel call,
-  the reply); about to send a client its reply; during recovery (after a few
-  of its kernel replies); during start-up.
+  the reply); about to send a client its reply. Some seeds also crash it
+  during start-up.
+- ``recovery_crash``: the mm dies during its next recovery (after a few of
+  the kernel's replies to it); the next recovery settles what it left.
 - ``partition``: the mm and the kernel cannot reach each other for a while
   (the kernel is lost to the mm: its calls time out, later ones fail fast,
-  its ticks probe); some partitions start just as a recovery begins.
+  its ticks probe until the kernel answers, then it settles with it).
+- ``lost_after_exec``: the same, starting just after the kernel carried out a
+  call of the mm that changes something, so its reply is lost and the mm
+  cannot tell whether it happened (the kind of call is drawn each time: map,
+  unmap, donate, reclaim, proc_create, proc_destroy).
+- ``lost_after_shared``: the same, just after the kernel carried out a map or
+  unmap of frames mapped more than once (an offer accepted, a shared
+  allocation freed): where settling what happened is hardest, since several
+  pending intents may name the same frames.
+- ``recovery_loss``: the same, starting just as a recovery begins (the
+  kernel goes away and comes back during it).
 - ``reply_loss``: a kernel reply to the mm is lost after the kernel executed
-  the call (any call the mm makes).
+  the call (any call the mm makes; the mm's resend gets the cached reply).
 - ``net_loss``, ``net_dup``, ``net_delay``: any message lost, delivered
   twice, or delayed (see ``net``).
 - ``reorder``: the mm's kernel requests and their replies take widely
   different times, so the several the mm has in flight arrive out of order.
 - ``lie_client``, ``lie_mm``: forged requests (``lies``).
-- ``starvation``: a tiny initial kernel pool and low watermarks, so ENOMEM
-  and the mm's donate-and-retry path run all the time.
+- ``starvation``: a tiny initial kernel pool, low watermarks and small
+  kernel quotas, so ENOMEM (the pool's, and a process's own quota) and the
+  mm's donate-and-retry path run all the time.
 
 Two ways to mix them (``MODES``):
 
@@ -41,6 +54,7 @@ Two ways to mix them (``MODES``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -51,8 +65,10 @@ from simulator.net import NetPlan
 ARCHES = ("i686", "i686-pae", "x86_64")
 WORKLOADS = ("steady", "sparse", "kobjects", "sharer")
 MODES = ("swarm", "fixed")
-STEP_FAULTS = ("client_death", "mm_crash", "partition", "lie_client", "lie_mm")  # drawn per step
-CRASH_POINTS = ("step", "kernel_reply", "journal", "commit", "client_reply", "recovery")
+STEP_FAULTS = ("client_death", "mm_crash", "recovery_crash", "partition", "lost_after_exec", "lost_after_shared",
+               "recovery_loss", "lie_client", "lie_mm")  # drawn per step
+CRASH_POINTS = ("step", "kernel_reply", "journal", "commit", "client_reply")
+AFTER_EXEC = ("map", "unmap", "donate", "reclaim", "proc_create", "proc_destroy")
 
 
 def child(seed: int, purpose: str) -> random.Random:
@@ -73,7 +89,11 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("client_death", "per step", 1 / 3000, 1 / 300, 1 / 3000),
     Family("mm_crash", "per step", 1 / 4000, 1 / 400, 1 / 4000),
+    Family("recovery_crash", "per step", 1 / 4000, 1 / 400, 1 / 4000),
     Family("partition", "per step", 1 / 3000, 1 / 300, 1 / 3000),
+    Family("lost_after_exec", "per step", 1 / 3000, 1 / 200, 1 / 3000),
+    Family("lost_after_shared", "per step", 1 / 3000, 1 / 150, 1 / 3000),
+    Family("recovery_loss", "per step", 1 / 4000, 1 / 400, 1 / 4000),
     Family("reply_loss", "per kernel reply to the mm", 0.002, 0.05, 0.002),
     Family("net_loss", "per message", 0.001, 0.02, 0.001),
     Family("net_dup", "per message", 0.002, 0.03, 0.002),
@@ -105,7 +125,7 @@ class Timing:
     mm_restart: tuple[int, int] = (32_000, 60_000)  # longer than any delivery: nothing the dead mm sent
     # arrives after its successor started (the transport assumption, see net.py)
     respawn: tuple[int, int] = (5_000, 60_000)  # a dead client is replaced after this long
-    partition: tuple[int, int] = (5_000, 90_000)  # how long the mm is cut off from the kernel
+    partition: tuple[int, int] = (5_000, 200_000)  # how long the mm is cut off from the kernel
 
 
 # the mm gives up and comes back sooner than the longest delivery: requests of an mm that gave up, or died,
@@ -121,6 +141,7 @@ class Plan:
     memory: int
     pool: int | None  # the kernel's initial pool in frames (None: the boot map's default)
     mm: dict[str, int]  # watermarks and headroom
+    kernel_quota: int | None  # kernel frames per client (None: the mm's default)
     room: int  # clients the mm's default quotas leave room for
     compact_every: int  # journal records between the mm's snapshots
     net: NetPlan
@@ -138,7 +159,7 @@ class Plan:
         """The trace header's description of the run (only seed-determined values)."""
         return {
             "seed": self.seed, "mode": self.mode, "arch": self.arch, "memory": self.memory, "pool": self.pool,
-            "mm": self.mm, "room": self.room, "workloads": self.workloads,
+            "mm": self.mm, "kernel_quota": self.kernel_quota, "room": self.room, "mm_retries": self.timing.mm_retries, "workloads": self.workloads,
             "families": {k: round(v, 6) for k, v in self.families.items() if v},
             **({"zombies": True} if self.zombies else {}),
         }
@@ -165,13 +186,15 @@ def make_plan(seed: int, steps: int, arch: str | None = None, memory: int = 16 <
             rate = _draw_rate(rng, fam)  # drawn either way: switching one family does not move the others
             families[name] = rate if on else 0.0
     starve = families["starvation"] > 0
+    kquota = None
     if mode == "fixed":
-        pool, mm = 8, {"low": 8, "target": 32, "high": 128, "headroom": 4}
+        pool, mm, kquota = 8, {"low": 8, "target": 32, "high": 128, "headroom": 4}, 32
     elif starve:
         pool = rng.choice((0, 1, 2, 4, 8))
         low = rng.choice((0, 2, 4, 8))
         target = low + rng.randint(0, 24)
         mm = {"low": low, "target": target, "high": target + rng.randint(8, 96), "headroom": rng.randint(0, 8)}
+        kquota = rng.choice((None, 12, 16, 24, 32))
     else:
         pool, mm = None, {"low": 16, "target": 64, "high": 256, "headroom": 32}
     if mode == "fixed":
@@ -182,6 +205,7 @@ def make_plan(seed: int, steps: int, arch: str | None = None, memory: int = 16 <
         rng.shuffle(kinds)
         workloads = [kinds[i % len(kinds)] for i in range(n)]
     compact_every = rng.randint(10, 150)
+    mm_retries = 2 if mode == "fixed" else rng.choice((0, 1, 2))  # the mm's resends before the kernel is lost
     reorder = families["reorder"]
     net = NetPlan(loss=families["net_loss"], dup=families["net_dup"], delay=families["net_delay"],
                   reply_loss=families["reply_loss"], jitter=reorder)
@@ -198,7 +222,8 @@ def make_plan(seed: int, steps: int, arch: str | None = None, memory: int = 16 <
             faults.setdefault(step, []).append((kind, _variant(rng, kind)))
     if families["mm_crash"] and rng.random() < 0.5:  # crash during start-up, before the journal has much
         faults.setdefault(rng.randint(2, 30), []).append(("mm_crash", "kernel_reply"))
-    plan = Plan(seed=seed, mode=mode, arch=arch, memory=memory, pool=pool, mm=mm, room=len(workloads) + 2,
+    plan = Plan(seed=seed, mode=mode, arch=arch, memory=memory, pool=pool, mm=mm, kernel_quota=kquota,
+                room=len(workloads) + 2,
                 compact_every=compact_every, net=net, workloads=workloads, families=families, faults=faults,
                 zombies=zombies)
     t = ZOMBIE_TIMING if zombies else Timing()
@@ -206,6 +231,7 @@ def make_plan(seed: int, steps: int, arch: str | None = None, memory: int = 16 <
         longest = net.max_delay + 1_000
         t = Timing(mm_timeout=max(t.mm_timeout, longest),
                    mm_restart=(max(t.mm_restart[0], longest), max(t.mm_restart[1], longest + 20_000)))
+    t = dataclasses.replace(t, mm_retries=mm_retries)
     plan.timing = t
     return plan
 
@@ -213,8 +239,10 @@ def make_plan(seed: int, steps: int, arch: str | None = None, memory: int = 16 <
 def _variant(rng: random.Random, kind: str) -> str:
     if kind == "mm_crash":
         return rng.choice(CRASH_POINTS)
-    if kind == "partition":
-        return "recovery" if rng.random() < 0.3 else "now"
+    if kind == "lost_after_exec":
+        return rng.choice(AFTER_EXEC)
+    if kind == "lost_after_shared":
+        return rng.choice(("map_shared", "unmap_shared"))
     if kind == "client_death":
         return "in_request" if rng.random() < 0.3 else "now"
     return ""

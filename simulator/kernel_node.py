@@ -69,6 +69,7 @@ class KernelNode(KernelObserver):
         if self.reading:
             return
         self.writes = 0
+        self._args = args
         self.before = checks.fingerprint(self.core) if name in MUTATES else None
         self.objects_only = name in OBJECTS_ONLY
 
@@ -90,8 +91,14 @@ class KernelNode(KernelObserver):
             w.count("kernel", name, "ok")
         if name == "proc_create":
             w.touched(_key_of(self.core, result["pid"]))
-        if current is not None and caller == w.mm_key and name in ("map", "unmap"):
-            w.kernel_executed(current[1])
+        if current is not None and caller == w.mm_key and name in MUTATES:
+            shared = False
+            if name in ("map", "unmap"):
+                w.kernel_executed(current[1])
+                runs = self._args.frames if name == "map" else result.get("frames") or []
+                refs = self.core.frames.refs
+                shared = any(int(refs[f:f + c].max()) >= (2 if name == "map" else 1) for f, c in runs if c)
+            w.kernel_changed_for_mm(name, shared)
 
     def refused(self, identity: str | None, name: str, error: Any) -> None:
         if not self.lying and not self.reading:

@@ -140,7 +140,8 @@ class MMNode(MMObserver):
 
     def _started(self, hello: dict, amap: dict) -> None:
         w = self.world
-        cfg = Config(**w.plan.mm, room=w.plan.room, compact_every=w.plan.compact_every)
+        cfg = Config(**w.plan.mm, kernel_quota=w.plan.kernel_quota, room=w.plan.room,
+                     compact_every=w.plan.compact_every)
         self.driver = d = self.driver_class(cfg, self.key, self.operator, admission=w.admission,
                                             first_kid=self.next_kid, observer=self)
         records = [J.decode(item) for blob in self.journal for item in msgpack.unpackb(blob, raw=False,

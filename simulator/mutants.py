@@ -6,11 +6,18 @@ simulation only*; the real classes have no bug switches. ``mmsim sim --bug
 NAME`` and tests/test_sim.py run the simulator with one of them and expect a
 violation within a bounded number of seeds.
 
-Dropped from the earlier catalogue: ``mm_trusts_empty_journal`` is kept (as a
-service that skips its first recovery); the journal-driver bug
-(``LazyJournal``) became ``mm_reply_before_journal``, a service that sends a
-request's reply before its outcome is committed (planted bugs subclass the mm,
-not the simulator's journal).
+Changes to the earlier catalogue: the journal-driver bug (``LazyJournal``)
+became ``mm_reply_before_journal``, a service that sends a request's reply
+before its outcome is committed (planted bugs subclass the mm, not the
+simulator's journal); ``mm_trusts_empty_journal`` is a service that skips its
+first recovery. ``map_partial_on_enomem`` (Jinue's page-by-page MMAP leaving
+what it got to on ENOMEM) is gone: the pool's ENOMEM no longer exists for a
+map (kernel quotas are reserved whole), a quota's ENOMEM is decided by
+arithmetic before anything is written, and the maps that reach a quota in the
+workloads need one new table at most (one page per table span), so a
+page-by-page map has nothing to leave behind and no seed could find it; the
+kernel's own tests keep I6 on ENOMEM. The two recovery judgements exact
+settlement replaced are new: ``recovery_one_snapshot``, ``recovery_frees_both_done``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ import numpy as np
 
 from kernel_server.core import KernelCore, DonatePlan, _expand
 from kernel_server.frames import USER
-from kernel_server.pagetable import CLIENT_MADE
 from kernel_server.service import KernelService
 from mm_service import records as J
 from mm_service.driver import Driver
@@ -67,36 +73,6 @@ class LeaseForgetsFrames(KernelCore):
         if plan.reason == "lease" and user.size:
             self.frames.add_refs(user, +1)
         return out
-
-
-class MapPartialOnEnomem(KernelCore):
-    """map as Jinue's MMAP does it: page by page, allocating page tables as it goes, so an ENOMEM (the
-    process's kernel quota used up) leaves the pages (and tables) it got to behind instead of changing
-    nothing."""
-
-    def _check_map(self, caller: str, proc: Any, args: Any) -> Any:
-        out = super()._check_map(caller, proc, args)
-        if isinstance(out, Error) and out.code == Errno.ENOMEM and not args.large and args.page_size is None:
-            self._partial(caller, proc, args)
-        return out
-
-    def _partial(self, caller: str, proc: Any, args: Any) -> None:
-        a = _expand(args.frames)
-        bits = args.prot if caller == self.mm_key else args.prot | CLIENT_MADE
-        vp0 = args.vaddr >> 12
-        leaf = self.geo.leaf
-        for i in range(a.size):
-            vp, f = vp0 + i, int(a[i])
-            if self.frames.kind[f] != USER or proc.first_small(vp, vp + 1) is not None or proc.large:
-                return
-            missing = proc.missing(vp, vp + 1, leaf)
-            if len(missing) > proc.kernel_limit - proc.kernel_used:
-                return
-            if missing:
-                proc.add_tables(missing, self._kalloc(proc, len(missing)), self.spare_leaves)
-            proc.write_one(vp, f, bits)
-            self.frames.add_ref(f, +1)
-            self._changed(proc)
 
 
 class NoReplay(ReplayCache):
@@ -237,8 +213,6 @@ BUGS: dict[str, Bug] = {
                                   kernel_service=NoReplayKernel),
     "lease_forgets_frames": Bug("lease expiry destroys the process but leaves its frames' refcounts",
                                 kernel_core=LeaseForgetsFrames),
-    "map_partial_on_enomem": Bug("map on ENOMEM (kernel quota) leaves the pages and tables it got to (Jinue's MMAP)",
-                                 kernel_core=MapPartialOnEnomem),
     # bugs the simulator found in the real mm (now fixed there), planted back as regressions
     "mm_undo_on_eio": Bug("the mm undoes a map/unmap the kernel did not answer, though it may have done it",
                           driver=_driver("UndoOnEIODriver", core=UndoOnEIO)),

@@ -31,8 +31,9 @@ Checks that need history, kept here:
   ``reply_settled_not_durable``);
 - I11: a dead client's processes are gone within lease + tick.
 
-Quiet points: every ``plan.quiesce_every`` steps the clients stop starting
-requests until nothing is in flight, the mm is serving and idle with no
+Quiet points: every ``plan.quiesce_every`` steps (once the mm is up and not
+cut off from the kernel) the clients stop starting requests until nothing is
+in flight, the mm is serving and idle with no
 pending intent and has read every kernel event; then everything is checked in
 full, I8 exactly (every frame's owner, every page of every process), the mm's
 own audit (I8 and its I13 part), and every allocation the mm confirmed to a
@@ -138,11 +139,13 @@ class World:
         self.vtrack: checks.ViewTracker | None = checks.ViewTracker() if self.incremental else None
         self.quiescing = False
         self.quiesce_since = 0
+        self.next_quiet = self.plan.quiesce_every  # the step from which the next quiet point may begin
         self.quiet_points = 0
         self.healed = False
         self.liveness_steps: int | None = None
         self.auditing = False
         self.death_armed = False
+        self.partition_after_exec = ""  # a partition starts when the kernel next carries out this call of the mm
         self.dead_touch: dict[str, int] = {}  # identity of a dead client -> last time it could renew a lease
         self.next_lie_id = lies.LIE_ID_BASE
         self.names: dict[str, str] = {}
@@ -243,6 +246,13 @@ class World:
             if c is not None and c.alive:
                 self.death_armed = False  # the client dies while the mm works on its request
                 self.kill(c)
+
+    def kernel_changed_for_mm(self, call: str, shared: bool = False) -> None:
+        """The kernel carried out a call of the mm that changes something (its reply is not sent yet);
+        ``shared``: a map or unmap of frames mapped more than once."""
+        if self.partition_after_exec in (call, f"{call}_shared" if shared else call):
+            self.partition_after_exec = ""
+            self.start_partition(f"just after the kernel carried out the mm's {call}")
 
     def kernel_executed(self, kid: int) -> None:
         """The kernel carried out the mm's map or unmap request ``kid``."""
@@ -388,11 +398,14 @@ class World:
                 self.kill(live[self.rng.randrange(len(live))])
         elif kind == "mm_crash":
             self.mm.arm(variant or "step")
+        elif kind == "recovery_crash":
+            self.mm.arm("recovery")
         elif kind == "partition":
-            if variant == "recovery":
-                self.mm.partition_armed = True
-            else:
-                self.start_partition("at a step")
+            self.start_partition("at a step")
+        elif kind in ("lost_after_exec", "lost_after_shared"):
+            self.partition_after_exec = variant
+        elif kind == "recovery_loss":
+            self.mm.partition_armed = True
         elif kind == "lie_client":
             self.faults[kind] += 1
             lies.lie_client(self)
@@ -412,6 +425,7 @@ class World:
         self.net.heal()
         self.mm.armed = None
         self.mm.partition_armed = False
+        self.partition_after_exec = ""
         self.death_armed = False
         waiting = sum(1 for c in self.clients.values() if c.alive and c.waiting is not None)
         self.trace.event(self.step, self.clock.now, "heal", waiting=waiting, mm_alive=self.mm.alive)
@@ -541,9 +555,17 @@ class World:
             self.trace.event(self.step, self.clock.now, "quiet", kernel_free=cnt["kernel_free"],
                              user_mapped=cnt["user_mapped"], clients=len(view.clients))
 
+    def _may_quiesce(self) -> bool:
+        """A quiet point waits while the mm is cut off from the kernel or down (the clients go on meanwhile:
+        their requests failing fast while the kernel is lost is what recovery has to settle)."""
+        d = self.mm.driver
+        return (self.clock.now >= self.net.partition_until and self.mm.alive and d is not None
+                and d.watch.lost is None)
+
     def _start_quiesce(self) -> None:
         self.quiescing = True
         self.quiesce_since = self.clock.now
+        self.next_quiet = self.step + self.plan.quiesce_every
 
     def _end_quiesce(self) -> None:
         self.quiescing = False
@@ -613,7 +635,7 @@ class World:
             elif self.clock.now - self.quiesce_since > QUIET_LIMIT:
                 self.flag("I10", f"the system did not get quiet within {QUIET_LIMIT / 1e6:g}s of simulated time "
                                  f"({self._busy()})")
-        elif self.step % self.plan.quiesce_every == 0:
+        elif self.step >= self.next_quiet and self._may_quiesce():
             self._start_quiesce()
 
     def _busy(self) -> str:
