@@ -190,6 +190,14 @@ class RepliesBeforeJournal(MMService):
             value = yield eff
 
 
+class NeverProbes(Driver):
+    """Once the kernel is lost the mm never probes it again: it answers EIO for ever, and the intents the
+    loss left pending are never settled (a liveness bug: nothing is wrong at any one step)."""
+
+    def _probe(self) -> Any:
+        return Error(Errno.EIO, "no answer to the probe yet")
+
+
 # ---- the registry -------------------------------------------------------------------------------
 
 def _driver(name: str, core: type[MMCore] = MMCore, service: type[MMService] = MMService) -> type[Driver]:
@@ -226,6 +234,8 @@ BUGS: dict[str, Bug] = {
     # the recovery judgements exact settlement replaced
     "recovery_one_snapshot": Bug("recovery judges every pending intent against one reading of the kernel's "
                                  "reference counts", driver=_driver("OneSnapshotDriver", core=RecoveryOneSnapshot)),
+    "mm_never_probes": Bug("once the kernel is lost the mm never probes it again: pending intents never settle "
+                           "(found by the liveness phase)", driver=NeverProbes),
     "recovery_frees_both_done": Bug("recovery judges frees against one reading of reference counts: two frees of "
                                     "shared frames, one carried out, are both judged done",
                                     driver=_driver("FreesBothDoneDriver", core=RecoveryFreesBothDone)),
