@@ -13,8 +13,11 @@ Fault *families* (``FAMILIES``), each one kind of trouble:
   kernel reply to a call that changes something arrives (the kernel did it,
   the mm never hears); with a journal batch written but not committed; right
   after a commit, before what it released is sent (the intent's kernel call,
-  the reply); about to send a client its reply. Some seeds also crash it
-  during start-up.
+  the reply); about to send a client its reply.
+- ``startup_crash``: the mm dies once, during start-up, as the kernel's reply
+  to its first call that changes something arrives (a donation, a process),
+  before its journal holds much; it must settle with the kernel from (nearly)
+  nothing.
 - ``recovery_crash``: the mm dies during its next recovery (after a few of
   the kernel's replies to it); the next recovery settles what it left.
 - ``partition``: the mm and the kernel cannot reach each other for a while
@@ -90,6 +93,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("client_death", "per step", 1 / 3000, 1 / 300, 1 / 3000),
     Family("mm_crash", "per step", 1 / 4000, 1 / 400, 1 / 4000),
     Family("recovery_crash", "per step", 1 / 4000, 1 / 400, 1 / 4000),
+    Family("startup_crash", "once", 1.0, 1.0, 1.0),
     Family("partition", "per step", 1 / 3000, 1 / 300, 1 / 3000),
     Family("lost_after_exec", "per step", 1 / 3000, 1 / 200, 1 / 3000),
     Family("lost_after_shared", "per step", 1 / 3000, 1 / 150, 1 / 3000),
@@ -220,8 +224,8 @@ def make_plan(seed: int, steps: int, arch: str | None = None, memory: int = 16 <
             if step > steps:
                 break
             faults.setdefault(step, []).append((kind, _variant(rng, kind)))
-    if families["mm_crash"] and rng.random() < 0.5:  # crash during start-up, before the journal has much
-        faults.setdefault(rng.randint(2, 30), []).append(("mm_crash", "kernel_reply"))
+    if families["startup_crash"]:  # armed at once: the first reply to a changing call
+        faults.setdefault(1, []).append(("mm_crash", "kernel_reply"))
     plan = Plan(seed=seed, mode=mode, arch=arch, memory=memory, pool=pool, mm=mm, kernel_quota=kquota,
                 room=len(workloads) + 2,
                 compact_every=compact_every, net=net, workloads=workloads, families=families, faults=faults,

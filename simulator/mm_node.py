@@ -27,8 +27,8 @@ requests, housekeeping and the kernel's health are the driver's.
   ``NewBoot``/``Fatal``: violations (the simulated kernel never restarts).
 
 Crashes: ``crash`` at any step, or armed to strike at a boundary
-(``faults.CRASH_POINTS``): a kernel reply to a changing call arriving (not
-fed), a journal batch written (never committed), a commit made (the actions
+(``faults.CRASH_POINTS``): the kernel's ok reply to a changing call arriving
+(not fed: the kernel did it, the mm never hears), a journal batch written (never committed), a commit made (the actions
 it releases never performed), a reply about to go out, or the k-th kernel
 reply of a recovery. The node is also the mm's observer (``mm_service.observe``):
 records applied go to the view's incremental check and to the world's judge
@@ -242,15 +242,14 @@ class MMNode(MMObserver):
             w.faults["reply_to_gone_connection"] += 1
             return
         try:
-            kid = wire.parse_reply(msg.data).get("id")
+            reply = wire.parse_reply(msg.data)
         except ValueError:
             w.flag("I10", "the kernel sent the mm a malformed reply")
             return
-        p = self.pending.pop(kid, None)
+        p = self.pending.pop(reply.get("id"), None)
         if p is None:
             return  # late: a request it gave up on (or answered already: a duplicate)
         if self.phase == "connecting":
-            reply = wire.parse_reply(msg.data)
             if reply.get("ok") is not True:
                 w.flag("I10", f"the kernel refused the mm's {p[4]}: {reply.get('error')}")
                 return
@@ -261,7 +260,7 @@ class MMNode(MMObserver):
                 assert self.hello is not None
                 self._started(self.hello, reply["result"])
             return
-        if self.armed == "kernel_reply" and p[4] in KERNEL_MUTATING:
+        if self.armed == "kernel_reply" and p[4] in KERNEL_MUTATING and reply.get("ok") is True:
             self.crash(f"as the kernel's reply to {p[4]} arrived")  # the kernel did it; the mm never hears
             return
         if self.in_recovery(p[4]):

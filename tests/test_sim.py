@@ -18,27 +18,27 @@ from simulator.faults import CRASH_POINTS, FAMILIES, make_plan
 from simulator.runner import BENCH_SETTINGS, bench, detection, run_seed, run_seeds
 from simulator.world import LIVENESS_STEPS, World
 
-SWEEP_SEEDS = 160
+SWEEP_SEEDS = 240
 SWEEP_STEPS = 1500
 BUG_STEPS = 2000
 
 # each planted bug: the invariants meant to catch it, and the number of seeds (of BUG_STEPS steps, from seed 0,
-# swarm testing) within which it must be found; each bound is about three times the seeds the first finding took
-# when it was set, and at least 5
+# swarm testing) within which it must be found. Each bound is the smallest that keeps the chance of a miss below
+# about 0.2% at the share of seeds that found the bug among seeds 0-99 when it was set (in the comment)
 EXPECTED = {
-    "donate_skips_refcount": ({"I9", "I3", "I5"}, 20),
-    "unmap_forgets_decrement": ({"I4"}, 5),
-    "kernel_replay_disabled": ({"I12"}, 5),
-    "lease_forgets_frames": ({"I4", "I11"}, 10),
+    "donate_skips_refcount": ({"I9", "I3", "I5"}, 15),  # 36%
+    "unmap_forgets_decrement": ({"I4"}, 6),  # 64%
+    "kernel_replay_disabled": ({"I12"}, 6),  # 66%
+    "lease_forgets_frames": ({"I4", "I11"}, 20),  # 26%
     # bugs the simulator found in the real mm, planted back as regressions
-    "mm_undo_on_eio": ({"I8"}, 5),
-    "mm_volatile_replies": ({"I12"}, 40),
-    "mm_trusts_empty_journal": ({"I8"}, 80),
-    "mm_reply_before_journal": ({"I8"}, 5),
-    "mm_never_probes": ({"I10"}, 5),
+    "mm_undo_on_eio": ({"I8"}, 15),  # 37%
+    "mm_volatile_replies": ({"I12"}, 60),  # 10%
+    "mm_trusts_empty_journal": ({"I8"}, 50),  # 12%
+    "mm_reply_before_journal": ({"I8"}, 3),  # 98%
+    "mm_never_probes": ({"I10"}, 6),  # 69%
     # the recovery judgements exact settlement replaced
-    "recovery_one_snapshot": ({"I8"}, 25),
-    "recovery_frees_both_done": ({"I8"}, 25),
+    "recovery_one_snapshot": ({"I8"}, 40),  # 15%
+    "recovery_frees_both_done": ({"I8"}, 60),  # 10%
 }
 
 
