@@ -153,8 +153,8 @@ def test_cli_sim_reports_each_way_of_checking_and_detection():
     assert keys == checking | detect
     _check_figures(data["figures"], checking)
     assert data["details"]["sim"]["target_ops_per_s"] == 20_000
-    det = data["details"]["sim"]["detection"]
-    assert det["unmap_forgets_decrement"] == {"swarm": 1, "fixed": 1}  # found by the first seed both ways
+    det = data["details"]["sim"]["detection"]["unmap_forgets_decrement"]
+    assert det["swarm"] == det["fixed"] == {"first": 1, "found": 1, "seeds": 1, "per_find": 1.0}  # seed 0, both ways
     by_key = {f["key"]: f for f in data["figures"]}
     assert by_key["sim.detect.unmap_forgets_decrement"]["value"] == 1
     assert by_key["sim.detect.total"]["verdict"] == "info"

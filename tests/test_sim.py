@@ -384,6 +384,8 @@ def test_bench_reports_client_operations_per_cpu_second():
 
 
 def test_detection_counts_seeds_both_ways():
-    got = detection(["unmap_forgets_decrement"], most=3, steps=600)
+    got = detection(["unmap_forgets_decrement", "mm_reply_before_journal"], most=3, steps=BUG_STEPS)
     assert set(got["unmap_forgets_decrement"]) == {"swarm", "fixed"}
-    assert got["unmap_forgets_decrement"]["swarm"] == 1
+    for mode in ("swarm", "fixed"):
+        d = got["mm_reply_before_journal"][mode]
+        assert d["first"] == 1 and d["found"] == 3 and d["per_find"] == 1.0  # every seed finds it
