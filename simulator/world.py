@@ -33,9 +33,8 @@ Checks that need history, kept here:
 
 Quiet points: every ``plan.quiesce_every`` steps (once the mm is up and not
 cut off from the kernel) the clients stop starting requests until nothing is
-in flight, the mm is serving and idle with no
-pending intent and has read every kernel event; then everything is checked in
-full, I8 exactly (every frame's owner, every page of every process), the mm's
+in flight, the mm is serving and idle with no pending intent and has read
+every kernel event; then everything is checked in full, I8 exactly (every frame's owner, every page of every process), the mm's
 own audit (I8 and its I13 part), and every allocation the mm confirmed to a
 client. A system that never gets quiet is a violation too.
 
@@ -69,7 +68,8 @@ from protocol import wire
 from protocol.errors import Error
 
 QUIET_LIMIT = 3_000_000  # simulated microseconds a quiet point may take before it is a liveness violation
-LIVENESS_STEPS = 5_000  # steps after healing within which everything must be answered and settled (healthy seeds: under 1,000)
+LIVENESS_STEPS = 5_000  # steps after healing within which everything must be answered and settled
+# (healthy seeds take under 1,100)
 
 
 def key_of(name: str) -> str:
