@@ -18,7 +18,7 @@ from simulator.faults import CRASH_POINTS, FAMILIES, make_plan
 from simulator.runner import BENCH_SETTINGS, bench, detection, run_seed, run_seeds
 from simulator.world import LIVENESS_STEPS, World
 
-SWEEP_SEEDS = 240
+SWEEP_SEEDS = 400
 SWEEP_STEPS = 1500
 BUG_STEPS = 2000
 
