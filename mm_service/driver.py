@@ -68,6 +68,7 @@ from typing import Any, Callable
 
 from mm_service import health
 from mm_service import records as J
+from mm_service.observe import MMObserver
 from mm_service.policy import Admission, Config, KCall, MMCore, Op
 from mm_service.service import READ_ONLY, MMService
 from protocol import wire
@@ -163,9 +164,18 @@ class _Task:
 
 
 class Driver:
+    """The state machine (see the module docstring). ``observer`` (``mm_service.observe``) hears of every
+    request executed and every record applied to the view, from each boot on. A subclass may name other
+    ``core_class``/``service_class`` (the simulator's planted bugs do)."""
+
+    core_class: type[MMCore] = MMCore
+    service_class: type[MMService] = MMService
+
     def __init__(self, config: Config, mm_key: str, operator_key: str | None = None,
-                 admission: Admission | None = None, first_kid: int = 1, max_in_flight: int = 64) -> None:
+                 admission: Admission | None = None, first_kid: int = 1, max_in_flight: int = 64,
+                 observer: MMObserver | None = None) -> None:
         self.config = config
+        self.observer = observer
         self.mm_key = mm_key
         self.operator_key = operator_key
         self.admission = admission
@@ -197,8 +207,10 @@ class Driver:
     def boot(self, hello: dict[str, Any], address_map: dict[str, Any], records: Any = ()) -> list[Any]:
         """Serve kernel boot ``hello``/``address_map``, with the view rebuilt from this boot's journal
         ``records``; recovery (settling with the kernel) runs first. Returns the actions."""
-        self.core = core = MMCore(address_map, hello, dataclasses.replace(self.config), self.admission)
-        self.service = MMService(core, self.mm_key, self.operator_key)
+        self.core = core = self.core_class(address_map, hello, dataclasses.replace(self.config), self.admission)
+        self.service = self.service_class(core, self.mm_key, self.operator_key)
+        if self.observer is not None:
+            self.service.set_observer(self.observer)
         self.replayed = self.service.restore(records)
         self.watch.boot_id = health.boot_of(hello)
         self.watch.lost = None

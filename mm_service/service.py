@@ -37,6 +37,7 @@ import logging
 from typing import Any
 
 from mm_service import records as J
+from mm_service.observe import NO_OBSERVER, MMObserver
 from mm_service.policy import KCall, MMCore, Op, Persist, intent_result, offer_result
 from protocol import wire
 from protocol.calls import MM_CALLS, validate
@@ -58,6 +59,15 @@ class MMService:
         self.durable = ReplayCache(per_identity=SNAPSHOT_REPLIES, pinned=self.pinned)  # what a restart brings back
         self.recovery: dict[str, Any] | None = None
         self.provisional: dict[tuple[str, int], int] = {}  # (caller, request id) -> its intent: EIO answered
+        self.observer: MMObserver = NO_OBSERVER
+        self._watched = False
+
+    def set_observer(self, observer: MMObserver | None) -> None:
+        """Tell ``observer`` of every request executed and every record applied to the view (None: nobody;
+        see ``mm_service.observe``)."""
+        self.observer = observer if observer is not None else NO_OBSERVER
+        self._watched = self.observer is not NO_OBSERVER
+        self.core.view.set_observer(observer)
 
     def pinned(self, identity: str) -> bool:
         """Callers whose replies others' traffic never evicts: live clients, the operator, the mm."""
@@ -76,6 +86,8 @@ class MMService:
         cached = self.replay.lookup(identity, req_id, digest)
         if cached is not None:
             return cached
+        if self._watched:
+            self.observer.replay_miss(identity, req_id)
         model = validate(MM_CALLS, call, args)
         acted = False
         if isinstance(model, Error):

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mm_service import records as J
+from mm_service.observe import NO_OBSERVER, MMObserver
 from protocol import runs as R
 
 NONE, KERNEL, FREE, USED = 0, 1, 2, 3
@@ -153,6 +154,13 @@ class View:
         self.last_intent = 0  # the highest intent number ever journaled (intent numbers are never reused)
         self.changes = 0  # bumped by every change of a frame's state (placement may differ afterwards)
         self.ram = int(np.count_nonzero(self.state))
+        self.observer: MMObserver = NO_OBSERVER  # told of every record applied (``mm_service.observe``)
+        self._watched = False
+
+    def set_observer(self, observer: MMObserver | None) -> None:
+        """Tell ``observer`` of every record applied from now on (None: nobody)."""
+        self.observer = observer if observer is not None else NO_OBSERVER
+        self._watched = self.observer is not NO_OBSERVER
 
     # ---- queries ----------------------------------------------------------
 
@@ -294,8 +302,11 @@ class View:
             self._close_offer(o)
 
     def apply(self, rec: J.Record) -> None:
-        """Apply one journal record (``mm_service.records``)."""
+        """Apply one journal record (``mm_service.records``): the only way the view changes (an observer
+        hears of each, after it is applied)."""
         self._apply[type(rec)](self, rec)
+        if self._watched:
+            self.observer.applied(rec)
 
     def _new_client(self, rec: J.NewClient) -> None:
         if rec.key in self.clients:  # (a process the view had lost track of: the old one is gone)

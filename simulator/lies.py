@@ -121,7 +121,7 @@ def client_mm_lie(world: World, rng: random.Random, identity: str) -> tuple[str,
     while vaddr in taken:
         vaddr += 0x1000
     block = core.view.block
-    quota = core.config.quota or 1
+    quota = core.quota or 1
     lies: list[tuple[str, str, dict[str, Any]]] = [
         ("free_not_own", "free", {"vaddr": vaddr, "pages": 1}),
         ("share_not_own", "share", {"vaddr": vaddr, "pages": 1, "peer": "y" * 40, "peer_vaddr": 0x5000_0000}),
@@ -177,7 +177,7 @@ def lie_client(world: World) -> None:
     rng = world.lie_rng
     live = [c for c in world.clients.values() if c.alive]
     identity = live[rng.randrange(len(live))].identity if live and rng.random() < 0.85 else world.outsider
-    to_mm = world.mm.alive and rng.random() < 0.4
+    to_mm = world.mm.service is not None and rng.random() < 0.4
     if rng.random() < 0.15:
         name, data = garbage(world, rng)
     elif to_mm:

@@ -1,413 +1,448 @@
-"""The simulated memory manager process: the real ``MMService``/``MMCore`` driven effect by effect.
+"""The simulated memory manager process: the real ``mm_service.driver.Driver``, with simulated I/O.
 
-The node is the sans-I/O policy's driver, as ``mm_service.server`` is for the
-real process, but each effect takes its own simulated step, so a crash can
-fall between any two of them (after the kernel answered and before the
-journal write, after the journal write and before the reply, ...):
+The node is to the driver what ``mm_service.server`` is: it feeds it the same
+events and performs the same actions, with the network, the clock and the
+journal simulated. Nothing of the mm is re-implemented: boot, recovery,
+requests, housekeeping and the kernel's health are the driver's.
 
-- ``Persist(ops)``: written to the simulated journal (``mutants.Journal``),
-  which is all that survives a crash;
-- ``KCall(call, args)``: sent to the kernel over the simulated network with a
-  fresh request id; with no reply within the timeout the *same bytes* are
-  sent again (the Lazy Pirate of ``protocol.connection``), and when the
-  retries run out the policy gets ``Error(EIO)``, as from the real ``kcall``.
+- Start: ``hello`` then ``address_map`` asked of the kernel (a new request
+  after each timeout, as ``connect_kernel`` does), then ``Driver.boot`` with
+  the journal's records; client requests that arrive while the boot's
+  recovery runs are held and handed over once it is done (the real server
+  binds its client socket only then).
+- Wake-ups: what arrives within ``Timing.mm_wake`` (kernel replies, client
+  requests, the tick) is fed to the driver in one ``handle`` call, so the
+  records of those requests go in one journal batch.
+- ``SendKernel``: sent to the kernel on the current connection; with no
+  reply within the timeout the same bytes are sent again (``KernelResent``),
+  ``retries`` times, then ``KernelTimeout`` (a probe: once, a shorter
+  timeout). Replies to requests no longer pending are dropped, as the server
+  drops them. ``ResetKernel``: a new connection (replies to the old one are
+  lost).
+- ``WriteJournal``: the journal (a list of committed batches, encoded in the
+  records' one wire form: all that survives a crash) gets the batch after
+  ``Timing.persist`` (a batch with a snapshot replaces everything before it);
+  then ``JournalCommitted``.
+- ``SendReply``: to the client over the network. ``Log``: into the trace.
+  ``NewBoot``/``Fatal``: violations (the simulated kernel never restarts).
 
-Jobs run one at a time, like the real server: a client request (then
-``maintain``, which compacts the journal when a snapshot is due: every
-10-150 ops, drawn from the seed, so crashes fall around compactions too), a
-tick, or, after a restart, ``recover`` (the journal replayed into the view
-and the replay cache first) then ``maintain``. As in ``mm_service.server``: a
-kernel call that gets no answer marks the kernel *lost*, and while it is lost
-every kernel call fails at once with EIO; each tick runs the real
-``mm_service.health.check`` (its ``hello`` a probe, never resent), so when a
-lost kernel answers again the mm settles with it (``recover``) before it
-reads events, keeps its watermarks and journals what requests deferred.
-(The real server's boot-id check after a resend is left out: the simulated
-kernel never restarts.)
-
-I12 across crashes: a request that a crash cut short may run again when the
-client resends it to the restarted mm only if the kernel had not carried
-out its map or unmap (it had no effect); if the kernel had, recovery must
-answer the resend from the journal, and running it again is a violation.
+Crashes: ``crash`` at any step, or armed to strike at a boundary
+(``faults.CRASH_POINTS``): the kernel's ok reply to a changing call arriving
+(not fed: the kernel did it, the mm never hears), a journal batch written (never committed), a commit made (the actions
+it releases never performed), a reply about to go out, or the k-th kernel
+reply of a recovery. The node is also the mm's observer (``mm_service.observe``):
+records applied go to the view's incremental check and to the world's judge
+of settlements; replay-cache misses to the world's I12 check.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Generator
+from collections import namedtuple
 from typing import TYPE_CHECKING, Any
 
-from simulator.faults import child
-from simulator.mutants import Journal
+import msgpack
+
 from simulator.net import Msg
-from mm_service import health
-from mm_service.policy import Config, KCall, MMCore, Persist
+from mm_service import driver as D
+from mm_service import records as J
+from mm_service.observe import MMObserver
+from mm_service.policy import Config, MMCore
 from mm_service.service import MMService
 from protocol import wire
-from protocol.errors import Errno, Error
 
 if TYPE_CHECKING:
     from simulator.world import World
 
-MUTATING = frozenset(("alloc", "alloc(large)", "free", "share"))
 KERNEL_MUTATING = frozenset(("donate", "reclaim", "map", "unmap", "proc_create", "proc_destroy"))
+MUTATING = frozenset(("alloc", "free", "share", "accept"))
+Grant = namedtuple("Grant", "quota kernel_quota")  # an admitted key's quotas (None: the mm's defaults)
+DEFAULT_GRANT = Grant(None, None)
 
 
-class MMNode:
-    def __init__(self, world: World, key: str, journal: Journal) -> None:
+class MMNode(MMObserver):
+    def __init__(self, world: World, key: str, operator: str, driver_class: type[D.Driver]) -> None:
         self.world = world
         self.key = key
-        self.journal = journal
-        journal.on_durable = self._durable
+        self.operator = operator
+        self.driver_class = driver_class
+        self.journal: list[bytes] = []  # committed batches: all that survives a crash
         self.inc = 0  # incarnation: bumped by every restart; stale events and replies are dropped
         self.alive = False
-        self.next_kid = 1  # kernel request ids only grow, across restarts too (the real ones start
-        # from the clock)
-        self.executed: set[tuple[str, int]] = set()  # (identity, request id) executed by this incarnation
-        self.answered: set[tuple[str, int]] = set()  # ... and answered, by any incarnation (I12)
-        self.started: set[tuple[str, int]] = set()  # ... or only started, by any incarnation
-        self.core: MMCore | None = None
-        self.service: MMService | None = None
-        self.job: tuple[str, Generator, Any] | None = None
-        self.value: Any = None
-        self.jobs: deque[tuple[str, Generator]] = deque()
-        self.inbox: deque[Msg] = deque()
-        self.waiting: tuple[int, bytes, int, int, str] | None = None  # kernel request id, bytes, attempt,
-        # retries, call
-        self.tick_due = False
-        self.step_scheduled = False
-        self.durable_outcomes: set[int] = set()  # intents whose outcome the journal can settle: the intent
-        # is durable (its done/undo rides with a later write; recovery settles it from the kernel)
-        self.request_kids: dict[tuple[str, int], list[int]] = {}  # (identity, request id) -> the ids of the
-        # map/unmap kernel calls the mm made for it (the world records which ones the kernel carried out)
-        self.current: tuple[str, int] | None = None
-        self.fresh = False  # the current request missed the replay cache
-        self.endpoint: tuple = ("mm", 0)
-        self.crash_armed: str | None = None  # "kernel_reply" / "client_reply": crash at that boundary
-        self.job_kind_at_crash: str | None = None
-        self.watch = health.KernelWatch()  # lost: fail fast until a tick's probe gets an answer
-        self.compact_every = child(world.seed, "mm-compact").randint(10, 150)
-        self.probe_next = False  # the next KCall is the tick's probe: sent even when lost, never resent
-        self.job_effects = 0
+        self.phase = "down"  # "down", "connecting", "starting" (the boot's recovery), "serving"
+        self.driver: D.Driver | None = None
+        self.conn = 0  # the kernel connection (ResetKernel opens a new one)
+        self.pending: dict[int, list[Any]] = {}  # kid -> [bytes, attempt, resends, probe, call]
+        self.next_kid = 0
+        self.hello: dict | None = None
+        self.backlog: list[Msg] = []  # client requests that came while starting
+        self.inbox: list[Any] = []  # events for the next wake-up
+        self.wake_at = -1  # when the next wake-up is scheduled (-1: none)
+        self.writing: tuple[int, list] | None = None  # the batch being committed
+        self.peers: dict[int, tuple[Any, str | None, bytes, str]] = {}  # token -> (client endpoint, identity,
+        # request bytes, call)
+        self.next_peer = 0
+        self.armed: str | None = None  # a crash point (faults.CRASH_POINTS) to die at
+        self.recovery_replies = 0  # kernel replies fed during the current recovery (for "recovery" crashes)
+        self.arm_after = 0
+        self.partition_armed = False  # a partition starts when the next recovery does
+        self.booting = False  # Driver.boot is replaying the journal (records applied are not new)
+        self.fresh: set[tuple[str, int]] = set()  # requests executed (not from the replay cache), not answered
+        self.recovering = False
 
-    # ---- life -----------------------------------------------------------------------
+    # ---- what the world and the checks read -------------------------------------------------
+
+    @property
+    def core(self) -> MMCore | None:
+        return self.driver.core if self.driver is not None else None
+
+    @property
+    def service(self) -> MMService | None:
+        return self.driver.service if self.driver is not None and self.phase != "connecting" else None
+
+    @property
+    def endpoint(self) -> tuple:
+        return ("mm", self.inc, self.conn)
+
+    def quiet(self) -> bool:
+        """Serving with nothing in flight: no request, housekeeping, kernel call or journal write; the
+        kernel not lost; nothing waiting to be fed."""
+        d = self.driver
+        return (self.alive and self.phase == "serving" and d is not None and d.quiet and not self.pending
+                and self.writing is None and not self.inbox and not self.backlog and d.watch.lost is None)
+
+    # ---- life -----------------------------------------------------------------------------
 
     def boot(self) -> None:
         w = self.world
-        svc = w.kernel.svc
-        now = w.clock.now / 1e6
-        hello = svc.call(self.key, "hello", now=now)
-        amap = svc.call(self.key, "address_map", now=now)
-        assert isinstance(hello, dict) and isinstance(amap, dict), (hello, amap)
         self.inc += 1
-        self.endpoint = ("mm", self.inc)
         self.alive = True
-        bug = w.the_bug
-        core = bug.mm_core(amap, hello, Config(**w.plan.mm, quota=w.quota, compact_every=self.compact_every))
-        ops = self.journal.replay()
-        self.core = core
-        self.service = service = bug.mm_service(core, self.key)
-        service.restore(ops)
-        self._observe(core, service)
-        self.job = None
-        self.watch = health.KernelWatch(boot_id=health.boot_of(hello))
-        first = ("recover", service.recover()) if ops or bug.recover_empty_journal else ("refresh", core.refresh())
-        self.jobs = deque([first, ("maintain", service.maintain())])
-        self.inbox.clear()
-        self.waiting = None
-        self.step_scheduled = False
-        self.durable_outcomes = set()
-        self.executed = set()  # a request the last incarnation died in the middle of may run again:
-        # recovery settled whatever it had done (I12 holds for requests that were answered)
-        w.view_dirty = True
-        w.clock.after(w.plan.timing.mm_tick, "mm_tick", self.inc)
+        self.phase = "connecting"
+        self.conn = 0
+        self.pending = {}
+        self.inbox = []
+        self.wake_at = -1
+        self.writing = None
+        self.peers = {}
+        self.backlog = []
+        self.fresh = set()
+        self.driver = None
+        self.recovering = False
+        self.next_kid = self.inc << 40  # never an id an earlier incarnation used (the kernel remembers them)
         if self.inc > 1:
-            w.trace.event(w.step, w.clock.now, "mm_restart", incarnation=self.inc, journal_ops=len(ops),
-                          pending=len(core.view.pending))
-        self.kick()
+            w.trace.event(w.step, w.clock.now, "mm_restart", incarnation=self.inc, journal_batches=len(self.journal))
+        self._connect("hello")
 
-    def _observe(self, core: MMCore, service: MMService) -> None:
+    def _connect(self, call: str) -> None:
+        """One start-up call (a new request each time, as ``MMServer.connect_kernel`` makes them)."""
+        kid = self.next_kid
+        self.next_kid += 1
+        self._send_kernel(kid, wire.request(kid, call, {}), call, 0, False)
+
+    def _started(self, hello: dict, amap: dict) -> None:
         w = self.world
-        view_apply = core.view.apply
+        cfg = Config(**w.plan.mm, kernel_quota=w.plan.kernel_quota, room=w.plan.room,
+                     compact_every=w.plan.compact_every)
+        self.driver = d = self.driver_class(cfg, self.key, self.operator, admission=w.admission,
+                                            first_kid=self.next_kid, observer=self)
+        records = [J.decode(item) for blob in self.journal for item in msgpack.unpackb(blob, raw=False,
+                                                                                        strict_map_key=False)]
+        self.phase = "starting"
+        self.booting = True
+        try:
+            actions = d.boot(hello, amap, records)
+        finally:
+            self.booting = False
+        w.view_dirty = True
+        if w.vtrack is not None:
+            w.vtrack.view = None  # a new view: the next check of it is a full one
+        w.trace.event(w.step, w.clock.now, "mm_boot", incarnation=self.inc, records=len(records),
+                      pending=len(d.core.view.pending) if d.core else 0)
+        w.clock.after(w.plan.timing.mm_tick, "mm_tick", self.inc)
+        self.perform(actions)
+        self._maybe_serving()
 
-        def apply(op: dict[str, Any]) -> None:
-            w.view_dirty = True
-            track = w.vtrack
-            if track is not None:  # the clients and frames this op may change, for the incremental check
-                kind = op.get("op")
-                if kind in ("done", "undo"):
-                    track.touch((core.view.pending.get(op.get("n")) or {}).get("key"))
-                elif kind == "snapshot":
-                    track.view = None  # everything replaced: the next check is a full one
-                else:
-                    track.touch(op.get("key"), op.get("frames"))
-            view_apply(op)
+    def _maybe_serving(self) -> None:
+        d = self.driver
+        if self.alive and self.phase == "starting" and d is not None and not d.house and d.house_task is None:
+            self.phase = "serving"
+            held, self.backlog = self.backlog, []
+            for msg in held:
+                self._take_request(msg)
 
-        core.view.apply = apply  # type: ignore[method-assign]
-        lookup = service.replay.lookup
-
-        def counted_lookup(identity: str, req_id: int, digest: bytes) -> bytes | None:
-            hit = lookup(identity, req_id, digest)
-            if hit is None:
-                self.fresh = True
-                key = (identity, req_id)
-                if key in self.executed:
-                    w.flag("I12", f"the mm executed request #{req_id} of {w.trace.name(identity)} a second time")
-                elif key in self.answered:
-                    w.flag("I12", f"the mm executed request #{req_id} of {w.trace.name(identity)} again after a "
-                                  "restart, though it had answered it before (its replay cache is not durable)")
-                elif key in self.started:  # a crash cut its first run short
-                    done = [k for k in self.request_kids.get(key, ()) if k in w.kernel_did]
-                    if done:
-                        w.flag("I12", f"the mm executed request #{req_id} of {w.trace.name(identity)} again after a "
-                                      f"restart, though the kernel had carried out its kernel request #{done[0]} "
-                                      "before the crash (recovery must answer the resend, not run it)")
-                    else:
-                        w.faults["mm_rerun_no_effect"] += 1  # the kernel had done nothing for it: it may run
-                self.executed.add(key)
-                self.started.add(key)
-            return hit
-
-        service.replay.lookup = counted_lookup  # type: ignore[method-assign]
-
-    def crash(self, where: str = "at a step") -> None:
+    def crash(self, where: str) -> None:
         w = self.world
         w.faults["mm_crash"] += 1
-        self.crash_armed = None
+        w.faults[f"mm_crash:{where}"] += 1
+        d = self.driver
+        w.trace.event(w.step, w.clock.now, "mm_crash", incarnation=self.inc, where=where, phase=self.phase,
+                      house=d.house_task.name if d is not None and d.house_task is not None else None,
+                      in_flight=len(self.pending))
         self.alive = False
-        self.job = None
-        self.jobs.clear()
-        self.inbox.clear()
-        self.waiting = None
-        self.step_scheduled = False
-        self.journal.crash()
-        t = w.plan.timing
-        w.trace.event(w.step, w.clock.now, "mm_crash", incarnation=self.inc, where=where,
-                      job=self.job_kind_at_crash)
-        w.clock.after(w.rng.randint(*t.mm_restart), "mm_restart", self.inc)
+        self.phase = "down"
+        self.armed = None
+        self.driver = None
+        self.pending = {}
+        self.inbox = []
+        self.writing = None
+        self.peers = {}
+        self.backlog = []
+        w.mm_crashed()
+        w.clock.after(w.rng.randint(*w.plan.timing.mm_restart), "mm_restart", self.inc)
 
-    @property
-    def lost(self) -> bool:
-        return self.watch.lost is not None
+    def restart(self, inc: int) -> None:
+        if inc == self.inc and not self.alive:
+            self.boot()
 
-    def _durable(self, ops: list[dict[str, Any]]) -> None:
-        for op in ops:
-            if op["op"] == "intent":
-                self.durable_outcomes.add(op["n"])
-
-    # ---- scheduling -------------------------------------------------------------------
-
-    def idle(self) -> bool:
-        return (self.alive and self.job is None and not self.jobs and not self.inbox and not self.step_scheduled
-                and self.waiting is None)
-
-    def _schedule(self, delay: int) -> None:
-        self.step_scheduled = True
-        self.world.clock.after(delay, "mm_step", self.inc)
-
-    def kick(self) -> None:
-        """Start the next job if the mm is free."""
-        if not self.alive or self.job is not None or self.step_scheduled:
+    def arm(self, point: str) -> None:
+        """Die at the next such boundary (``faults.CRASH_POINTS``; "step": now)."""
+        if not self.alive:
             return
-        core, service = self.core, self.service
-        assert core is not None and service is not None
-        if self.jobs:
-            kind, gen = self.jobs.popleft()
-            self.job = (kind, gen, None)
-        elif self.tick_due:
-            self.tick_due = False
-            self.job = ("tick", self._tick(core), None)
-        elif self.inbox:
-            msg = self.inbox.popleft()
-            parsed = wire.parse_request(msg.data)
-            rid = parsed[0]
-            call = parsed[1] if len(parsed) == 3 else "?"
-            if call == "alloc" and parsed[2].get("large") is True:
-                call = "alloc(large)"  # counted apart: the workloads use large pages too
-            if call == "free" and isinstance(parsed[2].get("vaddr"), int):
-                self.world.promised.pop((msg.identity, parsed[2]["vaddr"]), None)  # asked to free it: no
-                # longer promised, whether or not the reply makes it back
-            self.fresh = False
-            self.job = ("request", service.handle(msg.identity, msg.data), (msg, rid, call, core.intent_no))
-        else:
+        if point == "step":
+            self.crash("at a step")
             return
-        self.value = None
-        self.job_effects = 0
-        self._schedule(self.world.plan.timing.mm_effect)
+        self.armed = point
+        self.arm_after = self.world.rng.randint(1, 6) if point == "recovery" else 0
 
-    def _tick(self, core: MMCore) -> Generator:
-        """The real server's tick: ``health.check`` (its hello is the probe), then events, watermarks
-        and the deferred ops journaled."""
-        assert self.service is not None
-        w = self.world
-        self.probe_next = True
-        verdict = yield from health.check(self.watch, self.service)
-        if verdict.state == "back":
-            rec = verdict.recovery or {}
-            w.trace.event(w.step, w.clock.now, "mm_reconciled", settled=rec["settled_intents"],
-                          found=rec["found"]["divergences"], remaining=rec["remaining"]["divergences"])
-        elif verdict.state in ("new_boot", "foreign", "refused"):
-            w.flag("I10", f"the mm's kernel check says {verdict.state} ({verdict.message}) of a kernel that never "
-                          "restarted")
-        if verdict.serving:
-            yield from core.poll_events()
-            yield from self.service.maintain()
-        yield from core.flush()
+    # ---- the kernel connection ------------------------------------------------------------
 
-    def tick(self, inc: int) -> None:
-        if inc != self.inc or not self.alive:
-            return
-        self.tick_due = True
-        self.kick()
-        self.world.clock.after(self.world.plan.timing.mm_tick, "mm_tick", self.inc)
-
-    # ---- effects -------------------------------------------------------------------------
-
-    def step(self, inc: int) -> None:
-        if inc != self.inc or not self.alive or self.job is None:
-            return
-        self.step_scheduled = False
-        w = self.world
-        kind, gen, meta = self.job
-        try:
-            effect = gen.send(self.value)
-        except StopIteration as stop:
-            self.finish(kind, meta, stop.value)
-            return
-        except Exception as exc:  # noqa: BLE001 - any exception out of the mm is the finding itself
-            w.flag("I10", f"the mm raised {type(exc).__name__} in {kind}: {exc}")
-            self.job = None
-            return
-        self.job_effects += 1
-        if isinstance(effect, Persist):
-            self.journal.write(effect.ops)
-            self.value = None
-            self._schedule(w.plan.timing.persist)
-        elif isinstance(effect, KCall):
-            probe, self.probe_next = self.probe_next, False
-            if self.lost and not probe:  # fail fast, as the real server does while the kernel is away
-                self.value = Error(Errno.EIO, "the kernel is unreachable; the mm probes it every tick")
-                self._schedule(w.plan.timing.mm_effect)
-                return
-            kid = self.next_kid
-            self.next_kid += 1
-            if kind == "request" and effect.call in ("map", "unmap"):
-                self.request_kids.setdefault((meta[0].identity, meta[1]), []).append(kid)
-            data = wire.request(kid, effect.call, effect.args)
-            retries = 0 if probe else w.plan.timing.mm_retries
-            self.waiting = (kid, data, 0, retries, effect.call)
-            w.net.send(Msg(("kernel",), self.endpoint, self.key, data, False, 0))
-            w.clock.after(w.plan.timing.mm_timeout, "mm_timeout", self.inc, kid, 0)
-        else:
-            w.flag("I10", f"the mm policy yielded an unknown effect {effect!r}")
-
-    def timeout(self, inc: int, kid: int, attempt: int) -> None:
-        if inc != self.inc or not self.alive or self.waiting is None or self.waiting[0] != kid \
-                or self.waiting[2] != attempt:
-            return
+    def _send_kernel(self, kid: int, data: bytes, call: str, resends: int, probe: bool) -> None:
         w = self.world
         t = w.plan.timing
-        _, data, _, retries, call = self.waiting
-        if attempt < retries:
-            self.waiting = (kid, data, attempt + 1, retries, call)
+        self.pending[kid] = [data, 0, resends, probe, call]
+        w.net.send(Msg(("kernel",), self.endpoint, self.key, data, False, call))
+        w.clock.after(t.probe_timeout if probe else t.mm_timeout, "mm_ktimeout", self.inc, self.conn, kid, 0)
+
+    def kernel_timeout(self, inc: int, conn: int, kid: int, attempt: int) -> None:
+        if inc != self.inc or conn != self.conn or not self.alive:
+            return
+        p = self.pending.get(kid)
+        if p is None or p[1] != attempt:
+            return
+        w = self.world
+        if self.phase == "connecting":
+            del self.pending[kid]
+            self._connect(p[4])
+            return
+        if attempt < p[2]:
+            p[1] = attempt + 1
             w.faults["resend_mm"] += 1
-            w.net.send(Msg(("kernel",), self.endpoint, self.key, data, False, 0))
-            w.clock.after(t.mm_timeout, "mm_timeout", self.inc, kid, attempt + 1)
+            w.net.send(Msg(("kernel",), self.endpoint, self.key, p[0], False, p[4]))
+            w.clock.after(w.plan.timing.mm_timeout, "mm_ktimeout", self.inc, self.conn, kid, attempt + 1)
+            self._queue(D.KernelResent(kid))
             return
-        self.waiting = None
-        self.watch.lose(f"no reply to {call}")
-        w.faults["mm_gave_up"] += 1
-        w.trace.event(w.step, w.clock.now, "mm_gave_up", request=kid, attempts=retries + 1,
-                      job=self.job[0] if self.job else None)
-        self.value = Error(Errno.EIO, f"no reply from the kernel after {retries + 1} attempt(s)")
-        self._schedule(0)
+        del self.pending[kid]
+        if not p[3]:
+            w.faults["mm_gave_up"] += 1
+            w.trace.event(w.step, w.clock.now, "mm_gave_up", request=kid, call=p[4], attempts=p[2] + 1)
+        self._queue(D.KernelTimeout(kid))
 
     def deliver_reply(self, msg: Msg) -> None:
+        w = self.world
         if msg.dst != self.endpoint or not self.alive:
-            return  # a reply to an earlier incarnation: its socket is gone
-        if self.waiting is None:
+            w.faults["reply_to_gone_connection"] += 1
             return
         try:
             reply = wire.parse_reply(msg.data)
         except ValueError:
-            self.world.flag("I10", "the kernel sent the mm a malformed reply")
+            w.flag("I10", "the kernel sent the mm a malformed reply")
             return
-        if reply.get("id") != self.waiting[0]:
-            return  # a late reply to an earlier request
-        call = self.waiting[4]
-        self.waiting = None
-        w = self.world
-        if self.crash_armed == "kernel_reply" and call in KERNEL_MUTATING:
-            self._crash_in_job(f"after the kernel's reply to {call}")  # the kernel did it; the mm dies
-            return  # before it notes it anywhere
-        if w.death_armed and self.job is not None and self.job[0] == "request":
-            w.death_armed = False  # the client dies while the mm works on its request
-            c = w.client_of(self.job[2][0].identity)
-            if c is not None and c.alive:
-                w.kill(c)
-        if reply.get("ok") is True:
-            result = reply.get("result")
-            self.value = result if isinstance(result, dict) else {"value": result}
-        else:
-            self.value = Error.from_wire(reply.get("error"))
-        self._schedule(w.plan.timing.mm_effect)
+        p = self.pending.pop(reply.get("id"), None)
+        if p is None:
+            return  # late: a request it gave up on (or answered already: a duplicate)
+        if self.phase == "connecting":
+            if reply.get("ok") is not True:
+                w.flag("I10", f"the kernel refused the mm's {p[4]}: {reply.get('error')}")
+                return
+            if p[4] == "hello":
+                self.hello = reply["result"]
+                self._connect("address_map")
+            else:
+                assert self.hello is not None
+                self._started(self.hello, reply["result"])
+            return
+        if self.armed == "kernel_reply" and p[4] in KERNEL_MUTATING and reply.get("ok") is True:
+            self.crash(f"as the kernel's reply to {p[4]} arrived")  # the kernel did it; the mm never hears
+            return
+        if self.in_recovery(p[4]):
+            if self.armed == "recovery":
+                self.recovery_replies += 1
+                if self.recovery_replies >= self.arm_after:
+                    self.crash(f"during recovery (at its kernel reply to {p[4]})")
+                    return
+        self._queue(D.KernelReply(msg.data))
 
-    def _crash_in_job(self, where: str) -> None:
-        self.job_kind_at_crash = self.job[0] if self.job is not None else None
-        self.crash(where)
-        self.job_kind_at_crash = None
+    def in_recovery(self, call: str) -> bool:
+        """Is the mm settling with the kernel (the boot's recovery, or a tick's after the kernel was lost)?"""
+        d = self.driver
+        t = d.house_task if d is not None else None
+        if t is None:
+            return False
+        return t.name == "recover" or (t.name == "tick" and call in ("mappings", "frame_info", "stats"))
+
+    # ---- client requests ---------------------------------------------------------------------
 
     def deliver_request(self, msg: Msg) -> None:
         if not self.alive:
             self.world.faults["lost_mm_down"] += 1
             return
-        self.inbox.append(msg)
-        self.kick()
+        if self.phase != "serving":
+            self.backlog.append(msg)
+            return
+        self._take_request(msg)
 
-    # ---- job ends ---------------------------------------------------------------------------
+    def _take_request(self, msg: Msg) -> None:
+        self.next_peer += 1
+        self.peers[self.next_peer] = (msg.src, msg.identity, msg.data, msg.call)
+        self._queue(D.ClientRequest(self.next_peer, msg.identity, msg.data))
 
-    def finish(self, kind: str, meta: Any, result: Any) -> None:
+    # ---- wake-ups ---------------------------------------------------------------------------------
+
+    def _queue(self, ev: Any) -> None:
+        self.inbox.append(ev)
+        if self.wake_at < 0:
+            w = self.world
+            self.wake_at = w.clock.now + w.plan.timing.mm_wake
+            w.clock.at(self.wake_at, "mm_wake", self.inc)
+
+    def wake(self, inc: int) -> None:
+        if inc != self.inc or not self.alive:
+            return
+        self.wake_at = -1
+        events, self.inbox = self.inbox, []
+        if events:
+            self.feed(events)
+
+    def tick(self, inc: int) -> None:
+        if inc != self.inc or not self.alive:
+            return
         w = self.world
-        core = self.core
-        assert core is not None
-        self.job = None
-        if kind == "request":
-            msg, rid, call, intents_before = meta
-            reply = result
-            w.calls += 1
-            try:
-                decoded = wire.parse_reply(reply)
-            except ValueError:
-                decoded = {}
-                w.flag("I10", f"the mm answered {call} with a malformed reply")
-            ok = decoded.get("ok") is True
-            outcome = "ok" if ok else str((decoded.get("error") or {}).get("code", "?"))
-            w.count("mm", call if self.fresh else "(replayed)", outcome if self.fresh else "cached")
-            if self.fresh and ok and call in MUTATING:
-                for n in range(intents_before + 1, core.intent_no + 1):
-                    if n not in self.durable_outcomes:
-                        w.flag("I8", f"the mm replied to {call}#{rid} of {w.trace.name(msg.identity)} before "
-                                     f"journaling intent {n} (a crash now would lose what it did)")
-                w.promise(msg.identity, call, decoded.get("result") or {})
-            if rid is not None and self.fresh and self.job_effects and call in MUTATING:
-                self.answered.add((msg.identity, rid))  # it did something: a resend must not do it again
-            if self.crash_armed == "client_reply":  # dies with the reply still in its socket
-                self.job = ("request", None, meta)
-                self._crash_in_job("before sending a reply")
+        w.clock.after(w.plan.timing.mm_tick, "mm_tick", self.inc)
+        if self.phase == "serving":
+            self._queue(D.TickDue())
+
+    def feed(self, events: list[Any]) -> None:
+        d = self.driver
+        assert d is not None
+        try:
+            actions = d.handle(*events)
+        except Exception as exc:  # noqa: BLE001 - anything raised out of the mm is the finding itself
+            self.world.flag("I10", f"the mm's driver raised {type(exc).__name__}: {exc}")
+            self.crash("after raising")
+            return
+        self.perform(actions)
+        self._maybe_serving()
+
+    # ---- actions ---------------------------------------------------------------------------------------
+
+    def perform(self, actions: list[Any]) -> None:
+        inc = self.inc
+        w = self.world
+        for a in actions:
+            if not self.alive or self.inc != inc:
+                return  # crashed: what was left undone is lost
+            kind = type(a)
+            if kind is D.SendKernel:
+                msg = wire.decode(a.data)
+                call = msg.get("call", "?")
+                if self.partition_armed and self.in_recovery(call):
+                    self.partition_armed = False
+                    w.start_partition("as a recovery began")
+                w.mm_sends(a.kid, call, msg.get("args") or {})
+                self._send_kernel(a.kid, a.data, call, 0 if a.probe else w.plan.timing.mm_retries, a.probe)
+            elif kind is D.WriteJournal:
+                if self.writing is not None:
+                    w.flag("I10", "the mm wrote a journal batch before the previous one was committed")
+                self.writing = (a.batch, a.records)
+                if self.armed == "journal":
+                    self.crash("with a journal batch written but not committed")
+                    return
+                w.clock.after(w.plan.timing.persist, "mm_commit", self.inc, a.batch)
+            elif kind is D.SendReply:
+                self._reply(a.peer, a.data)
+            elif kind is D.ResetKernel:
+                self.conn += 1
+                self.pending = {}
+            elif kind is D.Log:
+                if a.level != "info":
+                    w.faults[f"mm_log_{a.level}"] += 1
+                w.trace.event(w.step, w.clock.now, "mm_log", level=a.level, text=a.text)
+            elif kind is D.NewBoot:
+                w.flag("I10", "the mm believes the kernel restarted (it never does in the simulation)")
+            elif kind is D.Fatal:
+                w.flag("I10", f"the mm stopped: {a.text}")
+                self.crash("after a fatal error")
                 return
-            w.trace.call(w.step, w.clock.now, msg.identity, "mm", msg.data, reply, not self.fresh)
-            w.net.send(Msg(msg.src, self.endpoint, self.key, reply, True, 0))
-            self.journal.replied()
-            assert self.service is not None
-            self.jobs.appendleft(("maintain", self.service.maintain()))
-        elif kind == "recover":
-            if isinstance(result, Error):
-                w.trace.event(w.step, w.clock.now, "mm_recovery_failed", error=result.code.name,
-                              message=result.message)
-                self.crash("its recovery failed")
+
+    def commit(self, inc: int, batch: int) -> None:
+        if inc != self.inc or not self.alive or self.writing is None or self.writing[0] != batch:
+            return
+        _, records = self.writing
+        self.writing = None
+        start = 0
+        for i in range(len(records) - 1, -1, -1):
+            if isinstance(records[i], J.Snapshot):
+                start = i  # (what came before it in the batch is in it too)
+                break
+        blob = msgpack.packb([J.encode(r) for r in records[start:]], use_bin_type=True)
+        if start or (records and isinstance(records[0], J.Snapshot)):
+            self.journal = [blob]  # compaction: the snapshot replaces everything before it
+        else:
+            self.journal.append(blob)
+        self.world.durable(records)
+        if self.armed == "commit":
+            self.crash("right after a journal commit, before what it released was done")
+            return
+        self.feed([D.JournalCommitted(batch)])
+
+    def _reply(self, peer: int, data: bytes) -> None:
+        w = self.world
+        who = self.peers.pop(peer, None)
+        if who is None:
+            return
+        src, identity, request, call = who
+        try:
+            reply = wire.parse_reply(data)
+            rid = wire.decode(request).get("id")
+        except Exception:  # noqa: BLE001 - a malformed request's bytes (a lie)
+            reply, rid = {}, None
+        fresh = identity is not None and (identity, rid) in self.fresh
+        if fresh:
+            self.fresh.discard((identity, rid))
+        ok = reply.get("ok") is True
+        if call in MUTATING and identity is not None and rid is not None:
+            if self.armed == "client_reply":
+                self.crash(f"about to send its reply to {call}")
                 return
-            w.trace.event(w.step, w.clock.now, "mm_recovered", settled=result["settled_intents"],
-                          found=result["found"]["divergences"], repairs=result["repairs"],
-                          remaining=result["remaining"]["divergences"])
-            w.faults["mm_recovered"] += 1
-        self.kick()
+            if ok:
+                w.replied_ok(identity, rid, call)
+        if fresh:
+            w.count("mm", call, "ok" if ok else str((reply.get("error") or {}).get("code", "?")))
+        else:
+            w.count("mm", "(replayed)" if rid is not None else call, "cached" if rid is not None else "refused")
+        w.trace.call(w.step, w.clock.now, identity, "mm", request, data, not fresh)
+        w.net.send(Msg(src, ("mm", self.inc), self.key, data, True, call))
+
+    # ---- the mm's observer seam -----------------------------------------------------------------
+
+    def applied(self, record: Any) -> None:
+        w = self.world
+        w.view_dirty = True
+        if w.vtrack is not None:
+            w.vtrack.note(record)
+        if not self.booting:
+            w.mm_applied(record, self.driver)
+
+    def replay_miss(self, identity: str, req_id: int) -> None:
+        if identity == self.operator and self.world.auditing:
+            return
+        self.fresh.add((identity, req_id))
+        self.world.mm_executes(identity, req_id)
+
+
+def admission_of(world: World) -> Any:
+    """The admission callback the driver gets: the admitted clients' keys, with the mm's default quotas."""
+
+    def grant(key: str) -> Grant | None:
+        return DEFAULT_GRANT if key in world.admitted else None
+
+    return grant

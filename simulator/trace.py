@@ -3,15 +3,17 @@
 With a sink (``--trace FILE``) each entry is written as one JSON line as it
 happens; lines hold only seed-determined values (simulated time, short names
 of identities, decoded wire bytes), so two runs of one seed write
-byte-identical files. Without a sink only the last entries are kept, raw, and
-rendered when a violation is reported (rendering costs nothing per step).
+byte-identical files (``HashSink`` keeps only their hash, to compare two runs).
+Without a sink only the last entries are kept, raw, and rendered when a
+violation is reported (rendering costs nothing per step).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from protocol import wire
 
@@ -43,10 +45,28 @@ def _reply(data: bytes | None) -> Any:
     return {"raw": repr(msg)}
 
 
+class HashSink:
+    """A trace sink that keeps only the SHA-256 of what is written (to compare two runs of a seed)."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.lines = 0
+
+    def write(self, text: str) -> int:
+        self.h.update(text.encode("ascii"))
+        self.lines += 1
+        return len(text)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
 class Trace:
-    def __init__(self, names: dict[str, str], sink: IO[str] | None = None, tail: int = TAIL) -> None:
+    def __init__(self, names: dict[str, str], sink: IO[str] | None = None, tail: int = TAIL,
+                 listener: Callable[[str], None] | None = None) -> None:
         self.names = names  # identity -> short name (c3, c3-peer, mm, ...)
         self.sink = sink
+        self.listener = listener  # gets every entry rendered (the view recorder's events)
         self.ring: deque[tuple[Any, ...]] = deque(maxlen=tail)
         self.entries = 0
 
@@ -64,6 +84,8 @@ class Trace:
         self.ring.append(entry)
         if self.sink is not None:
             self.sink.write(_JSON.encode(self._dict(entry)) + "\n")
+        if self.listener is not None:
+            self.listener(self.render(entry, 240))
 
     def event(self, step: int, t: int, kind: str, **fields: Any) -> None:
         entry = ("event", step, t, kind, fields)
@@ -71,6 +93,8 @@ class Trace:
         self.ring.append(entry)
         if self.sink is not None:
             self.sink.write(_JSON.encode(self._dict(entry)) + "\n")
+        if self.listener is not None:
+            self.listener(self.render(entry, 240))
 
     def header(self, **fields: Any) -> None:
         if self.sink is not None:

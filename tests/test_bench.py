@@ -140,15 +140,24 @@ def test_cli_kernel_json_and_largepages_table(tmp_path):
     assert "pageblock" in r.stdout and "first fit" in r.stdout
 
 
-def test_cli_sim_reports_each_way_of_checking():
-    r = runner.invoke(app, ["bench", "sim", "--seconds", "0.5", "--json"])
+def test_cli_sim_reports_each_way_of_checking_and_detection():
+    from simulator import mutants
+
+    r = runner.invoke(app, ["bench", "sim", "--seconds", "0.5", "--detect-seeds", "1", "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     keys = {f["key"] for f in data["figures"]}
-    assert keys == {"sim.full_every_step", "sim.incremental_every_step_full_every_500_steps",
-                    "sim.incremental_every_step_full_at_quiet_points", "sim.none_between_quiet_points"}
-    _check_figures(data["figures"], keys)
-    assert data["details"]["sim"]["target_calls_per_s"] == 20_000
+    checking = {"sim.full_every_step", "sim.incremental_every_step_full_every_500_steps",
+                "sim.incremental_every_step_full_at_quiet_points", "sim.none_between_quiet_points"}
+    detect = {f"sim.detect.{bug}" for bug in mutants.BUGS} | {"sim.detect.total"}
+    assert keys == checking | detect
+    _check_figures(data["figures"], checking)
+    assert data["details"]["sim"]["target_ops_per_s"] == 20_000
+    det = data["details"]["sim"]["detection"]["unmap_forgets_decrement"]
+    assert det["swarm"] == det["fixed"] == {"first": 1, "found": 1, "seeds": 1, "per_find": 1.0}  # seed 0, both ways
+    by_key = {f["key"]: f for f in data["figures"]}
+    assert by_key["sim.detect.unmap_forgets_decrement"]["value"] == 1
+    assert by_key["sim.detect.total"]["verdict"] == "info"
 
 
 @pytest.mark.parametrize("args", [
