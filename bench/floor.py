@@ -40,6 +40,7 @@ REPLIES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_CALL = "unmap"  # the reply of a call the table lacks
 REPLIES_FILE = "floor.replies"
+TURN = 0.1  # seconds a turn of the loop waits at most (as the kernel's, between its housekeeping)
 
 
 def echo(replies: dict[str, dict[str, Any]]) -> serving.Handler:
@@ -67,13 +68,13 @@ def serve(bind: str, run_dir: str, server: str = "kernel") -> None:
     ctx.linger = 0
     pub, sec = rundir.load_keypair(run_dir, server)
     sock, auth, endpoint = serving.bind_router(ctx, bind, pub, sec, "floor")  # the servers' very socket set-up
-    handle = echo(load_replies(run_dir))
+    loop = serving.Loop(sock, echo(load_replies(run_dir)))  # the servers' very socket loop
     rundir.write_endpoint(run_dir, "floor", endpoint)
     print("ready", flush=True)
+    clock = time.monotonic
     try:
         while True:
-            rid, payload = sock.recv_multipart(copy=False)
-            serving.send_reply(sock, rid.bytes, handle(payload.get("User-Id"), payload.bytes))
+            loop.turn(clock() + TURN)
     except KeyboardInterrupt:
         pass
     finally:
