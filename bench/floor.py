@@ -7,7 +7,8 @@ answered with a reply of the kernel's shape and size for that call (the
 results in ``RUN/floor.replies``, msgpack ``{call: result}``, written by
 ``Floor(replies=...)``: a benchmark passes the results the kernel itself gave
 for the very requests it times; ``REPLIES`` otherwise), decoded and encoded
-with the servers' own ``protocol.wire`` functions; no validation, no state.
+with the servers' own ``protocol.wire`` functions (``wire.Replies``, as the
+kernel's service); no validation, no state.
 The server publishes its endpoint as ``RUN/floor.endpoint``.
 
 ``Floor(run_dir, transport)`` starts it as a child process (killed with the
@@ -45,7 +46,7 @@ TURN = 0.1  # seconds a turn of the loop waits at most (as the kernel's, between
 
 def echo(replies: dict[str, dict[str, Any]]) -> serving.Handler:
     """The floor's handler: decode the request as the servers do, answer the call's result."""
-    decode, ok_reply = wire.decode_request, wire.ok_reply
+    decode, ok_reply = wire.decode_request, wire.Replies().ok
     default = replies.get(DEFAULT_CALL) or REPLIES[DEFAULT_CALL]
 
     def handle(identity: str | None, data: bytes) -> bytes:

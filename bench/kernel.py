@@ -449,10 +449,12 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
     """Time ``KernelService.handle`` on the benchmark's map/unmap cycle, stage by stage, in-process
     (each the best of ``passes`` passes over ``calls`` calls; "rest" is what the stages leave of
     the whole)."""
+    from bench.floor import REPLIES, echo
     from kernel_server.calls import ADAPTERS
     from kernel_server.service import KernelService
     from protocol import wire
     from protocol.calls import validate
+    from protocol.replay import ReplayCache
 
     mm = "M" * 40
     svc = KernelService.boot(arch=arch, memory=parse_size(memory), mm_key=mm)
@@ -483,11 +485,20 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
 
     loop(fresh())  # warm
     total = best(lambda: loop(fresh()))
-    # the stages, each timed over the same requests
+    # the stages, each timed over the same requests, the way the service runs them
     reqs = fresh()
     parsed = [wire.parse_request(d) for d in reqs]
-    models = [validate(ADAPTERS, call, args) for _, call, args in parsed]
+    fast = svc._fast
+
+    def args_of(call: str, args: dict[str, Any]) -> Any:
+        f = fast.get(call)
+        m = f(args) if f is not None else None
+        return m if m is not None else validate(ADAPTERS, call, args)
+
+    models = [args_of(call, args) for _, call, args in parsed]
     results: list[Any] = []
+    replay = ReplayCache()
+    floor_handle = echo({c: svc.call(mm, c, a) if c != "unmap" else {} for c, a in cycle[:1]} | REPLIES)
 
     def timed(fn: Callable[[], object]) -> float:
         t0 = clock()
@@ -501,19 +512,31 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
             results.append(svc.core.call(mm, call, m))
         return clock() - t0
 
+    def replay_pass() -> float:
+        replay.replies.clear()
+        t0 = clock()
+        for d, p in zip(reqs, parsed):
+            digest = replay.key(d)
+            replay.lookup(mm, p[0], digest)
+            replay.remember(mm, p[0], digest, d)
+        return clock() - t0
+
     stages: dict[str, float] = {
-        "decode envelope": best(lambda: timed(lambda: [wire.parse_request(d) for d in reqs])),
-        "replay digest": best(lambda: timed(lambda: [svc.replay.digest(d) for d in reqs])),
-        "validate (pydantic)": best(lambda: timed(lambda: [validate(ADAPTERS, c, a) for _, c, a in parsed])),
-        "core (check+commit)": best(core_pass),
+        "envelope (decode and check)": best(lambda: timed(lambda: [wire.parse_request(d) for d in reqs])),
+        "replay cache (digest, lookup, remember)": best(replay_pass),
+        "arguments (fast checks, else pydantic)": best(lambda: timed(lambda: [args_of(c, a) for _, c, a in parsed])),
+        "core (check and commit)": best(core_pass),
     }
-    stages["encode reply"] = best(lambda: timed(lambda: [wire.ok_reply(p[0], r) for p, r in zip(parsed, results)]))
+    replies = svc._replies
+    stages["reply encoding"] = best(lambda: timed(lambda: [replies.ok(p[0], r) for p, r in zip(parsed, results)]))
+    floor = best(lambda: timed(lambda: [floor_handle(mm, d) for d in reqs]))
     out: dict[str, Any] = {
         "calls": calls,
         "handle_us_per_call": round(total / calls * 1e6, 2),
+        "floor_handler_us_per_call": round(floor / calls * 1e6, 2),  # the floor's decode and encode
         "stages_us_per_call": {k: round(v / calls * 1e6, 2) for k, v in stages.items()},
     }
-    out["stages_us_per_call"]["rest (replay cache, leases, dispatch)"] = round(
+    out["stages_us_per_call"]["rest (dispatch, leases, counters)"] = round(
         max(0.0, total - sum(stages.values())) / calls * 1e6, 2)
     if cprofile:
         reqs = fresh()
