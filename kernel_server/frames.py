@@ -136,6 +136,37 @@ class FrameTable:
             if old != NIL:
                 self.watch.frames_written(old)
 
+    def push_one(self, f: int) -> None:
+        """``push_free`` of the one frame ``f``, with scalars."""
+        self.kind[f] = KERNEL_FREE
+        old = self.head
+        self.next[f] = old
+        if old != NIL:
+            self.prev[old] = f
+        self.prev[f] = NIL
+        self.head = f
+        self.free_count += 1
+        if self.watch is not None:
+            self.watch.frames_written(f)
+            if old != NIL:
+                self.watch.frames_written(old)
+
+    def pop_one(self) -> int:
+        """``pop_free(1)`` with scalars: the frame at the head (the list is not empty)."""
+        f = self.head
+        g = self.next.item(f)
+        self.next[f] = NIL
+        self.prev[f] = NIL
+        self.head = g
+        if g != NIL:
+            self.prev[g] = NIL
+        self.free_count -= 1
+        if self.watch is not None:
+            self.watch.frames_written(f)
+            if g != NIL:
+                self.watch.frames_written(g)
+        return f
+
     def pop_free(self, count: int, max_runs: int | None = None) -> np.ndarray:
         """Take ``count`` frames from the head (count <= free_count), or fewer: no more than make
         ``max_runs`` runs of ascending frames (None: no limit). They stay KERNEL_FREE until the
@@ -292,6 +323,20 @@ class FrameTable:
         if self.watch is not None and m:
             self.watch.frames_written(range(int(frames[0]), int(frames[0]) + m) if run else frames)
 
+    def set_kind_one(self, f: int, old: int, new: int) -> None:
+        """``set_kind`` of the one frame ``f``, with scalars."""
+        self.kind[f] = new
+        if old == USER:
+            self.user_free -= 1
+        elif old == KERNEL_USED:
+            self.kernel_used -= 1
+        if new == USER:
+            self.user_free += 1
+        elif new == KERNEL_USED:
+            self.kernel_used += 1
+        if self.watch is not None:
+            self.watch.frames_written(f)
+
     def add_refs(self, frames: np.ndarray, delta: int, run: bool = False) -> None:
         """Add ``delta`` (+1/-1) to each frame's refcount (frames may repeat); keeps
         the user free/mapped counters right for USER frames.
@@ -323,10 +368,11 @@ class FrameTable:
 
     def add_ref(self, f: int, delta: int) -> None:
         """``add_refs`` for the one frame ``f``."""
-        before = int(self.refs[f])
+        refs = self.refs
+        before = refs.item(f)
         after = before + delta
-        self.refs[f] = after
-        if self.kind[f] == USER and (before == 0) != (after == 0):
+        refs[f] = after
+        if (before == 0) != (after == 0) and self.kind.item(f) == USER:
             moved = 1 if after else -1  # free -> mapped, or mapped -> free
             self.user_mapped += moved
             self.user_free -= moved

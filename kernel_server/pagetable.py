@@ -161,6 +161,12 @@ class AddressSpace:
         out = []
         tables = self.tables
         shift = self.geo.shift
+        if hi - lo == 1:  # one page: one table per level
+            for lv in range(1, down_to + 1):
+                key = (lv, lo >> shift[lv])
+                if key not in tables:
+                    out.append(key)
+            return out
         for lv in range(1, down_to + 1):
             s = shift[lv]
             for tag in range(lo >> s, ((hi - 1) >> s) + 1):
@@ -342,7 +348,7 @@ class AddressSpace:
         geo = self.geo
         tag = vp >> geo.leaf_bits
         self.leaves[tag][vp & geo.leaf_mask] = (frame << ENTRY_SHIFT) | bits
-        self.tables[(geo.leaf, tag)][1] += 1
+        self.tables[geo.leaf, tag][1] += 1
         self.small_pages += 1
 
     def write_small(self, vp0: int, frames: np.ndarray | None, first: int, count: int, bits: int) -> None:
@@ -396,7 +402,7 @@ class AddressSpace:
     def clear_one(self, tag: int, i: int) -> int:
         """Empty entry ``i`` of leaf table ``tag``; the frame it mapped."""
         e = self.leaves[tag]
-        f = int(e[i]) >> ENTRY_SHIFT
+        f = e.item(i) >> ENTRY_SHIFT
         e[i] = EMPTY
         self.small_pages -= 1
         return f
@@ -425,12 +431,33 @@ class AddressSpace:
         return freed
 
     def drop_one(self, tag: int, spares: list[np.ndarray]) -> list[int]:
-        """``drop_entries({(leaf, tag): 1})``, with a quick path when the leaf table keeps entries."""
-        t = self.tables[(self.geo.leaf, tag)]
+        """``drop_entries({(leaf, tag): 1})`` with scalars: the table's count goes down by one; a table that
+        becomes empty goes, and so, one level up at a time, do the parents it leaves empty."""
+        geo = self.geo
+        lv = geo.leaf
+        t = self.tables[lv, tag]
         if t[1] > 1:
             t[1] -= 1
             return []
-        return self.drop_entries({(self.geo.leaf, tag): 1}, spares)
+        freed: list[int] = []
+        tables = self.tables
+        key = (lv, tag)
+        while True:  # ``t`` is the table of ``key``, at level lv >= 1, losing its last entry
+            t[1] -= 1
+            if t[1]:
+                return freed
+            del tables[key]
+            if lv == geo.leaf:
+                emptied = self.leaves.pop(key[1])
+                if len(spares) < SPARE_LEAVES:
+                    spares.append(emptied)
+            freed.append(t[0])
+            key = geo.parent(key)
+            if key == ROOT:
+                tables[ROOT][1] -= 1
+                return freed
+            lv = key[0]
+            t = tables[key]
 
     def state(self) -> tuple[Any, ...]:
         """Everything in the tree, as plain values (for digests and comparisons)."""
