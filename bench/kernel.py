@@ -445,10 +445,11 @@ def _frames(n: int) -> str:
 # ---- in-process: where a call's time goes --------------------------------------------------
 
 def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB",
-                   cprofile: bool = False, top: int = 20, passes: int = 3) -> dict[str, Any]:
-    """Time ``KernelService.handle`` on the benchmark's map/unmap cycle, stage by stage, in-process
-    (each the best of ``passes`` passes over ``calls`` calls; "rest" is what the stages leave of
-    the whole)."""
+                   cprofile: bool = False, top: int = 20, passes: int = 3, cycle_name: str = "anchored") -> dict[str, Any]:
+    """Time ``KernelService.handle`` on one of the benchmark's cycles (``cycle_name``: "anchored" or "churn"
+    map/unmap of ``PAGES`` distinct pages, "ping", "hello"), stage by stage, in-process (each the best of
+    ``passes`` passes over ``calls`` calls; "rest" is what the stages leave of the whole), beside the
+    floor's handler (decode and encode) over the same requests."""
     from bench.floor import REPLIES, echo
     from kernel_server.calls import ADAPTERS
     from kernel_server.service import KernelService
@@ -462,7 +463,13 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
     amap = svc.call(mm, "address_map")
     first = next(e["first"] for e in amap["entries"] if e["kind"] == "user")
     svc.call(mm, "map", {"pid": pid, "vaddr": ANCHOR, "frames": [[first + PAGES, 1]], "prot": 3})
-    cycle = map_unmap_cycle(pid, first, VADDR, PAGES)
+    from kernel_server.arch import get_profile
+    from kernel_server.pagetable import Geometry
+
+    cycle: Cycle = {"anchored": lambda: map_unmap_cycle(pid, first, VADDR, PAGES),
+                    "churn": lambda: map_unmap_cycle(pid, first, CHURN_VADDR, PAGES,
+                                                     Geometry(get_profile(arch)).leaf_entries * PAGE),
+                    "ping": lambda: [("ping", {})], "hello": lambda: [("hello", {})]}[cycle_name]()
     calls -= calls % len(cycle)  # whole cycles: each pass leaves the pages unmapped
     calls = max(calls, len(cycle))
     next_id = 1
@@ -498,7 +505,7 @@ def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB"
     models = [args_of(call, args) for _, call, args in parsed]
     results: list[Any] = []
     replay = ReplayCache()
-    floor_handle = echo({c: svc.call(mm, c, a) if c != "unmap" else {} for c, a in cycle[:1]} | REPLIES)
+    floor_handle = echo(REPLIES)
 
     def timed(fn: Callable[[], object]) -> float:
         t0 = clock()

@@ -222,6 +222,7 @@ class KernelCore:
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_LOG)
         self.event_seq = 0
         self.user_top_page = profile.user_top >> PAGE_SHIFT
+        self._large_page_sizes = tuple(profile.large_page_sizes)  # (a property that builds a list)
         self.spare_leaves: list[np.ndarray] = []  # all EMPTY: from leaf tables unmap freed
         # the large pages mapped anywhere, for stats: (first frame, pages) -> mappings, and the keys in order
         self.large_index: dict[tuple[int, int], int] = {}
@@ -277,6 +278,8 @@ class KernelCore:
                     proc = self._target(caller, args)
             else:
                 proc = self._target(caller, args)
+        elif who is _W_ANYONE:
+            proc = None
         else:
             proc = self._caller(who, verb, caller)
         if type(proc) is Error:
@@ -398,8 +401,7 @@ class KernelCore:
         """Take ``n`` frames from the pool, charged to ``proc`` (within its quota: the check said so)."""
         ft = self.frames
         if n == 1:  # (a page table, a thread: scalars)
-            got = [ft.pop_one()]
-            ft.set_kind_one(got[0], KERNEL_FREE, KERNEL_USED)
+            got = [ft.take_one()]
         else:
             a = ft.pop_free(n)
             ft.set_kind(a, KERNEL_FREE, KERNEL_USED)
@@ -414,8 +416,7 @@ class KernelCore:
             return
         ft = self.frames
         if len(frames) == 1:
-            ft.set_kind_one(frames[0], KERNEL_USED, KERNEL_FREE)
-            ft.push_one(frames[0])
+            ft.give_one(frames[0])
         else:
             a = np.asarray(frames, dtype=np.int64)
             ft.set_kind(a, KERNEL_USED, KERNEL_FREE)
@@ -457,7 +458,7 @@ class KernelCore:
             "v": PROTOCOL_VERSION,
             "arch": p.name,
             "page_size": PAGE_SIZE,
-            "large_page_sizes": p.large_page_sizes,
+            "large_page_sizes": list(self._large_page_sizes),
             "user_top": p.user_top,
             "frames": self.frames.n,
             "kernel_limit": p.kernel_limit,

@@ -337,6 +337,12 @@ class AddressSpace:
         geo = self.geo
         leaf = geo.leaf
         tables = self.tables
+        if len(keys) == 1 and keys[0][0] == leaf:  # one page table (its parent exists)
+            key = keys[0]
+            tables[key] = [frames[0], 0]
+            self.leaves[key[1]] = spares.pop() if spares else np.full(geo.leaf_entries, EMPTY, dtype=np.int32)
+            tables[geo.parent(key)][1] += 1
+            return
         for key, frame in zip(keys, frames):
             tables[key] = [frame, 0]
             if key[0] == leaf:

@@ -42,9 +42,11 @@ from protocol.replay import ReplayCache
 
 Refused = Callable[[str | None, str, Error], None]
 _AFTER = frozenset(("proc_create", "proc_destroy", "hello", "stats"))  # results the service adds to
-# calls whose caller's rule (``KernelCore.refuse_caller``) passes without a look: anyone's, and the mm's map/unmap
-_ANYONE = frozenset(name for name, c in CALLS.items() if c.who is Who.ANYONE)
-_MM_OR_OWN = frozenset(name for name, c in CALLS.items() if c.who is Who.MM_OR_OWN)
+# When ``KernelCore.refuse_caller`` must look at a call's caller: 0 never (anyone may make it), 1 unless it is the mm
+# (map and unmap: the mm may act on any process), 2 always. Calls not in the table have no entry (ENOSYS).
+_CALLER_CHECK = {name: 0 if c.who is Who.ANYONE else 1 if c.who is Who.MM_OR_OWN else 2 for name, c in CALLS.items()}
+_MAX_CLIENT_REQUEST = wire.MAX_CLIENT_REQUEST_BYTES
+_parse_request = wire.parse_request
 
 
 class KernelService:
@@ -101,11 +103,11 @@ class KernelService:
     # ---- requests ---------------------------------------------------------------------------------
 
     def handle(self, identity: str | None, data: bytes, now: float) -> bytes:
-        if len(data) > wire.MAX_CLIENT_REQUEST_BYTES and not (identity is not None and self.core.is_reader(identity)):
+        if len(data) > _MAX_CLIENT_REQUEST and not (identity is not None and self.core.is_reader(identity)):
             return self._refuse(identity, None, "?", Error(
                 Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of {wire.MAX_CLIENT_REQUEST_BYTES} "
                 "for a client (only the memory manager and the operator send larger requests)"))
-        parsed = wire.parse_request(data)
+        parsed = _parse_request(data)
         if len(parsed) == 2:
             req_id, err = parsed
             return self._refuse(identity, req_id, "?", err)
@@ -159,7 +161,8 @@ class KernelService:
     def _execute(self, identity: str, req_id: int, call: str, args: dict, now: float) -> bytes:
         """``_checked`` and its reply, written out (the hot path: the same steps in the same order)."""
         core = self.core
-        if call in ADAPTERS and not (call in _ANYONE or (call in _MM_OR_OWN and identity == core.mm_key)):
+        check = _CALLER_CHECK.get(call, 0)
+        if check and (check == 2 or identity != core.mm_key):
             e = core.refuse_caller(identity, call, args)
             if e is not None:
                 return self._refuse(identity, req_id, call, e)
