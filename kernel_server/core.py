@@ -63,11 +63,12 @@ MAX_CLIENT_PAGES = 256  # pages a client maps or unmaps in one call (it maps onl
 MAX_CLIENT_RUNS = 16  # runs a client names in one map
 LARGE_RUNS_SHOWN = 256  # stats lists at most this many runs of frames under large mappings
 ERROR_RUNS = 64  # runs of offending frames an error names at most
+SCALAR_FRAMES = 16  # kernel frames taken or given back one at a time, with scalars, when there are at most this many
 _PAGE_MASK = PAGE_SIZE - 1
-_tuple_new = tuple.__new__
+_tuple_new = tuple.__new__  # a NamedTuple plan from a tuple of its fields, without its Python-level __new__
 # the caller's rules as plain names (an enum member looked up on its class costs ~0.1 us in Python 3.11)
 _W_ANYONE, _W_MM, _W_READER, _W_MM_OR_OWN = Who.ANYONE, Who.MM, Who.READER, Who.MM_OR_OWN
-_NO_LARGE: list[int] = []  # an unmap plan's large pages when there are none (never written)  # a NamedTuple plan from a tuple of its fields, without its Python-level __new__
+_NO_LARGE: list[int] = []  # an unmap plan's large pages when there are none (never written)
 _KIND_NAME = np.array([KIND_NAMES[k] for k in range(max(KIND_NAMES) + 1)], dtype=object)  # kind code -> name
 
 __all__ = ["CLIENT_MADE", "EMPTY", "ENTRY_SHIFT", "PROT_MASK", "ROOT", "KernelCore", "Process"]
@@ -171,6 +172,7 @@ class MapPlan(NamedTuple):
     missing: list[Key]  # the tables to make, parents first
     bits: int  # leaf entry bits: prot, and CLIENT_MADE for a client's own map
     prot: int
+    all_user: bool = False  # every frame is USER (the check saw it): the commit need not look at their kinds
 
 
 class UnmapPlan(NamedTuple):
@@ -400,8 +402,8 @@ class KernelCore:
     def _kalloc(self, proc: Process, n: int) -> list[int]:
         """Take ``n`` frames from the pool, charged to ``proc`` (within its quota: the check said so)."""
         ft = self.frames
-        if n == 1:  # (a page table, a thread: scalars)
-            got = [ft.take_one()]
+        if n <= SCALAR_FRAMES:  # (page tables, a thread: scalars cost less than numpy's fancy indexing)
+            got = [ft.take_one() for _ in range(n)]
         else:
             a = ft.pop_free(n)
             ft.set_kind(a, KERNEL_FREE, KERNEL_USED)
@@ -415,8 +417,9 @@ class KernelCore:
         if not frames:
             return
         ft = self.frames
-        if len(frames) == 1:
-            ft.give_one(frames[0])
+        if len(frames) <= SCALAR_FRAMES:
+            for f in reversed(frames):  # (the list ends as push_free leaves it: frames[0] at the head)
+                ft.give_one(f)
         else:
             a = np.asarray(frames, dtype=np.int64)
             ft.set_kind(a, KERNEL_USED, KERNEL_FREE)
@@ -840,7 +843,9 @@ class KernelCore:
             return e
         # the frames (expanded only now: at most what the range and the quota allow)
         kind = self.frames.kind
+        all_user = False
         if large:
+            all_user = True  # (a large page needs every frame user-owned: checked right below)
             a = None
             if not all(bool((kind[f:f + step] == USER).all()) for f in firsts):
                 every = _expand([[f, step] for f in firsts])
@@ -857,13 +862,15 @@ class KernelCore:
                     return e
             else:
                 kinds = kind[first:first + npages]
-                if not (by_mm and (kinds == USER).all()) and (e := self._map_frame_rules(
+                all_user = bool((kinds == USER).all())
+                if not (by_mm and all_user) and (e := self._map_frame_rules(
                         np.arange(first, first + npages, dtype=np.int64), kinds, False, by_mm, prot)):
                     return e
         else:
             a = _expand(runs)
             kinds = kind[a]
-            if not (by_mm and (kinds == USER).all()) and (e := self._map_frame_rules(a, kinds, False, by_mm, prot)):
+            all_user = bool((kinds == USER).all())
+            if not (by_mm and all_user) and (e := self._map_frame_rules(a, kinds, False, by_mm, prot)):
                 return e
         # the virtual range must be empty
         if large:
@@ -883,7 +890,7 @@ class KernelCore:
                     return _err(Errno.EBUSY, f"virtual address {hit << PAGE_SHIFT:#x} is already mapped by a "
                                 "large page", vaddr=hit << PAGE_SHIFT)
         return MapPlan(proc, a, first, vp0, npages, level, firsts, missing, prot if by_mm else prot | CLIENT_MADE,
-                       prot)
+                       prot, all_user)
 
     def _map_page(self, proc: Process, args: Any, first: int) -> MapPlan | None:
         """The common map, decided with scalars: one 4 KiB page of user frame ``first`` by the mm, where
@@ -909,7 +916,7 @@ class KernelCore:
             missing = proc.missing(vp, vp + 1, geo.leaf)
             if proc.kernel_used + len(missing) > proc.kernel_limit:
                 return None
-        return _tuple_new(MapPlan, (proc, None, first, vp, 1, geo.leaf, None, missing, prot, prot))
+        return _tuple_new(MapPlan, (proc, None, first, vp, 1, geo.leaf, None, missing, prot, prot, True))
 
     def _map_frame_rules(self, a: np.ndarray, kinds: np.ndarray, large: bool, by_mm: bool,
                          prot: int) -> Error | None:
@@ -963,13 +970,13 @@ class KernelCore:
         if plan.large is not None:  # each stretch of consecutive large pages is one run
             step = self.geo.pages_at[plan.level]
             for f, c in _merged([[f, step] for f in plan.large]):
-                ft.add_refs(np.arange(f, f + c, dtype=np.int64), +1, run=True)
+                ft.add_refs(np.arange(f, f + c, dtype=np.int64), +1, run=True, user=True)
         elif plan.frames is not None:
-            ft.add_refs(plan.frames, +1)
+            ft.add_refs(plan.frames, +1, user=plan.all_user)
         elif pages == 1:
             ft.add_ref(plan.first, +1)
-        else:
-            ft.add_refs(np.arange(plan.first, plan.first + pages, dtype=np.int64), +1, run=True)
+        else:  # (a map's check makes sure the frames of a map by the mm, the only larger one, are all USER)
+            ft.add_refs(np.arange(plan.first, plan.first + pages, dtype=np.int64), +1, run=True, user=plan.all_user)
         if self._watched:
             self.observer.process_changed(proc.pid)
         return {"pid": proc.pid, "pages": pages, "tables_allocated": len(missing), **self._pool()}

@@ -198,8 +198,9 @@ class AddressSpace:
         spans: list[Span] = []
         large: list[int] = []
         leaves = self.leaves
+        tables = self.tables
         geo = self.geo
-        bits, mask = geo.leaf_bits, geo.leaf_mask
+        bits, mask, leaf = geo.leaf_bits, geo.leaf_mask, geo.leaf
         vp = lo
         while vp < hi:
             e = leaves.get(vp >> bits)
@@ -207,7 +208,9 @@ class AddressSpace:
                 i = vp & mask
                 j = min(mask + 1, i + hi - vp)
                 if j - i == 1:
-                    k = 1 if e[i] != EMPTY else 0
+                    k = 1 if e.item(i) != EMPTY else 0
+                elif tables[leaf, vp >> bits][1] == mask + 1:  # every entry of the table is in use: no hole
+                    k = j - i
                 else:
                     seg = e[i:j]
                     k = int(seg.argmin())  # EMPTY (-1) is the least entry: the first hole, if any
@@ -420,7 +423,10 @@ class AddressSpace:
         tables = self.tables
         freed: list[int] = []
         for lv in range(geo.levels - 1, 0, -1):
-            for key in [k for k in entries if k[0] == lv]:
+            keys = list(entries) if lv == geo.leaf else [k for k in entries if k[0] == lv]
+            for key in keys:
+                if key[0] != lv:
+                    continue
                 t = tables[key]
                 t[1] -= entries.pop(key)
                 if t[1] == 0:
