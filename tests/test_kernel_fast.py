@@ -195,3 +195,20 @@ def test_the_fast_paths_answer_and_change_exactly_what_the_general_ones_do(data)
         a, b = fast.handle(who, req, 0.0), slow.handle(who, req, 0.0)
         assert a == b, (wire.decode(req), wire.decode(a), wire.decode(b))
     assert fast.core.digest() == slow.core.digest()
+
+
+def test_the_caller_rules_the_service_skips_pass_without_a_look():
+    """``KernelService._execute`` asks ``refuse_caller`` nothing for anyone's calls and for the mm's map and
+    unmap: for those it would let every caller (every mm) through."""
+    from kernel_server.service import _CALLER_CHECK
+
+    svc, _pid, _first = _kernel(True)
+    core = svc.core
+    callers = [MM, CLIENT, "S" * 40, "O" * 40]
+    for name, check in _CALLER_CHECK.items():
+        if check == 0:
+            assert all(core.refuse_caller(c, name, {"frames": [[0, 1]] * 100, "pages": 1 << 20}) is None
+                       for c in callers), name
+        elif check == 1:
+            assert core.refuse_caller(MM, name, {"frames": [[0, 1]] * 100, "pages": 1 << 20}) is None, name
+            assert core.refuse_caller(CLIENT, name, {"frames": [[0, 1]] * 100}) is not None, name  # it looks
