@@ -1,1 +1,1 @@
-"""Benchmarks: every figure is a ratio against a floor measured in the same run (DESIGN.md section 6)."""
+"""Benchmarks: every figure is a ratio against a floor measured in the same run (docs/performance.md)."""
