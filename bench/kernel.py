@@ -445,7 +445,8 @@ def _frames(n: int) -> str:
 # ---- in-process: where a call's time goes --------------------------------------------------
 
 def profile_handle(calls: int = 4000, arch: str = "i686", memory: str = "256MiB",
-                   cprofile: bool = False, top: int = 20, passes: int = 3, cycle_name: str = "anchored") -> dict[str, Any]:
+                   cprofile: bool = False, top: int = 20, passes: int = 3,
+                   cycle_name: str = "anchored") -> dict[str, Any]:
     """Time ``KernelService.handle`` on one of the benchmark's cycles (``cycle_name``: "anchored" or "churn"
     map/unmap of ``PAGES`` distinct pages, "ping", "hello"), stage by stage, in-process (each the best of
     ``passes`` passes over ``calls`` calls; "rest" is what the stages leave of the whole), beside the
