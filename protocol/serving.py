@@ -38,6 +38,7 @@ from protocol.errors import Errno, Error
 SEND = int(zmq.NOBLOCK)
 SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 RECV_WAIT = 0  # a blocking receive (bounded by the socket's receive timeout)
+RECV_NOW = int(zmq.NOBLOCK)  # a receive that raises zmq.Again at once when nothing has arrived
 USER_ID = b"User-Id"  # the frame property the ZAP handler sets to the caller's CURVE key (Z85)
 
 Handler = Callable[[str | None, bytes], bytes]  # (caller identity or None, request bytes) -> reply bytes
@@ -162,8 +163,8 @@ class Loop:
         out = [(rid, self._answer(frame))]
         get, events, pollin = self._get, zmq.EVENTS, zmq.POLLIN
         while len(out) <= self.drain and get(events) & pollin:
-            rid = recv(SEND, True)
-            out.append((rid, self._answer(recv(SEND, False))))
+            rid = recv(RECV_NOW, True)
+            out.append((rid, self._answer(recv(RECV_NOW, False))))
         for rid, reply in out:
             self._reply(rid, reply)
         self.handled += len(out)
@@ -176,10 +177,10 @@ class Loop:
         n = 0
         while n < limit:
             try:
-                rid = recv(SEND, True)
+                rid = recv(RECV_NOW, True)
             except zmq.Again:
                 break
-            self._reply(rid, self._answer(recv(SEND, False)))
+            self._reply(rid, self._answer(recv(RECV_NOW, False)))
             n += 1
             if each is not None:
                 each()

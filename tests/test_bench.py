@@ -221,3 +221,48 @@ def test_cli_sim_reports_each_way_of_checking():
 def test_cli_bad_options_are_usage_errors(args):
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output
+
+
+def test_the_shared_serving_loop_answers_drains_refuses_and_times_out(tmp_path):
+    """serving.Loop (the kernel's loop and the floor's): each request gets its handler's reply, in order; with
+    drain, what has already arrived is answered in the same turn; a message of two parts is refused (EPROTO)
+    and reported; a turn with nothing to read returns 0 by its deadline."""
+    import time
+
+    import zmq
+
+    from protocol import rundir, serving, wire
+
+    rundir.init(str(tmp_path), clients=0)
+    ctx = zmq.Context()
+    ctx.linger = 0
+    pub, sec = rundir.load_keypair(str(tmp_path), "kernel")
+    sock, auth, endpoint = serving.bind_router(ctx, "tcp://127.0.0.1:*", pub, sec, "test")
+    refused = []
+    seen = []
+
+    def handle(identity, data):
+        seen.append(identity)
+        return data[::-1]
+
+    try:
+        c = dealer(ctx, endpoint, pub, str(tmp_path), "mm")
+        for drain, sends in ((0, [b"one"]), (8, [b"a1", b"b2", b"c3"])):
+            loop = serving.Loop(sock, handle, drain=drain, on_refused=lambda who, err: refused.append(err))
+            for m in sends:
+                c.send(m)
+            time.sleep(0.2)  # (all of them queued at the server)
+            assert loop.turn(time.monotonic() + 5) == len(sends)
+            assert [c.recv() for _ in sends] == [m[::-1] for m in sends]
+        assert seen and set(seen) == {rundir.public_key(str(tmp_path), "mm").decode()}  # the caller's CURVE key
+        c.send_multipart([b"x", b"y"])
+        assert loop.turn(time.monotonic() + 5) == 1
+        reply = wire.decode(c.recv())
+        assert reply["ok"] is False and reply["error"]["code"] == "EPROTO" and refused[0].code.name == "EPROTO"
+        t0 = time.monotonic()
+        assert loop.turn(t0 + 0.05) == 0 and time.monotonic() - t0 < 1.0
+        c.close(0)
+    finally:
+        sock.close(0)
+        auth.stop()
+        ctx.term()
