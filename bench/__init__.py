@@ -1,1 +1,1 @@
-"""Benchmarks: every figure is a ratio against a floor measured in the same run (docs/design.md, section 10)."""
+"""Benchmarks: every figure is a ratio against a floor measured in the same run (targets: docs/design.md section 10; figures: docs/performance.md)."""

@@ -23,13 +23,15 @@ import typer
 from mmsim import options
 from mmsim.options import Transport
 
-BENCH_HELP = ("Benchmarks: each figure is a ratio against a floor (a bare pyzmq CURVE "
-              "echo on the same transport) measured in the same run, with its target and PASS/MISS.")
+BENCH_HELP = ("Benchmarks: each figure is a ratio against a floor (a bare pyzmq CURVE echo with the "
+              "servers' own socket loop, on the same transport, answering with replies of the same size) measured "
+              "in the same run, with its spread over the rounds, its conditions, its target and PASS/MISS.")
 
 bench_app = typer.Typer(help=BENCH_HELP, no_args_is_help=True)
 
 _SECONDS = "Seconds per measurement (one side, one round); smaller is quicker and noisier."
-_ROUNDS = "Rounds: the floor and the measured server are timed in turn this many times; each keeps its best."
+_ROUNDS = ("Rounds: the floor and the measured server are timed in turn this many times; a figure is the "
+           "median of the per-round ratios (their range is shown below it).")
 _TRANSPORT = "Transport for every socket: ipc or tcp (loopback)."
 _JSON = "Print the report as JSON on stdout (progress still goes to stderr)."
 _RUN_DIR = "Run directory for keys, endpoints and logs (default: a temporary directory, removed afterwards)."
@@ -241,7 +243,8 @@ def kernel_cmd(
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
-    """Kernel map/unmap against the floor (one at a time and pipelined), 4096-frame batches, scale with RAM."""
+    """Kernel map/unmap against the floor (one at a time and pipelined; server CPU per call; with page-table
+    churn), ping and hello, 4096-frame batches, the worst requests, scale with RAM."""
     from bench.roundtrip import BenchError
 
     transport = _check_transport(transport)
@@ -271,8 +274,8 @@ def _print_profile(p: dict) -> None:
     from rich.table import Table
 
     console = Console(stderr=False)
-    t = Table(title=f"KernelService.handle in-process: {p['handle_us_per_call']} us per map/unmap call",
-              title_justify="left")
+    t = Table(title=f"KernelService.handle in-process: {p['handle_us_per_call']} us per map/unmap call "
+              f"(the floor's handler: {p.get('floor_handler_us_per_call', '-')} us)", title_justify="left")
     t.add_column("stage")
     t.add_column("us/call", justify="right")
     for k, v in p["stages_us_per_call"].items():

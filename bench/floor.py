@@ -3,8 +3,13 @@
 ``python -m bench.floor --bind ENDPOINT --run-dir RUN`` serves an echo with
 the kernel's key pair and CURVE, as the kernel does (ZAP handler, User-Id read
 from every frame, the same socket options). Each request is decoded and
-answered with a reply of a kernel reply's shape and size; no validation, no
-state. The server publishes its endpoint as ``RUN/floor.endpoint``.
+answered with a reply of the kernel's shape and size for that call (the
+results in ``RUN/floor.replies``, msgpack ``{call: result}``, written by
+``Floor(replies=...)``: a benchmark passes the results the kernel itself gave
+for the very requests it times; ``REPLIES`` otherwise), decoded and encoded
+with the servers' own ``protocol.wire`` functions (``wire.Replies``, as the
+kernel's service); no validation, no state.
+The server publishes its endpoint as ``RUN/floor.endpoint``.
 
 ``Floor(run_dir, transport)`` starts it as a child process (killed with the
 benchmark, even on failure) and waits until it answers. The client side is
@@ -27,8 +32,36 @@ import zmq.auth
 
 from protocol import rundir, serving, wire
 
-# What the floor answers: the size and shape of the kernel's unmap reply for one page.
-REPLY_RESULT = {"pid": 1, "pages": 1, "frames": [[5000, 1]], "tables_freed": 0, "kernel_free": 256}
+# What the floor answers when not told: results of the kernel's shape and size (i686, 256 MiB), by call.
+REPLIES: dict[str, dict[str, Any]] = {
+    "map": {"pid": 1, "pages": 1, "tables_allocated": 0, "kernel_free": 7878, "kernel_reserved": 14},
+    "unmap": {"pid": 1, "pages": 1, "frames": [[5000, 1]], "tables_freed": 0, "kernel_free": 7878,
+              "kernel_reserved": 14},
+    "ping": {"pid": None},
+}
+DEFAULT_CALL = "unmap"  # the reply of a call the table lacks
+REPLIES_FILE = "floor.replies"
+TURN = 0.1  # seconds a turn of the loop waits at most (as the kernel's, between its housekeeping)
+
+
+def echo(replies: dict[str, dict[str, Any]]) -> serving.Handler:
+    """The floor's handler: decode the request as the servers do, answer the call's result."""
+    decode, ok_reply = wire.decode_request, wire.Replies().ok
+    default = replies.get(DEFAULT_CALL) or REPLIES[DEFAULT_CALL]
+
+    def handle(identity: str | None, data: bytes) -> bytes:
+        req = decode(data)
+        return ok_reply(req["id"], replies.get(req["call"], default))
+
+    return handle
+
+
+def load_replies(run_dir: str) -> dict[str, dict[str, Any]]:
+    try:
+        with open(os.path.join(run_dir, REPLIES_FILE), "rb") as f:
+            return {**REPLIES, **msgpack.unpackb(f.read(), raw=False, strict_map_key=False)}
+    except FileNotFoundError:
+        return dict(REPLIES)
 
 
 def serve(bind: str, run_dir: str, server: str = "kernel") -> None:
@@ -36,16 +69,13 @@ def serve(bind: str, run_dir: str, server: str = "kernel") -> None:
     ctx.linger = 0
     pub, sec = rundir.load_keypair(run_dir, server)
     sock, auth, endpoint = serving.bind_router(ctx, bind, pub, sec, "floor")  # the servers' very socket set-up
+    loop = serving.Loop(sock, echo(load_replies(run_dir)))  # the servers' very socket loop
     rundir.write_endpoint(run_dir, "floor", endpoint)
     print("ready", flush=True)
-    packb, unpackb = msgpack.packb, msgpack.unpackb
-    result = REPLY_RESULT
+    clock = time.monotonic
     try:
         while True:
-            rid, payload = sock.recv_multipart(copy=False)
-            _ = payload.get("User-Id")  # the kernel reads it too
-            req = unpackb(payload.bytes, raw=False, strict_map_key=False)
-            serving.send_reply(sock, rid.bytes, packb({"v": 1, "id": req["id"], "ok": True, "result": result}))
+            loop.turn(clock() + TURN)
     except KeyboardInterrupt:
         pass
     finally:
@@ -68,13 +98,20 @@ def bind_for(run_dir: str, transport: str) -> str:
 class Floor:
     """The floor echo as a child process of this one (``with Floor(run_dir, "ipc") as f: f.endpoint``)."""
 
-    def __init__(self, run_dir: str, transport: str = "ipc", timeout: float = 20.0) -> None:
+    def __init__(self, run_dir: str, transport: str = "ipc", timeout: float = 20.0,
+                 replies: dict[str, dict[str, Any]] | None = None) -> None:
         from mmsim.system import _die_with_parent  # the children of a benchmark die with it
 
         self.run_dir = os.path.abspath(run_dir)
         rundir.init(self.run_dir, clients=0)
         path = os.path.join(self.run_dir, "floor.endpoint")
         if os.path.exists(path):
+            os.remove(path)
+        path = os.path.join(self.run_dir, REPLIES_FILE)
+        if replies is not None:
+            with open(path, "wb") as f:
+                f.write(msgpack.packb(replies, use_bin_type=True))
+        elif os.path.exists(path):
             os.remove(path)
         os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)
         self.log_path = os.path.join(self.run_dir, "logs", "floor.log")

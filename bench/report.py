@@ -2,9 +2,12 @@
 
 A ``Figure`` is one measured value, the floor it is compared with (measured in
 the same run), their ratio, and the target the ratio must meet (``>=`` or
-``<=`` a threshold); figures without a target are informational. A
-``Report`` collects figures and free-form details from one or more
-benchmarks.
+``<=`` a threshold); figures without a target are informational. A figure
+measured over several rounds carries the median of its per-round ratios as
+``ratio`` and their range as ``spread`` (min, max), and says under what
+conditions it was measured (``conditions``: transport, sizes, calls in
+flight, rounds). A ``Report`` collects figures and free-form details from one
+or more benchmarks.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Figure:
     threshold: float | None = None
     target: str = ""  # the target in words
     note: str = ""
+    spread: tuple[float, float] | None = None  # the per-round ratios' (min, max); ``ratio`` is their median
+    conditions: str = ""  # what was measured how: transport, sizes, calls in flight, rounds x seconds
 
     @property
     def passed(self) -> bool | None:
@@ -49,6 +54,8 @@ class Figure:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.spread is not None:
+            d["spread"] = list(self.spread)
         d["passed"] = self.passed
         d["verdict"] = self.verdict
         return d
@@ -96,8 +103,11 @@ class Report:
             floor = f"{fmt(f.floor)} {f.floor_unit}".strip() if f.floor is not None else "-"
             if f.floor_name and f.floor is not None:
                 floor = f"{floor} ({f.floor_name})"
-            t.add_row(f.name + (f"\n[dim]{f.note}[/dim]" if f.note else ""), f"{fmt(f.value)} {f.unit}".strip(),
-                      floor, fmt(f.ratio, ratio=True) if f.ratio is not None else "-", f.target or "-",
+            ratio = fmt(f.ratio, ratio=True) if f.ratio is not None else "-"
+            if f.spread is not None and f.ratio is not None:
+                ratio += f"\n[dim]{fmt(f.spread[0], ratio=True)}..{fmt(f.spread[1], ratio=True)}[/dim]"
+            name = f.name + "".join(f"\n[dim]{x}[/dim]" for x in (f.conditions, f.note) if x)
+            t.add_row(name, f"{fmt(f.value)} {f.unit}".strip(), floor, ratio, f.target or "-",
                       f"[{style}]{f.verdict}[/{style}]")
         console.print(t)
         for line in self.meta.get("notes", []):

@@ -9,9 +9,12 @@ must be ``ok`` with the expected id. It returns a ``Sample``: calls answered,
 the time they took, and (window 1 only) each call's latency, by call name.
 
 ``alternate(rounds, sides)`` runs the floor and the measured things in turn,
-a round each, so a noisy neighbour slows both sides alike; a figure is the
-best round of its side (the least disturbed one), and ``Sample`` keeps all
-rounds for the JSON report.
+a round each, so a noisy neighbour slows both sides alike. A figure is a
+ratio taken round by round (the measured side against the floor timed right
+next to it) and reported as the median of those per-round ratios with their
+spread (``Spread``: median, min..max); comparing one side's best round with
+the other's lets a lucky round on one side decide the figure. ``Rounds``
+keeps every round for the JSON report.
 """
 
 from __future__ import annotations
@@ -196,11 +199,63 @@ class Stream:
         self.sock.close(0)
 
 
+@dataclass(frozen=True)
+class Spread:
+    """Per-round values of a figure: their median and their range."""
+
+    median: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Spread":
+        xs = [v for v in values if v is not None and v == v]  # (drops None and NaN)
+        if not xs:
+            return cls(float("nan"), float("nan"), float("nan"), 0)
+        return cls(statistics.median(xs), min(xs), max(xs), len(xs))
+
+    def to_json(self, digits: int = 3) -> dict[str, Any]:
+        return {"median": round(self.median, digits), "min": round(self.lo, digits), "max": round(self.hi, digits),
+                "rounds": self.n}
+
+
+def per_round(a: "Rounds", b: "Rounds", fn: Callable[[Sample, Sample], float | None]) -> Spread:
+    """``fn(a's round r, b's round r)`` for every round both sides ran (they ran next to each other)."""
+    return Spread.of([fn(x, y) for x, y in zip(a.samples, b.samples)])
+
+
+def rate_ratio(measured: "Rounds", floor: "Rounds") -> Spread:
+    """Per-round rate of ``measured`` over the floor's rate in the same round."""
+    return per_round(measured, floor, lambda m, f: m.rate / f.rate if f.rate else None)
+
+
+def cpu_ratio(measured: "Rounds", floor: "Rounds") -> Spread:
+    """Per-round floor server CPU per echo over ``measured``'s server CPU per call (higher is better, like a
+    rate ratio)."""
+    return per_round(measured, floor, lambda m, f: (f.cpu_per_call / m.cpu_per_call
+                                                    if m.cpu_per_call and f.cpu_per_call else None))
+
+
 @dataclass
 class Rounds:
     """All rounds of one side; ``best`` is the round with the highest rate."""
 
     samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def rate(self) -> Spread:
+        """Calls per second, per round."""
+        return Spread.of([s.rate for s in self.samples])
+
+    @property
+    def cpu(self) -> Spread:
+        """Server CPU seconds per call, per round (n == 0 if not measured)."""
+        return Spread.of([s.cpu_per_call for s in self.samples])
+
+    def latency(self, name: str | None = None) -> Spread:
+        """The median latency of ``name`` (seconds), per round."""
+        return Spread.of([s.latency(name) for s in self.samples])
 
     @property
     def best(self) -> Sample:
@@ -222,7 +277,9 @@ class Rounds:
                "calls": [s.calls for s in self.samples]}
         cpu = self.cpu_per_call
         if cpu is not None:
-            out["server_cpu_us_per_call"] = round(cpu * 1e6, 2)
+            out["server_cpu_us_per_call"] = round(cpu * 1e6, 2)  # (the least of the rounds)
+            out["server_cpu_us_per_call_rounds"] = [round(s.cpu_per_call * 1e6, 2) if s.cpu_per_call else None
+                                                    for s in self.samples]
         return out
 
 

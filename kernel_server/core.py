@@ -63,6 +63,12 @@ MAX_CLIENT_PAGES = 256  # pages a client maps or unmaps in one call (it maps onl
 MAX_CLIENT_RUNS = 16  # runs a client names in one map
 LARGE_RUNS_SHOWN = 256  # stats lists at most this many runs of frames under large mappings
 ERROR_RUNS = 64  # runs of offending frames an error names at most
+SCALAR_FRAMES = 16  # kernel frames taken or given back one at a time, with scalars, when there are at most this many
+_PAGE_MASK = PAGE_SIZE - 1
+_tuple_new = tuple.__new__  # a NamedTuple plan from a tuple of its fields, without its Python-level __new__
+# the caller's rules as plain names (an enum member looked up on its class costs ~0.1 us in Python 3.11)
+_W_ANYONE, _W_MM, _W_READER, _W_MM_OR_OWN = Who.ANYONE, Who.MM, Who.READER, Who.MM_OR_OWN
+_NO_LARGE: list[int] = []  # an unmap plan's large pages when there are none (never written)
 _KIND_NAME = np.array([KIND_NAMES[k] for k in range(max(KIND_NAMES) + 1)], dtype=object)  # kind code -> name
 
 __all__ = ["CLIENT_MADE", "EMPTY", "ENTRY_SHIFT", "PROT_MASK", "ROOT", "KernelCore", "Process"]
@@ -166,6 +172,7 @@ class MapPlan(NamedTuple):
     missing: list[Key]  # the tables to make, parents first
     bits: int  # leaf entry bits: prot, and CLIENT_MADE for a client's own map
     prot: int
+    all_user: bool = False  # every frame is USER (the check saw it): the commit need not look at their kinds
 
 
 class UnmapPlan(NamedTuple):
@@ -217,6 +224,7 @@ class KernelCore:
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_LOG)
         self.event_seq = 0
         self.user_top_page = profile.user_top >> PAGE_SHIFT
+        self._large_page_sizes = tuple(profile.large_page_sizes)  # (a property that builds a list)
         self.spare_leaves: list[np.ndarray] = []  # all EMPTY: from leaf tables unmap freed
         # the large pages mapped anywhere, for stats: (first frame, pages) -> mappings, and the keys in order
         self.large_index: dict[tuple[int, int], int] = {}
@@ -264,18 +272,40 @@ class KernelCore:
             out = self._run(entry, caller, args)
             self.observer.call_ended(caller, name, out)
             return out
-        return self._run(entry, caller, args)
+        who, verb, check, commit = entry  # (``_run``, written out: the hot path)
+        if who is _W_MM_OR_OWN:
+            if caller == self.mm_key and args.pid is not None:  # the usual case of ``_target``
+                proc: Process | Error | None = self.procs.get(args.pid)
+                if proc is None:
+                    proc = self._target(caller, args)
+            else:
+                proc = self._target(caller, args)
+        elif who is _W_ANYONE:
+            proc = None
+        else:
+            proc = self._caller(who, verb, caller)
+        if type(proc) is Error:
+            return proc
+        plan = check(caller, proc, args)
+        if commit is None or type(plan) is Error:
+            return plan
+        return commit(plan)
 
     def _run(self, entry: Entry, caller: str, args: Any) -> dict | Error:
         who, verb, check, commit = entry
-        if who is Who.MM_OR_OWN:
-            proc: Process | Error | None = self._target(caller, args)
+        if who is _W_MM_OR_OWN:
+            if caller == self.mm_key and args.pid is not None:  # the usual case of ``_target``
+                proc: Process | Error | None = self.procs.get(args.pid)
+                if proc is None:
+                    proc = self._target(caller, args)
+            else:
+                proc = self._target(caller, args)
         else:
             proc = self._caller(who, verb, caller)
-        if isinstance(proc, Error):
+        if type(proc) is Error:
             return proc
         plan = check(caller, proc, args)
-        if commit is None or isinstance(plan, Error):
+        if commit is None or type(plan) is Error:
             return plan
         return commit(plan)
 
@@ -286,7 +316,7 @@ class KernelCore:
         entry = self._dispatch.get(name)
         if entry is None:
             return None
-        if entry[0] is Who.MM_OR_OWN:
+        if entry[0] is _W_MM_OR_OWN:
             if caller == self.mm_key or raw is None:
                 return None
             return self._client_size(raw.get("frames"), raw.get("pages"))
@@ -310,13 +340,13 @@ class KernelCore:
 
     def _caller(self, who: Who, verb: str, caller: str) -> Process | Error | None:
         """The caller's rule: an Error, or the caller's process (PROCESS calls), or None."""
-        if who is Who.ANYONE:
+        if who is _W_ANYONE:
             return None
-        if who is Who.MM:
+        if who is _W_MM:
             if caller != self.mm_key:
                 return _err(Errno.EPERM, f"only the memory manager may {verb}")
             return None
-        if who is Who.READER:
+        if who is _W_READER:
             if not self.is_reader(caller):
                 return _err(Errno.EPERM, f"only the memory manager and the operator may {verb}")
             return None
@@ -371,20 +401,31 @@ class KernelCore:
 
     def _kalloc(self, proc: Process, n: int) -> list[int]:
         """Take ``n`` frames from the pool, charged to ``proc`` (within its quota: the check said so)."""
-        got = self.frames.pop_free(n)
-        self.frames.set_kind(got, KERNEL_FREE, KERNEL_USED)
+        ft = self.frames
+        if n <= SCALAR_FRAMES:  # (page tables, a thread: scalars cost less than numpy's fancy indexing)
+            got = [ft.take_one() for _ in range(n)]
+        else:
+            a = ft.pop_free(n)
+            ft.set_kind(a, KERNEL_FREE, KERNEL_USED)
+            got = a.tolist()
         proc.kernel_used += n
         self.reserved -= n
-        return got.tolist()
+        return got
 
     def _kfree(self, proc: Process, frames: list[int]) -> None:
         """Give ``proc``'s kernel frames back to the pool (their charge goes back to its reservation)."""
-        if frames:
+        if not frames:
+            return
+        ft = self.frames
+        if len(frames) <= SCALAR_FRAMES:
+            for f in reversed(frames):  # (the list ends as push_free leaves it: frames[0] at the head)
+                ft.give_one(f)
+        else:
             a = np.asarray(frames, dtype=np.int64)
-            self.frames.set_kind(a, KERNEL_USED, KERNEL_FREE)
-            self.frames.push_free(a)
-            proc.kernel_used -= len(frames)
-            self.reserved += len(frames)
+            ft.set_kind(a, KERNEL_USED, KERNEL_FREE)
+            ft.push_free(a)
+        proc.kernel_used -= len(frames)
+        self.reserved += len(frames)
 
     def unreserved(self) -> int:
         """Free kernel frames promised to no process: what proc_create and reclaim may take."""
@@ -420,7 +461,7 @@ class KernelCore:
             "v": PROTOCOL_VERSION,
             "arch": p.name,
             "page_size": PAGE_SIZE,
-            "large_page_sizes": p.large_page_sizes,
+            "large_page_sizes": list(self._large_page_sizes),
             "user_top": p.user_top,
             "frames": self.frames.n,
             "kernel_limit": p.kernel_limit,
@@ -743,6 +784,12 @@ class KernelCore:
     def _check_map(self, caller: str, proc: Process, args: Any) -> MapPlan | Error:
         runs = args.frames
         by_mm = caller == self.mm_key
+        if by_mm and len(runs) == 1:
+            first, npages = runs[0]
+            if npages == 1:  # the common map: one 4 KiB page by the mm (``_map_page``)
+                plan = self._map_page(proc, args, first)
+                if plan is not None:
+                    return plan
         if len(runs) == 1:
             first, npages = runs[0]
         else:
@@ -796,7 +843,9 @@ class KernelCore:
             return e
         # the frames (expanded only now: at most what the range and the quota allow)
         kind = self.frames.kind
+        all_user = False
         if large:
+            all_user = True  # (a large page needs every frame user-owned: checked right below)
             a = None
             if not all(bool((kind[f:f + step] == USER).all()) for f in firsts):
                 every = _expand([[f, step] for f in firsts])
@@ -813,13 +862,15 @@ class KernelCore:
                     return e
             else:
                 kinds = kind[first:first + npages]
-                if not (by_mm and (kinds == USER).all()) and (e := self._map_frame_rules(
+                all_user = bool((kinds == USER).all())
+                if not (by_mm and all_user) and (e := self._map_frame_rules(
                         np.arange(first, first + npages, dtype=np.int64), kinds, False, by_mm, prot)):
                     return e
         else:
             a = _expand(runs)
             kinds = kind[a]
-            if not (by_mm and (kinds == USER).all()) and (e := self._map_frame_rules(a, kinds, False, by_mm, prot)):
+            all_user = bool((kinds == USER).all())
+            if not (by_mm and all_user) and (e := self._map_frame_rules(a, kinds, False, by_mm, prot)):
                 return e
         # the virtual range must be empty
         if large:
@@ -839,7 +890,33 @@ class KernelCore:
                     return _err(Errno.EBUSY, f"virtual address {hit << PAGE_SHIFT:#x} is already mapped by a "
                                 "large page", vaddr=hit << PAGE_SHIFT)
         return MapPlan(proc, a, first, vp0, npages, level, firsts, missing, prot if by_mm else prot | CLIENT_MADE,
-                       prot)
+                       prot, all_user)
+
+    def _map_page(self, proc: Process, args: Any, first: int) -> MapPlan | None:
+        """The common map, decided with scalars: one 4 KiB page of user frame ``first`` by the mm, where
+        nothing is mapped and no large page is, with the page tables it lacks within the quota. Returns
+        the very plan the general check would; None if anything is unusual (the general check decides,
+        and gives any refusal). Every rule of map holds when it returns a plan: no W+X, aligned, within
+        user space and physical memory, the quota, a user frame, the page free."""
+        prot = args.prot
+        vaddr = args.vaddr
+        if (args.large or args.page_size is not None or (prot & PROT_WRITE and prot & PROT_EXEC)
+                or vaddr & _PAGE_MASK or proc.large):
+            return None
+        vp = vaddr >> PAGE_SHIFT
+        if vp >= self.user_top_page or first >= self.frames.n or self.frames.kind.item(first) != USER:
+            return None
+        geo = self.geo
+        e = proc.leaves.get(vp >> geo.leaf_bits)
+        if e is not None:  # its table, and so every table above it, exists
+            if e.item(vp & geo.leaf_mask) != EMPTY:
+                return None
+            missing: list[Key] = []
+        else:
+            missing = proc.missing(vp, vp + 1, geo.leaf)
+            if proc.kernel_used + len(missing) > proc.kernel_limit:
+                return None
+        return _tuple_new(MapPlan, (proc, None, first, vp, 1, geo.leaf, None, missing, prot, prot, True))
 
     def _map_frame_rules(self, a: np.ndarray, kinds: np.ndarray, large: bool, by_mm: bool,
                          prot: int) -> Error | None:
@@ -874,6 +951,13 @@ class KernelCore:
             proc.add_tables(missing, self._kalloc(proc, len(missing)), self.spare_leaves)
         pages = plan.pages
         ft = self.frames
+        if pages == 1 and plan.large is None:  # one 4 KiB page: scalars only
+            proc.write_one(plan.vpage, plan.first, plan.bits)
+            ft.add_ref(plan.first, +1)
+            if self._watched:
+                self.observer.process_changed(proc.pid)
+            return {"pid": proc.pid, "pages": 1, "tables_allocated": len(missing), "kernel_free": ft.free_count,
+                    "kernel_reserved": self.reserved}
         if plan.large is not None:
             proc.add_large(plan.vpage, plan.level, plan.large, plan.prot)
             step = self.geo.pages_at[plan.level]
@@ -886,34 +970,31 @@ class KernelCore:
         if plan.large is not None:  # each stretch of consecutive large pages is one run
             step = self.geo.pages_at[plan.level]
             for f, c in _merged([[f, step] for f in plan.large]):
-                ft.add_refs(np.arange(f, f + c, dtype=np.int64), +1, run=True)
+                ft.add_refs(np.arange(f, f + c, dtype=np.int64), +1, run=True, user=True)
         elif plan.frames is not None:
-            ft.add_refs(plan.frames, +1)
+            ft.add_refs(plan.frames, +1, user=plan.all_user)
         elif pages == 1:
             ft.add_ref(plan.first, +1)
-        else:
-            ft.add_refs(np.arange(plan.first, plan.first + pages, dtype=np.int64), +1, run=True)
+        else:  # (a map's check makes sure the frames of a map by the mm, the only larger one, are all USER)
+            ft.add_refs(np.arange(plan.first, plan.first + pages, dtype=np.int64), +1, run=True, user=plan.all_user)
         if self._watched:
             self.observer.process_changed(proc.pid)
         return {"pid": proc.pid, "pages": pages, "tables_allocated": len(missing), **self._pool()}
 
     def _check_unmap(self, caller: str, proc: Process, args: Any) -> UnmapPlan | Error:
-        if args.vaddr % PAGE_SIZE:
-            return _err(Errno.EINVAL, f"args.vaddr: {args.vaddr:#x} is not page-aligned", field="vaddr")
-        vp0 = args.vaddr >> PAGE_SHIFT
-        vp1 = vp0 + args.pages
-        if vp1 > self.user_top_page:
+        vaddr = args.vaddr
+        if vaddr & _PAGE_MASK:
+            return _err(Errno.EINVAL, f"args.vaddr: {vaddr:#x} is not page-aligned", field="vaddr")
+        vp0 = vaddr >> PAGE_SHIFT
+        pages = args.pages
+        if vp0 + pages > self.user_top_page:
             return _err(Errno.EINVAL, f"args.vaddr: the range goes beyond user space ({self.profile.user_top:#x})",
                         field="vaddr")
-        if vp1 - vp0 == 1 and not proc.large:  # one page: the entry, or a hole
-            e = proc.leaves.get(vp0 >> self.geo.leaf_bits)
-            i = vp0 & self.geo.leaf_mask
-            if e is None or e[i] == EMPTY:
-                return _err(Errno.EINVAL, f"nothing is mapped at {args.vaddr:#x}", vaddr=args.vaddr)
-            if caller != self.mm_key and not e[i] & CLIENT_MADE:
-                return _err(Errno.EPERM, f"virtual address {args.vaddr:#x} is mapped by the memory "
-                            "manager: free it through the mm", vaddr=args.vaddr)
-            return UnmapPlan(proc, [(vp0 >> self.geo.leaf_bits, i, i + 1)], [])
+        if pages == 1 and not proc.large:  # one page: the entry, or a hole
+            plan = self._unmap_page(caller, proc, vp0)
+            if plan is not None:
+                return plan
+        vp1 = vp0 + pages
         got = proc.scan(vp0, vp1)
         if isinstance(got[0], str):
             what, vp = got
@@ -929,6 +1010,22 @@ class KernelCore:
                             "manager: free it through the mm", vaddr=theirs << PAGE_SHIFT)
         return UnmapPlan(proc, spans, large)
 
+    def _unmap_page(self, caller: str, proc: Process, vp: int) -> UnmapPlan | Error | None:
+        """Unmap's rules for the one page ``vp`` of a process without large pages, with scalars: the plan,
+        or the refusal the general check (``scan``) would give (a hole; a client's unmap of the mm's
+        mapping), or None (the general check decides)."""
+        geo = self.geo
+        tag = vp >> geo.leaf_bits
+        e = proc.leaves.get(tag)
+        i = vp & geo.leaf_mask
+        entry = EMPTY if e is None else e.item(i)
+        if entry == EMPTY:
+            return _err(Errno.EINVAL, f"nothing is mapped at {vp << PAGE_SHIFT:#x}", vaddr=vp << PAGE_SHIFT)
+        if caller != self.mm_key and not entry & CLIENT_MADE:
+            return _err(Errno.EPERM, f"virtual address {vp << PAGE_SHIFT:#x} is mapped by the memory "
+                        "manager: free it through the mm", vaddr=vp << PAGE_SHIFT)
+        return _tuple_new(UnmapPlan, (proc, [(tag, i, i + 1)], _NO_LARGE))
+
     def _commit_unmap(self, plan: UnmapPlan) -> dict:
         proc = plan.proc
         spans = plan.spans
@@ -938,10 +1035,12 @@ class KernelCore:
             freed = proc.drop_one(tag, self.spare_leaves)
             if freed:
                 self._kfree(proc, freed)
-            self.frames.add_ref(f, -1)
+            ft = self.frames
+            ft.add_ref(f, -1)
             if self._watched:
                 self.observer.process_changed(proc.pid)
-            return {"pid": proc.pid, "pages": 1, "frames": [[f, 1]], "tables_freed": len(freed), **self._pool()}
+            return {"pid": proc.pid, "pages": 1, "frames": [[f, 1]], "tables_freed": len(freed),
+                    "kernel_free": ft.free_count, "kernel_reserved": self.reserved}
         pages_at = self.geo.pages_at
         for base in plan.large:
             lv, f, _prot = proc.large[base]

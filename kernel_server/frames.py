@@ -55,6 +55,10 @@ class FrameTable:
         self.head = NIL
         self.free_count = 0
         self.watch: Any = None  # an observe.KernelObserver told about every write, or None
+        # the same arrays as memoryviews, for the one-frame operations (an element read or written through a
+        # memoryview is a plain int, about twice as fast as numpy's scalar indexing)
+        self._kind1, self._refs1 = memoryview(self.kind), memoryview(self.refs)
+        self._next1, self._prev1 = memoryview(self.next), memoryview(self.prev)
         for r in bootmap.regions:
             k = BOOT_KIND[r.kind]
             if k != KERNEL_FREE:
@@ -135,6 +139,52 @@ class FrameTable:
             self.watch.frames_written(range(first, first + m) if run else frames)
             if old != NIL:
                 self.watch.frames_written(old)
+
+    def push_one(self, f: int) -> None:
+        """``push_free`` of the one frame ``f``, with scalars."""
+        self._kind1[f] = KERNEL_FREE
+        old = self.head
+        prev = self._prev1
+        self._next1[f] = old
+        if old != NIL:
+            prev[old] = f
+        prev[f] = NIL
+        self.head = f
+        self.free_count += 1
+        if self.watch is not None:
+            self.watch.frames_written(f)
+            if old != NIL:
+                self.watch.frames_written(old)
+
+    def pop_one(self) -> int:
+        """``pop_free(1)`` with scalars: the frame at the head (the list is not empty)."""
+        f = self.head
+        nxt = self._next1
+        g = nxt[f]
+        nxt[f] = NIL  # (the head's prev is NIL already)
+        self.head = g
+        if g != NIL:
+            self._prev1[g] = NIL
+        self.free_count -= 1
+        if self.watch is not None:
+            self.watch.frames_written(f)
+            if g != NIL:
+                self.watch.frames_written(g)
+        return f
+
+    def take_one(self) -> int:
+        """``pop_one`` and ``set_kind`` to KERNEL_USED: a kernel frame put to use (the list is not empty)."""
+        f = self.pop_one()
+        self._kind1[f] = KERNEL_USED
+        self.kernel_used += 1
+        if self.watch is not None:
+            self.watch.frames_written(f)
+        return f
+
+    def give_one(self, f: int) -> None:
+        """``set_kind`` KERNEL_USED -> KERNEL_FREE and ``push_one``: a kernel frame back on the list."""
+        self.kernel_used -= 1
+        self.push_one(f)
 
     def pop_free(self, count: int, max_runs: int | None = None) -> np.ndarray:
         """Take ``count`` frames from the head (count <= free_count), or fewer: no more than make
@@ -292,13 +342,29 @@ class FrameTable:
         if self.watch is not None and m:
             self.watch.frames_written(range(int(frames[0]), int(frames[0]) + m) if run else frames)
 
-    def add_refs(self, frames: np.ndarray, delta: int, run: bool = False) -> None:
+    def set_kind_one(self, f: int, old: int, new: int) -> None:
+        """``set_kind`` of the one frame ``f``, with scalars."""
+        self._kind1[f] = new
+        if old == USER:
+            self.user_free -= 1
+        elif old == KERNEL_USED:
+            self.kernel_used -= 1
+        if new == USER:
+            self.user_free += 1
+        elif new == KERNEL_USED:
+            self.kernel_used += 1
+        if self.watch is not None:
+            self.watch.frames_written(f)
+
+    def add_refs(self, frames: np.ndarray, delta: int, run: bool = False, user: bool = False) -> None:
         """Add ``delta`` (+1/-1) to each frame's refcount (frames may repeat); keeps
-        the user free/mapped counters right for USER frames.
+        the user free/mapped counters right for USER frames (``user``: the caller knows every
+        frame is USER, so their kinds are not looked at).
 
         One frame: scalar arithmetic. One run (``run``, or frames that turn out to
-        be one ascending run): arithmetic on a slice. Otherwise repeats are counted
-        with ``np.unique``."""
+        be one ascending run): arithmetic on a slice. No USER frame among them (a
+        client's maps of kernel-shared frames): ``ufunc.at``, repeats and all.
+        Otherwise repeats are counted with ``np.unique``."""
         m = frames.size
         if m == 0:
             return
@@ -307,7 +373,13 @@ class FrameTable:
             return
         first = int(frames[0])
         if run or (int(frames[-1]) - first == m - 1 and bool((np.diff(frames) == 1).all())):
-            self._add_refs_run(first, m, delta)
+            self._add_refs_run(first, m, delta, user)
+            return
+        if not user and not (self.kind[frames] == USER).any():  # no USER frame: no counter moves
+            # (with a uint32 operand: a Python int makes ufunc.at take its slow path, ten times slower)
+            (np.add if delta > 0 else np.subtract).at(self.refs, frames, np.uint32(abs(delta)))
+            if self.watch is not None:
+                self.watch.frames_written(frames)
             return
         uniq, times = np.unique(frames, return_counts=True)
         before = self.refs[uniq]
@@ -323,24 +395,27 @@ class FrameTable:
 
     def add_ref(self, f: int, delta: int) -> None:
         """``add_refs`` for the one frame ``f``."""
-        before = int(self.refs[f])
+        refs = self._refs1
+        before = refs[f]
         after = before + delta
-        self.refs[f] = after
-        if self.kind[f] == USER and (before == 0) != (after == 0):
+        refs[f] = after
+        if (before == 0) != (after == 0) and self._kind1[f] == USER:
             moved = 1 if after else -1  # free -> mapped, or mapped -> free
             self.user_mapped += moved
             self.user_free -= moved
         if self.watch is not None:
             self.watch.frames_written(f)
 
-    def _add_refs_run(self, first: int, m: int, delta: int) -> None:
+    def _add_refs_run(self, first: int, m: int, delta: int, all_user: bool = False) -> None:
         refs = self.refs[first:first + m]  # a view: updated in place
-        user = self.kind[first:first + m] == USER
-        if delta > 0:  # frames at 0 become mapped
-            moved = int(np.count_nonzero(user & (refs == 0)))
+        at = refs == (0 if delta > 0 else -delta)  # frames at 0 become mapped; frames at -delta become free
+        if not all_user:
+            at &= self.kind[first:first + m] == USER
+        moved = int(np.count_nonzero(at))
+        if delta > 0:
             refs += delta
-        else:  # frames at -delta become free
-            moved = -int(np.count_nonzero(user & (refs == -delta)))
+        else:
+            moved = -moved
             refs -= -delta
         self.user_mapped += moved
         self.user_free -= moved

@@ -161,6 +161,12 @@ class AddressSpace:
         out = []
         tables = self.tables
         shift = self.geo.shift
+        if hi - lo == 1:  # one page: one table per level
+            for lv in range(1, down_to + 1):
+                key = (lv, lo >> shift[lv])
+                if key not in tables:
+                    out.append(key)
+            return out
         for lv in range(1, down_to + 1):
             s = shift[lv]
             for tag in range(lo >> s, ((hi - 1) >> s) + 1):
@@ -192,8 +198,9 @@ class AddressSpace:
         spans: list[Span] = []
         large: list[int] = []
         leaves = self.leaves
+        tables = self.tables
         geo = self.geo
-        bits, mask = geo.leaf_bits, geo.leaf_mask
+        bits, mask, leaf = geo.leaf_bits, geo.leaf_mask, geo.leaf
         vp = lo
         while vp < hi:
             e = leaves.get(vp >> bits)
@@ -201,7 +208,9 @@ class AddressSpace:
                 i = vp & mask
                 j = min(mask + 1, i + hi - vp)
                 if j - i == 1:
-                    k = 1 if e[i] != EMPTY else 0
+                    k = 1 if e.item(i) != EMPTY else 0
+                elif tables[leaf, vp >> bits][1] == mask + 1:  # every entry of the table is in use: no hole
+                    k = j - i
                 else:
                     seg = e[i:j]
                     k = int(seg.argmin())  # EMPTY (-1) is the least entry: the first hole, if any
@@ -331,6 +340,12 @@ class AddressSpace:
         geo = self.geo
         leaf = geo.leaf
         tables = self.tables
+        if len(keys) == 1 and keys[0][0] == leaf:  # one page table (its parent exists)
+            key = keys[0]
+            tables[key] = [frames[0], 0]
+            self.leaves[key[1]] = spares.pop() if spares else np.full(geo.leaf_entries, EMPTY, dtype=np.int32)
+            tables[geo.parent(key)][1] += 1
+            return
         for key, frame in zip(keys, frames):
             tables[key] = [frame, 0]
             if key[0] == leaf:
@@ -342,7 +357,7 @@ class AddressSpace:
         geo = self.geo
         tag = vp >> geo.leaf_bits
         self.leaves[tag][vp & geo.leaf_mask] = (frame << ENTRY_SHIFT) | bits
-        self.tables[(geo.leaf, tag)][1] += 1
+        self.tables[geo.leaf, tag][1] += 1
         self.small_pages += 1
 
     def write_small(self, vp0: int, frames: np.ndarray | None, first: int, count: int, bits: int) -> None:
@@ -396,7 +411,7 @@ class AddressSpace:
     def clear_one(self, tag: int, i: int) -> int:
         """Empty entry ``i`` of leaf table ``tag``; the frame it mapped."""
         e = self.leaves[tag]
-        f = int(e[i]) >> ENTRY_SHIFT
+        f = e.item(i) >> ENTRY_SHIFT
         e[i] = EMPTY
         self.small_pages -= 1
         return f
@@ -408,7 +423,10 @@ class AddressSpace:
         tables = self.tables
         freed: list[int] = []
         for lv in range(geo.levels - 1, 0, -1):
-            for key in [k for k in entries if k[0] == lv]:
+            keys = list(entries) if lv == geo.leaf else [k for k in entries if k[0] == lv]
+            for key in keys:
+                if key[0] != lv:
+                    continue
                 t = tables[key]
                 t[1] -= entries.pop(key)
                 if t[1] == 0:
@@ -425,12 +443,33 @@ class AddressSpace:
         return freed
 
     def drop_one(self, tag: int, spares: list[np.ndarray]) -> list[int]:
-        """``drop_entries({(leaf, tag): 1})``, with a quick path when the leaf table keeps entries."""
-        t = self.tables[(self.geo.leaf, tag)]
+        """``drop_entries({(leaf, tag): 1})`` with scalars: the table's count goes down by one; a table that
+        becomes empty goes, and so, one level up at a time, do the parents it leaves empty."""
+        geo = self.geo
+        lv = geo.leaf
+        t = self.tables[lv, tag]
         if t[1] > 1:
             t[1] -= 1
             return []
-        return self.drop_entries({(self.geo.leaf, tag): 1}, spares)
+        freed: list[int] = []
+        tables = self.tables
+        key = (lv, tag)
+        while True:  # ``t`` is the table of ``key``, at level lv >= 1, losing its last entry
+            t[1] -= 1
+            if t[1]:
+                return freed
+            del tables[key]
+            if lv == geo.leaf:
+                emptied = self.leaves.pop(key[1])
+                if len(spares) < SPARE_LEAVES:
+                    spares.append(emptied)
+            freed.append(t[0])
+            key = geo.parent(key)
+            if key == ROOT:
+                tables[ROOT][1] -= 1
+                return freed
+            lv = key[0]
+            t = tables[key]
 
     def state(self) -> tuple[Any, ...]:
         """Everything in the tree, as plain values (for digests and comparisons)."""

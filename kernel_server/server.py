@@ -4,10 +4,10 @@ One CURVE ROUTER socket. The ZAP handler (pyzmq's ``ThreadAuthenticator``)
 admits the mm, the operator and the admitted client keys (``rundir.Admission``,
 re-read while running) and reports the key as the ``User-Id`` of every frame:
 that key, never the routing id, is the caller; every other key is refused at
-the handshake. Each request is answered with exactly one reply, sent without
-blocking (``serving.send_reply``: a peer that leaves its replies unread loses
-them, counted as ``replies_dropped``). The clock (``time.monotonic``) lives
-here, not in the core.
+the handshake. The socket loop is the servers' shared ``serving.Loop``: each
+request is answered with exactly one reply, sent without blocking (a peer
+that leaves its replies unread loses them, counted as ``replies_dropped``).
+The clock (``time.monotonic``) lives here, not in the core.
 
 Leases measure the client, not the kernel. Each turn of the loop should take
 at most its receive timeout plus a little; whatever it took beyond that plus
@@ -32,8 +32,8 @@ from typing import Any
 import zmq
 
 from kernel_server.service import KernelService
-from protocol import rundir, serving, wire
-from protocol.errors import Errno, Error
+from protocol import rundir, serving
+from protocol.errors import Error
 
 log = logging.getLogger("mmsim.kernel")
 STOP_CHECK_MS = 100.0  # the longest the loop sleeps: a signal's flag is seen within this
@@ -98,28 +98,27 @@ class KernelServer:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._stop)
         svc = self.service
-        recv, clock = sock.recv_multipart, time.monotonic
+        clock = time.monotonic
+        handle = svc.handle
+
+        def answer(identity: str | None, data: bytes) -> bytes:
+            return handle(identity, data, clock())
+
+        # The servers' shared socket loop (the benchmarks' floor serves with the very same one).
+        loop = serving.Loop(sock, answer, on_refused=self._refused_by_loop, on_dropped=self._dropped)
         next_check = 0.0  # when leases are looked at next: the earliest deadline, or STOP_CHECK_MS from now
-        wait = serving.Deadline(sock)
         turn = clock()  # when the last turn of the loop ended
         try:
             while self.running:
-                # A blocking receive that returns by the next lease check: one wake-up per request (a
-                # poll, then receives ending in zmq.Again, took ~30% more server CPU per request sent one
-                # at a time), and a signal's flag is seen within STOP_CHECK_MS.
-                wait.until(next_check)
-                timeout = wait.timeout_ms / 1000
-                try:
-                    frames = recv(copy=False)
-                except zmq.Again:
-                    frames = None
-                if frames is not None:
-                    self._handle(sock, frames)
+                # A blocking receive that returns by the next lease check: one wake-up per request, and a
+                # signal's flag is seen within STOP_CHECK_MS.
+                loop.turn(next_check)
                 now = clock()
-                if now - turn - timeout > STALL_SLACK:
-                    self._credit(now - turn - timeout)
+                overrun = now - turn - loop.timeout_ms / 1000
+                if overrun > STALL_SLACK:
+                    self._credit(overrun)
                 if now >= next_check:  # leases are checked on time even under a flood of requests
-                    self._drain(sock)
+                    self._drain(loop)
                     now = clock()
                     self.admission.refresh()
                     for ev in svc.expire(now):
@@ -144,27 +143,24 @@ class KernelServer:
             log.log(logging.INFO if overrun > 1.0 else logging.DEBUG, "the kernel did not read requests for "
                     "%.2fs (stopped or busy): credited to every lease", overrun)
 
-    def _drain(self, sock: zmq.Socket) -> None:
-        """Handle what is already queued (at most DRAIN_MAX requests), without waiting."""
-        for _ in range(DRAIN_MAX):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            t0 = time.monotonic()
-            self._handle(sock, frames)
-            self._credit(time.monotonic() - t0)
+    def _drain(self, loop: serving.Loop) -> None:
+        """Handle what is already queued (at most DRAIN_MAX requests), without waiting; a request that took
+        long is credited to the leases."""
+        last = time.monotonic()
 
-    def _handle(self, sock: zmq.Socket, frames: list) -> None:
-        rid = frames[0].bytes
-        if len(frames) != 2:
-            err = Error(Errno.EPROTO, f"expected one message frame, got {len(frames) - 1}")
-            self.service._refused(frames[-1].get("User-Id") if len(frames) > 1 else None, "?", err)
-            reply = wire.error_reply(None, err)
-        else:
-            reply = self.service.handle(frames[1].get("User-Id"), frames[1].bytes, time.monotonic())
-        if not serving.send_reply(sock, rid, reply):
-            self.service.replies_dropped += 1
+        def each() -> None:
+            nonlocal last
+            now = time.monotonic()
+            self._credit(now - last)
+            last = now
+
+        loop.drain_queued(DRAIN_MAX, each)
+
+    def _refused_by_loop(self, identity: str | None, err: Error) -> None:
+        self.service._refused(identity, "?", err)
+
+    def _dropped(self) -> None:
+        self.service.replies_dropped += 1
 
 
 def run(opts: KernelOptions) -> None:

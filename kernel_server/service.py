@@ -16,6 +16,11 @@ unmap from the raw counts (E2BIG: a client's call costs little to validate), the
 Replay cache: the mm, the operator and every identity with a live process are pinned (their
 replies are never evicted by anyone else's traffic).
 
+The hot path (see docs/performance.md): the usual envelope is checked at once (``wire.parse_request``),
+``map``/``unmap``/``ping``/``hello`` arguments by ``fastargs`` (equivalent to the pydantic models, which
+decide everything else and give every refusal; only when no observer is set), and replies are encoded
+with a ``wire.Replies`` made once.
+
 Leases measure the client, not the kernel: ``credit_stall(seconds)`` adds time the kernel was
 not reading requests (it was stopped, or busy) to every lease; the server shell measures it.
 """
@@ -26,8 +31,9 @@ from typing import Any, Callable
 
 from kernel_server.arch import get_profile
 from kernel_server.bootmap import BootMap, pc_map
-from kernel_server.calls import ADAPTERS
+from kernel_server.calls import ADAPTERS, CALLS, Who
 from kernel_server.core import KernelCore
+from kernel_server.fastargs import FAST
 from kernel_server.observe import NO_OBSERVER, KernelObserver
 from protocol import wire
 from protocol.calls import validate
@@ -35,6 +41,12 @@ from protocol.errors import Errno, Error
 from protocol.replay import ReplayCache
 
 Refused = Callable[[str | None, str, Error], None]
+_AFTER = frozenset(("proc_create", "proc_destroy", "hello", "stats"))  # results the service adds to
+# When ``KernelCore.refuse_caller`` must look at a call's caller: 0 never (anyone may make it), 1 unless it is the mm
+# (map and unmap: the mm may act on any process), 2 always. Calls not in the table have no entry (ENOSYS).
+_CALLER_CHECK = {name: 0 if c.who is Who.ANYONE else 1 if c.who is Who.MM_OR_OWN else 2 for name, c in CALLS.items()}
+_MAX_CLIENT_REQUEST = wire.MAX_CLIENT_REQUEST_BYTES
+_parse_request = wire.parse_request
 
 
 class KernelService:
@@ -53,6 +65,8 @@ class KernelService:
         self.replies_dropped = 0  # counted by the server shell: peers that did not read their replies
         self.observer: KernelObserver = NO_OBSERVER
         self._watched = False
+        self._fast = FAST  # argument checks equivalent to the models (none while an observer is set)
+        self._replies = wire.Replies()
         if observer is not None:
             self.set_observer(observer)
 
@@ -79,6 +93,7 @@ class KernelService:
         self.core.set_observer(observer)
         self.observer = self.core.observer
         self._watched = self.core._watched
+        self._fast = {} if self._watched else FAST  # an observer is told of genuine models
 
     def pinned(self, identity: str) -> bool:
         """Whose replies the replay cache keeps whatever others send: the mm, the operator, and every
@@ -88,20 +103,22 @@ class KernelService:
     # ---- requests ---------------------------------------------------------------------------------
 
     def handle(self, identity: str | None, data: bytes, now: float) -> bytes:
-        if len(data) > wire.MAX_CLIENT_REQUEST_BYTES and not (identity is not None and self.core.is_reader(identity)):
+        if len(data) > _MAX_CLIENT_REQUEST and not (identity is not None and self.core.is_reader(identity)):
             return self._refuse(identity, None, "?", Error(
                 Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of {wire.MAX_CLIENT_REQUEST_BYTES} "
                 "for a client (only the memory manager and the operator send larger requests)"))
-        parsed = wire.parse_request(data)
+        parsed = _parse_request(data)
         if len(parsed) == 2:
             req_id, err = parsed
             return self._refuse(identity, req_id, "?", err)
         req_id, call, args = parsed
         if identity is None:
             return self._refuse(identity, req_id, call, Error(Errno.EPERM, "unauthenticated caller (CURVE required)"))
-        self._renew(identity, now)
+        pid = self.core.by_key.get(identity)  # (the lease: ``_renew``)
+        if pid is not None:
+            self.last_seen[pid] = now - self.stalled
         replay = self.replay
-        digest = replay.digest(data)
+        digest = replay.key(data)
         cached = replay.lookup(identity, req_id, digest)
         if cached is not None:
             self.replayed += 1
@@ -128,9 +145,12 @@ class KernelService:
             e = self.core.refuse_caller(identity, call, args)
             if e is not None:
                 return e
-        model = validate(ADAPTERS, call, args)
-        if isinstance(model, Error):
-            return model
+        fast = self._fast.get(call)
+        model = fast(args) if fast is not None else None
+        if model is None:
+            model = validate(ADAPTERS, call, args)
+            if isinstance(model, Error):
+                return model
         return self._run(identity, call, model, now)
 
     def _renew(self, identity: str, now: float) -> None:
@@ -139,10 +159,29 @@ class KernelService:
             self.last_seen[pid] = now - self.stalled
 
     def _execute(self, identity: str, req_id: int, call: str, args: dict, now: float) -> bytes:
-        result = self._checked(identity, call, args, now)
+        """``_checked`` and its reply, written out (the hot path: the same steps in the same order)."""
+        core = self.core
+        check = _CALLER_CHECK.get(call, 0)
+        if check and (check == 2 or identity != core.mm_key):
+            e = core.refuse_caller(identity, call, args)
+            if e is not None:
+                return self._refuse(identity, req_id, call, e)
+        fast = self._fast.get(call)
+        model = fast(args) if fast is not None else None
+        if model is None:
+            model = validate(ADAPTERS, call, args)
+            if isinstance(model, Error):
+                return self._refuse(identity, req_id, call, model)
+        self.calls += 1
+        try:
+            result = core.call(identity, call, model)
+        except Exception as exc:  # a bug, not the caller's fault: report it, never crash
+            result = Error(Errno.EIO, f"internal error in {call}: {type(exc).__name__}: {exc}")
         if isinstance(result, Error):
             return self._refuse(identity, req_id, call, result)
-        return wire.ok_reply(req_id, result)
+        if call in _AFTER:
+            self._after(call, result, now)
+        return self._replies.ok(req_id, result)
 
     def _run(self, identity: str, call: str, model: Any, now: float) -> dict | Error:
         self.calls += 1
@@ -150,18 +189,22 @@ class KernelService:
             result = self.core.call(identity, call, model)
         except Exception as exc:  # a bug, not the caller's fault: report it, never crash
             return Error(Errno.EIO, f"internal error in {call}: {type(exc).__name__}: {exc}")
-        if isinstance(result, dict):
-            if call == "proc_create":
-                self.last_seen[result["pid"]] = now - self.stalled
-            elif call == "proc_destroy":
-                self.last_seen.pop(result["pid"], None)
-            elif call == "hello":
-                result["lease_seconds"] = self.lease_seconds
-                result["boot_id"] = self.boot_id
-            elif call == "stats":  # call counters, for rates in pictures
-                result.update(calls=self.calls, refused=self.refused, replayed=self.replayed,
-                              replies_dropped=self.replies_dropped)
+        if call in _AFTER and type(result) is dict:
+            self._after(call, result, now)
         return result
+
+    def _after(self, call: str, result: dict, now: float) -> None:
+        """What the service adds to a call's success: leases, hello's lease and boot id, stats' counters."""
+        if call == "proc_create":
+            self.last_seen[result["pid"]] = now - self.stalled
+        elif call == "proc_destroy":
+            self.last_seen.pop(result["pid"], None)
+        elif call == "hello":
+            result["lease_seconds"] = self.lease_seconds
+            result["boot_id"] = self.boot_id
+        elif call == "stats":  # call counters, for rates in pictures
+            result.update(calls=self.calls, refused=self.refused, replayed=self.replayed,
+                          replies_dropped=self.replies_dropped)
 
     def _refused(self, identity: str | None, call: str, err: Error) -> None:
         self.refused += 1
@@ -172,7 +215,7 @@ class KernelService:
 
     def _refuse(self, identity: str | None, req_id: int | None, call: str, err: Error) -> bytes:
         self._refused(identity, call, err)
-        return wire.error_reply(req_id, err)
+        return self._replies.error(req_id, err)
 
     # ---- leases -----------------------------------------------------------------------------------
     #

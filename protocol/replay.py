@@ -2,7 +2,12 @@
 
 A request that arrives again with the same identity, id and bytes gets the
 cached reply without being executed again; the same id with different bytes
-is refused. No I/O, no clocks.
+is refused. No I/O, no clocks. What is kept of a request to compare its
+bytes is ``digest(data)``, a 16-byte BLAKE2b digest (what the mm journals),
+or ``key(data)``: the request itself when it is short (17 to ``SHORT``
+bytes: keeping it costs less than hashing it; every request is longer than
+16 bytes), its digest otherwise; the two never compare equal, so the
+comparison is exact either way (the kernel's service uses ``key``).
 
 Bounded, and fair (I13): each caller keeps its ``per_identity`` most recent
 replies (its own traffic evicts its own oldest ones). Callers the server
@@ -27,6 +32,10 @@ from protocol import wire
 from protocol.errors import Errno, Error
 
 
+SHORT = 80  # requests up to this size are kept whole instead of their digest (a one-page map: about 70 bytes)
+_blake2b = hashlib.blake2b
+
+
 def _never(identity: str) -> bool:
     return False
 
@@ -38,12 +47,20 @@ class ReplayCache:
         self.identities = identities  # places for callers that are not pinned
         self.pinned = pinned or _never
         self.replies: OrderedDict[str, OrderedDict[int, tuple[bytes, bytes]]] = OrderedDict()
+        self._latest: str | None = None  # the caller last remembered: already at the back of ``replies``
         self.hits = 0
         self.evicted = 0  # callers forgotten to make room (never a pinned one)
 
     @staticmethod
     def digest(data: bytes) -> bytes:
-        return hashlib.blake2b(data, digest_size=16).digest()
+        return _blake2b(data, digest_size=16).digest()
+
+    @staticmethod
+    def key(data: bytes) -> bytes:
+        """What is kept to recognise ``data`` again: itself if 17..SHORT bytes long, else its digest."""
+        if 16 < len(data) <= SHORT:
+            return data
+        return _blake2b(data, digest_size=16).digest()
 
     def lookup(self, identity: str, req_id: int, digest: bytes) -> bytes | None:
         """The cached reply, an error reply for a reused id, or None (execute it)."""
@@ -58,13 +75,16 @@ class ReplayCache:
                                               "different request", {"field": "id"}))
 
     def remember(self, identity: str, req_id: int, digest: bytes, reply: bytes) -> None:
-        cache = self.replies.get(identity)
+        replies = self.replies
+        cache = replies.get(identity)
         if cache is None:
-            cache = self.replies[identity] = OrderedDict()
-            if len(self.replies) > self.identities:
+            cache = replies[identity] = OrderedDict()
+            self._latest = identity
+            if len(replies) > self.identities:
                 self._evict()
-        else:
-            self.replies.move_to_end(identity)
+        elif identity != self._latest:  # (a caller that calls again and again stays at the back)
+            replies.move_to_end(identity)
+            self._latest = identity
         cache[req_id] = (digest, reply)
         if len(cache) > self.per_identity:
             cache.popitem(last=False)
@@ -77,6 +97,7 @@ class ReplayCache:
             oldest = next(iter(replies))
             if self.pinned(oldest):
                 replies.move_to_end(oldest)
+                self._latest = None  # (no longer the one at the back)
                 continue
             del replies[oldest]
             self.evicted += 1
@@ -85,3 +106,5 @@ class ReplayCache:
     def forget(self, identity: str) -> None:
         """Drop a caller's replies (its process is gone and a new one starts afresh)."""
         self.replies.pop(identity, None)
+        if identity == self._latest:
+            self._latest = None

@@ -13,6 +13,12 @@ leaves ``wire.REPLY_QUEUE`` replies unread (or has gone) loses the reply,
 which is counted; it gets it again by resending its request (the replay
 cache answers). ``Deadline`` sets a socket's receive timeout so that a
 blocking receive returns in time for the server's next housekeeping.
+
+``Loop`` is the socket loop itself, parameterised by a handler (``identity,
+request bytes -> reply bytes``): the kernel serves with it, and so does the
+benchmarks' floor echo, so the floor pays exactly the servers' socket costs
+(same calls, flags, draining and batching) and a ratio against it measures
+the server's own work. See ``Loop`` for what one turn does and why.
 """
 
 from __future__ import annotations
@@ -21,12 +27,21 @@ import time
 
 import zmq
 import zmq.auth
+from zmq.backend import Socket as _Socket  # the compiled socket pyzmq's zmq.Socket wraps
 from zmq.auth.thread import ThreadAuthenticator
 
+from typing import Callable
+
 from protocol import rundir, wire
+from protocol.errors import Errno, Error
 
 SEND = int(zmq.NOBLOCK)
 SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+RECV_WAIT = 0  # a blocking receive (bounded by the socket's receive timeout)
+RECV_NOW = int(zmq.NOBLOCK)  # a receive that raises zmq.Again at once when nothing has arrived
+USER_ID = b"User-Id"  # the frame property the ZAP handler sets to the caller's CURVE key (Z85)
+
+Handler = Callable[[str | None, bytes], bytes]  # (caller identity or None, request bytes) -> reply bytes
 
 
 def bind_router(ctx: zmq.Context, bind: str, public: bytes, secret: bytes, who: str,
@@ -85,3 +100,113 @@ class Deadline:
         if left != self.timeout_ms:
             self.sock.setsockopt(zmq.RCVTIMEO, left)
             self.timeout_ms = left
+
+
+class Loop:
+    """One server socket's loop: receive a request, hand it to ``handle(identity, data)``, send its
+    reply; never blocks on a send (a reply a peer leaves unread is dropped and counted, as
+    ``send_reply``). ``turn(deadline)`` waits for a request until ``deadline`` (time.monotonic) at the
+    latest and answers it (and, with ``drain``, whatever else has already arrived, replies sent together);
+    it returns how many requests it answered (0: the wait timed out). The caller does its housekeeping
+    between turns.
+
+    Costs (pyzmq 27, per request; see docs/performance.md): the socket's own methods are called on the
+    compiled base class with int flags, not through pyzmq's Python-level wrappers
+    (``recv_multipart``/``send_multipart`` cost about twice as much); the routing id is received as bytes
+    and only the message part as a ``Frame`` (its ``User-Id`` property is the caller). Draining tests for
+    more input with the socket's ``EVENTS`` (a failing non-blocking receive raises and costs more); each
+    test costs about 1.4 us, so ``drain`` is off by default: with one request arriving at a time it finds
+    nothing and the blocking receive is as cheap (measured, docs/performance.md).
+
+    ``on_refused(identity, error)`` hears of requests the loop refuses itself (a message of more than one
+    part: EPROTO); ``on_dropped()`` of replies it dropped.
+    """
+
+    def __init__(self, sock: zmq.Socket, handle: Handler, drain: int = 0,
+                 on_refused: Callable[[str | None, Error], None] | None = None,
+                 on_dropped: Callable[[], None] | None = None) -> None:
+        self.sock = sock
+        self.handle = handle
+        self.drain = drain  # requests answered per turn beyond the first, at most, if already queued
+        self.on_refused = on_refused
+        self.on_dropped = on_dropped
+        self.timeout_ms = -1  # the socket's receive timeout as last set
+        self.handled = 0
+        self.dropped = 0
+        # the compiled socket methods (pyzmq's zmq.backend Socket), bound to this socket
+        self._recv = _Socket.recv.__get__(sock)
+        self._send = _Socket.send.__get__(sock)
+        self._get = _Socket.get.__get__(sock)
+
+    def wait_until(self, deadline: float) -> None:
+        """The next blocking receive returns by ``deadline`` (time.monotonic) at the latest (the timeout is
+        set only when it changes: setsockopt costs a couple of microseconds)."""
+        left = max(1, int((deadline - time.monotonic()) * 1000) + 1)
+        if left != self.timeout_ms:
+            self.sock.setsockopt(zmq.RCVTIMEO, left)
+            self.timeout_ms = left
+
+    def turn(self, deadline: float) -> int:
+        """Wait for a request until ``deadline`` at the latest; answer it (and what else is queued, up to
+        ``drain`` more). How many were answered."""
+        self.wait_until(deadline)
+        recv = self._recv
+        try:
+            rid = recv(RECV_WAIT, True)
+        except zmq.Again:
+            return 0
+        frame = recv(RECV_WAIT, False)  # (the rest of a message arrives with its first part)
+        if not self.drain:
+            self._reply(rid, self._answer(frame))
+            self.handled += 1
+            return 1
+        out = [(rid, self._answer(frame))]
+        get, events, pollin = self._get, zmq.EVENTS, zmq.POLLIN
+        while len(out) <= self.drain and get(events) & pollin:
+            rid = recv(RECV_NOW, True)
+            out.append((rid, self._answer(recv(RECV_NOW, False))))
+        for rid, reply in out:
+            self._reply(rid, reply)
+        self.handled += len(out)
+        return len(out)
+
+    def drain_queued(self, limit: int, each: Callable[[], None] | None = None) -> int:
+        """Answer what is already queued (at most ``limit`` requests) without waiting; ``each()`` after
+        every one. How many were answered."""
+        recv = self._recv
+        n = 0
+        while n < limit:
+            try:
+                rid = recv(RECV_NOW, True)
+            except zmq.Again:
+                break
+            self._reply(rid, self._answer(recv(RECV_NOW, False)))
+            n += 1
+            if each is not None:
+                each()
+        self.handled += n
+        return n
+
+    def _answer(self, frame: zmq.Frame) -> bytes:
+        identity = frame.get(USER_ID)
+        if not frame.more:
+            return self.handle(identity, frame.bytes)
+        parts = 1
+        while frame.more:  # read the whole message, then refuse it
+            frame = self._recv(RECV_WAIT, False)
+            parts += 1
+        err = Error(Errno.EPROTO, f"expected one message frame, got {parts}")
+        if self.on_refused is not None:
+            self.on_refused(identity, err)
+        return wire.error_reply(None, err)
+
+    def _reply(self, rid: bytes, reply: bytes) -> None:
+        send = self._send
+        try:
+            send(rid, SEND_MORE)
+        except zmq.ZMQError:  # EAGAIN (queue full) or EHOSTUNREACH (gone): nothing was queued
+            self.dropped += 1
+            if self.on_dropped is not None:
+                self.on_dropped()
+            return
+        send(reply, SEND)

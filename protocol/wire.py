@@ -38,6 +38,7 @@ REPLY_QUEUE = 4096  # replies a server queues for one peer; a peer that leaves m
 MAX_ID = (1 << 64) - 1
 MAX_CALL_NAME = 32
 REQUEST_KEYS = frozenset(("v", "id", "call", "args"))
+_unpackb = msgpack.unpackb
 
 
 def encode(obj: Any) -> bytes:
@@ -51,7 +52,7 @@ def decode(data: bytes) -> Any:
 
 def decode_request(data: bytes) -> Any:
     """Decode a request with msgpack's limits (see the module docstring); raises on anything beyond them."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True, max_array_len=MAX_RUNS,
+    return _unpackb(data, raw=False, strict_map_key=False, use_list=True, max_array_len=MAX_RUNS,
                            max_map_len=MAX_MAP, max_str_len=MAX_STR, max_bin_len=MAX_STR, max_ext_len=0)
 
 
@@ -67,16 +68,46 @@ def error_reply(req_id: int | None, err: Error) -> bytes:
     return encode({"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": err.to_wire()})
 
 
+class Replies:
+    """Reply encoding for one server thread: ``ok(id, result)`` and ``error(id, err)`` as ``ok_reply`` and
+    ``error_reply``, with a msgpack ``Packer`` made once (``packb`` makes one per call). Not thread-safe:
+    one per serving thread."""
+
+    def __init__(self) -> None:
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def ok(self, req_id: int | None, result: dict[str, Any]) -> bytes:
+        return self._pack({"v": PROTOCOL_VERSION, "id": req_id, "ok": True, "result": result})
+
+    def error(self, req_id: int | None, err: Error) -> bytes:
+        return self._pack({"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": err.to_wire()})
+
+
 def parse_request(data: bytes) -> tuple[int | None, str, dict[str, Any]] | tuple[int | None, Error]:
     """Decode and check the envelope: ``(id, call, args)`` or ``(id_or_None, Error)``."""
     if len(data) > MAX_REQUEST_BYTES:
         return None, Error(Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
     try:
-        msg = decode_request(data)
+        msg = _unpackb(data, raw=False, strict_map_key=False, use_list=True, max_array_len=MAX_RUNS,
+                       max_map_len=MAX_MAP, max_str_len=MAX_STR, max_bin_len=MAX_STR, max_ext_len=0)
     except Exception as exc:  # msgpack raises many types on garbage
         if isinstance(exc, ValueError) and " exceeds max_" in str(exc):  # a length beyond the limits
             return None, Error(Errno.E2BIG, f"message refused: {exc}")
         return None, Error(Errno.EPROTO, f"undecodable message: {type(exc).__name__}")
+    if type(msg) is dict and len(msg) == 4:  # the usual envelope, all four fields: the checks below, at once
+        try:
+            v, req_id, call, args = msg["v"], msg["id"], msg["call"], msg["args"]
+        except KeyError:
+            pass
+        else:
+            if (type(req_id) is int and 0 <= req_id <= MAX_ID and type(v) is int and v == PROTOCOL_VERSION
+                    and type(call) is str and 0 < len(call) <= MAX_CALL_NAME and type(args) is dict):
+                return req_id, call, args
+    return _envelope(msg)
+
+
+def _envelope(msg: Any) -> tuple[int | None, str, dict[str, Any]] | tuple[int | None, Error]:
+    """The envelope's checks, in order: the first one broken is the error."""
     if not isinstance(msg, dict):
         return None, Error(Errno.EPROTO, f"request must be a map, got {type(msg).__name__}")
     req_id = msg.get("id")

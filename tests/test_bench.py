@@ -20,7 +20,7 @@ from bench import kernel as kb
 from bench import mm as mb
 from bench.floor import Floor
 from bench.report import Figure, Report
-from bench.roundtrip import Stream, dealer
+from bench.roundtrip import Rounds, Sample, Stream, cpu_ratio, dealer, rate_ratio
 from mmsim.cli import app
 
 FIGURE_KEYS = {"key", "name", "value", "unit", "floor", "ratio", "target", "passed", "verdict"}
@@ -61,12 +61,20 @@ def test_kernel_bench_reports_every_figure_and_stops_its_processes(tmp_path):
     steps: list[str] = []
     rep = kb.run(opts, str(tmp_path), steps.append)
     data = rep.to_json()
-    _check_figures(data["figures"], {"kernel.map_unmap", "kernel.map_unmap_pipelined", "kernel.batch.donate",
-                                     "kernel.batch.reclaim", "kernel.batch.map", "kernel.batch.unmap",
-                                     "kernel.scale", "kernel.frame_table_bytes", "kernel.boot_16mi"})
+    timed = {"kernel.map_unmap", "kernel.map_unmap_pipelined", "kernel.cpu_per_call", "kernel.churn",
+             "kernel.churn_pipelined", "kernel.churn_cost", "kernel.ping", "kernel.hello", "kernel.batch.donate",
+             "kernel.batch.reclaim", "kernel.batch.map", "kernel.batch.unmap", "kernel.scale"}
+    _check_figures(data["figures"], timed | {"kernel.frame_table_bytes", "kernel.boot_16mi"})
+    for f in data["figures"]:
+        if f["key"] in timed:  # per-round medians: a spread around the ratio, and the conditions said
+            lo, hi = f["spread"]
+            assert lo <= f["ratio"] <= hi and f["conditions"], f
     assert rep.figure("kernel.frame_table_bytes").value <= 16  # a property of the code, not of timing
     assert rep.figure("kernel.map_unmap").floor_name == "floor"
-    assert data["details"]["kernel"]["batch_frames"] == 64
+    assert rep.figure("kernel.cpu_per_call").threshold == 0.80 and rep.figure("kernel.churn_cost").threshold == 0.90
+    kernel = data["details"]["kernel"]
+    assert kernel["batch_frames"] == 64 and kernel["pages"] == kb.PAGES
+    assert set(kernel["floor_replies"]) >= {"map", "unmap", "ping", "hello", "donate", "reclaim"}
     assert len(steps) <= opts.steps() and steps[0].startswith("starting")
     json.dumps(data)  # serialisable as is
     assert _children() == before
@@ -105,11 +113,61 @@ def test_floor_answers_the_shared_loop_in_order(tmp_path):
         ctx.term()
 
 
+def test_the_floor_answers_every_call_with_the_kernels_reply_size(tmp_path):
+    """The floor is honest about message sizes: for the benchmark's own requests its replies are exactly
+    as long as the kernel's (it answers with the results the kernel gave)."""
+    import zmq
+
+    from kernel_server.service import KernelService
+    from protocol import wire
+
+    mm = "M" * 40
+    svc = KernelService.boot(arch="i686", memory=16 << 20, mm_key=mm, lease_seconds=3600.0)
+    pid = svc.call(mm, "proc_create", {"key": "C" * 40, "kernel_quota": 4})["pid"]
+    first = next(e["first"] for e in svc.call(mm, "address_map")["entries"] if e["kind"] == "user")
+    requests = [*kb.map_unmap_cycle(pid, first, kb.VADDR, 2), ("ping", {}), ("hello", {})]
+    replies = {}
+    kernel_sizes = []
+    for i, (call, args) in enumerate(requests):
+        reply = svc.handle(mm, wire.request(1 << 40 | i, call, args), 0.0)
+        replies[call] = wire.decode(reply)["result"]
+        kernel_sizes.append(len(reply))
+    ctx = zmq.Context()
+    ctx.linger = 0
+    try:
+        with Floor(str(tmp_path), "ipc", replies=replies) as floor:
+            s = dealer(ctx, floor.endpoint, floor.server_key, floor.run_dir, "mm")
+            try:
+                floor_sizes = []
+                for i, (call, args) in enumerate(requests):
+                    s.send(wire.request(1 << 40 | i, call, args))
+                    floor_sizes.append(len(s.recv()))
+            finally:
+                s.close(0)
+    finally:
+        ctx.term()
+    assert floor_sizes == kernel_sizes
+
+
+def test_ratios_are_medians_of_per_round_ratios():
+    """A round in which the floor was disturbed does not make the figure: the ratio is the median of the rounds'
+    ratios, each side against the other in the same round (best against best would say 1.5 here)."""
+    floor = Rounds([Sample(1000, 1.0, 16, server_cpu=0.010), Sample(500, 1.0, 16, server_cpu=0.010),
+                    Sample(1000, 1.0, 16, server_cpu=0.010)])
+    kernel = Rounds([Sample(600, 1.0, 16, server_cpu=0.012), Sample(1500, 1.0, 16, server_cpu=0.020),
+                     Sample(620, 1.0, 16, server_cpu=0.0124)])
+    r = rate_ratio(kernel, floor)
+    assert (r.median, r.lo, r.hi, r.n) == (0.62, 0.6, 3.0, 3)
+    c = cpu_ratio(kernel, floor)  # floor CPU per echo over kernel CPU per call, round by round
+    assert c.n == 3 and abs(c.median - 0.5) < 1e-9 and abs(c.hi - 1.5) < 1e-9
+
+
 def test_report_verdicts_and_table():
     from rich.console import Console
 
     rep = Report()
-    rep.add(Figure("a", "rate", 90.0, "calls/s", 100.0, "echoes/s", "floor", 0.9, ">=", 0.8, ">= 0.8"))
+    rep.add(Figure("a", "rate", 90.0, "calls/s", 100.0, "echoes/s", "floor", 0.9, ">=", 0.8, ">= 0.8",
+                   spread=(0.85, 0.97), conditions="ipc, 16 in flight; 5 rounds x 0.5 s"))
     rep.add(Figure("b", "latency", 300.0, "us", 100.0, "us", "floor", 3.0, "<=", 2.0, "<= 2"))
     rep.add(Figure("c", "storm", 5.0, "us", ratio=float("inf"), op=">=", threshold=1.0))
     rep.add(Figure("d", "info", 5.0, "us"))
@@ -120,6 +178,8 @@ def test_report_verdicts_and_table():
         rep.render(console)
     text = console.export_text()
     assert "PASS" in text and "MISS" in text and "echoes/s" in text
+    assert "0.85..0.97" in text and "16 in flight" in text
+    assert rep.to_json()["figures"][0]["spread"] == [0.85, 0.97]
 
 
 runner = CliRunner()
@@ -170,3 +230,48 @@ def test_cli_sim_reports_each_way_of_checking_and_detection():
 def test_cli_bad_options_are_usage_errors(args):
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output
+
+
+def test_the_shared_serving_loop_answers_drains_refuses_and_times_out(tmp_path):
+    """serving.Loop (the kernel's loop and the floor's): each request gets its handler's reply, in order; with
+    drain, what has already arrived is answered in the same turn; a message of two parts is refused (EPROTO)
+    and reported; a turn with nothing to read returns 0 by its deadline."""
+    import time
+
+    import zmq
+
+    from protocol import rundir, serving, wire
+
+    rundir.init(str(tmp_path), clients=0)
+    ctx = zmq.Context()
+    ctx.linger = 0
+    pub, sec = rundir.load_keypair(str(tmp_path), "kernel")
+    sock, auth, endpoint = serving.bind_router(ctx, "tcp://127.0.0.1:*", pub, sec, "test")
+    refused = []
+    seen = []
+
+    def handle(identity, data):
+        seen.append(identity)
+        return data[::-1]
+
+    try:
+        c = dealer(ctx, endpoint, pub, str(tmp_path), "mm")
+        for drain, sends in ((0, [b"one"]), (8, [b"a1", b"b2", b"c3"])):
+            loop = serving.Loop(sock, handle, drain=drain, on_refused=lambda who, err: refused.append(err))
+            for m in sends:
+                c.send(m)
+            time.sleep(0.2)  # (all of them queued at the server)
+            assert loop.turn(time.monotonic() + 5) == len(sends)
+            assert [c.recv() for _ in sends] == [m[::-1] for m in sends]
+        assert seen and set(seen) == {rundir.public_key(str(tmp_path), "mm").decode()}  # the caller's CURVE key
+        c.send_multipart([b"x", b"y"])
+        assert loop.turn(time.monotonic() + 5) == 1
+        reply = wire.decode(c.recv())
+        assert reply["ok"] is False and reply["error"]["code"] == "EPROTO" and refused[0].code.name == "EPROTO"
+        t0 = time.monotonic()
+        assert loop.turn(t0 + 0.05) == 0 and time.monotonic() - t0 < 1.0
+        c.close(0)
+    finally:
+        sock.close(0)
+        auth.stop()
+        ctx.term()
