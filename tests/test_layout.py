@@ -29,6 +29,16 @@ SANS_IO = [
     "kernel_server/service.py",
     "kernel_server/invariants.py",
     "kernel_server/observe.py",
+    "kernel_server/fastargs.py",
+    # the memory manager's cores
+    "mm_service/policy.py",
+    "mm_service/view.py",
+    "mm_service/placement.py",
+    "mm_service/records.py",
+    "mm_service/service.py",
+    "mm_service/driver.py",
+    "mm_service/health.py",
+    "mm_service/observe.py",
     # the wire contract
     "protocol/wire.py",
     "protocol/calls.py",
