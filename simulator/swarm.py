@@ -250,7 +250,15 @@ def local_executor(workers: int | None = None, tasks_per_child: int = TASKS_PER_
 
     n = workers or os.cpu_count() or 1
     return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                               max_tasks_per_child=tasks_per_child)
+                               max_tasks_per_child=tasks_per_child, initializer=_worker_init)
+
+
+def _worker_init() -> None:
+    """A local worker leaves Ctrl-C to the coordinator (which stops it), instead of dying mid-range with a
+    traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class pinned_hash_seed:
