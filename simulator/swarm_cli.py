@@ -381,9 +381,9 @@ def range_cmd(
     """One index's seeds (a pod of a Kubernetes Indexed Job), recorded in --db (give each pod its own, e.g.
     /results/pod-$JOB_COMPLETION_INDEX, and fold them together with mmsim swarm merge). Exit 0 also when seeds
     fail: the database holds them."""
+    cfg = _config(steps, mode, arch, memory, bug, check_every, "swarm range")
     if index is None:
         _usage("--index (or JOB_COMPLETION_INDEX) says which range to run", "swarm range")
-    cfg = _config(steps, mode, arch, memory, bug, check_every, "swarm range")
     from simulator import swarm as S
     from simulator.seeddb import SeedDB, code_version
 
@@ -433,9 +433,9 @@ def shrink_cmd(
     """Shrink a failing seed: record its client operations and faults, delta-debug them down to a minimal set
     that still fails with the same fingerprint, and write a capsule (replay it: mmsim sim --replay FILE).
     Exit 0 shrunk, 1 the seed does not fail, 2 bad options."""
+    cfg = _config(steps, mode, arch, memory, bug, check_every, "swarm shrink")
     if (seed is None) == (fp is None):
         _usage("give either --seed or --fingerprint", "swarm shrink")
-    cfg = _config(steps, mode, arch, memory, bug, check_every, "swarm shrink")
     from simulator import shrink as SH
     from simulator.seeddb import FILE, SeedDB, code_version
 

@@ -249,3 +249,31 @@ def test_usage_errors_are_one_line(args, tmp_path, monkeypatch):
 def test_report_of_a_missing_database_is_a_usage_error(tmp_path):
     r = RUNNER.invoke(app, ["swarm", "report", "--db", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no seed database" in r.stderr
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------------
+
+def test_bench_swarm_reports_scaling_as_ratios():
+    from bench import swarm as sb
+
+    m = sb.measure(seeds=8, steps=100, batch=2, dask=False)
+    assert set(m["pool"]) >= {1} and all(w > 0 and c > 0 for w, c in m["pool"].values())
+    rep = sb.report(m)
+    keys = {f.key for f in rep.figures}
+    assert "swarm.pool.1" in keys
+    if m["cores"] > 1:
+        scaling = [f for f in rep.figures if f.key.startswith("swarm.scaling.")]
+        assert scaling and all(f.ratio > 0 and "cores' worth of CPU" in f.note for f in scaling)
+
+
+def test_the_kubernetes_manifest_runs_one_range_per_index_into_its_own_database():
+    yaml = pytest.importorskip("yaml")
+    docs = list(yaml.safe_load_all((pathlib.Path(__file__).parents[1] / "docs/k8s/swarm-job.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "mmsim-swarm")
+    assert job["spec"]["completionMode"] == "Indexed"
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    cmd = " ".join(c["args"])
+    assert "mmsim swarm range" in cmd and "--db /results/pods/pod-$JOB_COMPLETION_INDEX" in cmd
+    merge = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "mmsim-swarm-merge")
+    assert "mmsim swarm merge /results/pods/pod-* --db /results/main" in " ".join(
+        merge["spec"]["template"]["spec"]["containers"][0]["args"])
