@@ -194,6 +194,12 @@ def _sim(seconds: float, step: Callable[[str], None], detect_seeds: int = 20, st
     return rep
 
 
+def _swarm(seeds: int, steps: int, batch: int, dask: bool, step: Callable[[str], None]):
+    from bench import swarm as sb
+
+    return sb.report(sb.measure(seeds, steps, batch, dask, step))
+
+
 def _check(seconds: float, step: Callable[[str], None]):
     from bench.explore import figures
 
@@ -341,6 +347,26 @@ def sim_cmd(
     _emit(rep, json_out, strict, "mmsim bench sim")
 
 
+@bench_app.command("swarm")
+def swarm_cmd(
+    seeds: int = typer.Option(192, "--seeds", min=1, help="Seeds each executor runs (the same seeds each time)."),
+    steps: int = typer.Option(600, "--steps", min=1, help="Steps per seed."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Seeds per range (one task)."),
+    dask: bool = typer.Option(True, "--dask/--no-dask", help="Also run them on a Dask LocalCluster (the "
+                              "mmsim[dask] extra)."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+    strict: bool = typer.Option(False, "--strict", help=_STRICT),
+) -> None:
+    """mmsim swarm's throughput: seeds per second with 1, 2 and all cores on the local process pool (against
+    linear scaling), and a Dask LocalCluster against the pool (its overhead per range)."""
+    with _progress(4) as step:
+        try:
+            rep = _swarm(seeds, steps, batch, dask, step)
+        except (RuntimeError, OSError) as exc:
+            _fail(exc)
+    _emit(rep, json_out, strict, "mmsim bench swarm")
+
+
 @bench_app.command("check")
 def check_cmd(
     seconds: float = typer.Option(60.0, "--seconds", min=0.5, help="How long the search runs."),
@@ -371,7 +397,7 @@ def all_cmd(
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
-    """Every benchmark (kernel, mm, largepages, sim, check) in one report: about two and a half minutes by default."""
+    """Every benchmark (kernel, mm, largepages, sim, swarm, check) in one report: about two and a half minutes by default."""
     from bench.report import Report
     from bench.roundtrip import BenchError
 
@@ -384,11 +410,12 @@ def all_cmd(
     rep = Report()
     with _run_dir(run_dir, keep) as rd:
         try:
-            with _progress(kopts.steps() + mopts.steps() + 3) as step:
+            with _progress(kopts.steps() + mopts.steps() + 7) as step:
                 rep.extend(_kernel(rd, step, kopts))
                 rep.extend(_mm(rd, step, mopts))
                 rep.extend(_largepages(seed, steps, step))
                 rep.extend(_sim(2.0 if quick else 8.0, step, 3 if quick else 10))
+                rep.extend(_swarm(48 if quick else 192, 400 if quick else 600, 8 if quick else 16, True, step))
                 rep.extend(_check(5.0 if quick else 60.0, step))
         except (BenchError, RuntimeError, OSError) as exc:
             _fail(exc)

@@ -435,6 +435,8 @@ class KernelCore:
         """ENOMEM if ``needed`` more kernel frames would take ``proc`` past its quota (I13). Within its
         quota the pool always has them (its reservation)."""
         if proc.kernel_used + needed > proc.kernel_limit:
+            if self._watched:
+                self.observer.probe("kernel.enomem.quota")
             return _err(Errno.ENOMEM, f"{what} needs {needed} kernel frame(s); process {proc.pid} has used "
                         f"{proc.kernel_used} of its kernel quota of {proc.kernel_limit}",
                         needed=needed, limit=proc.kernel_limit, used=proc.kernel_used, pid=proc.pid)
@@ -628,6 +630,8 @@ class KernelCore:
                         f"frame(s) on {self.profile.name} (its object frame and root table)", field="kernel_quota")
         available = self.unreserved()
         if args.kernel_quota > available:  # the quota is reserved in the pool whole, now (no overcommit)
+            if self._watched:
+                self.observer.probe("kernel.enomem.pool")
             return _err(Errno.ENOMEM, f"proc_create needs {args.kernel_quota} unreserved kernel frame(s) for the "
                         f"quota, {available} free and unreserved", needed=args.kernel_quota, available=available)
         return ProcCreatePlan(args.key, args.kernel_quota, args.user_quota)
@@ -728,6 +732,8 @@ class KernelCore:
 
     def _commit_donate(self, plan: DonatePlan) -> dict:
         ft = self.frames
+        if self._watched and ft.free_count == 0:
+            self.observer.probe("kernel.donate.empty_pool")
         if plan.frames is None:
             a = np.arange(plan.first, plan.first + plan.count, dtype=np.int64)
             ft.set_kind(a, USER, KERNEL_FREE, True)
@@ -758,12 +764,16 @@ class KernelCore:
         bad = a[kinds != KERNEL_FREE]
         if bad.size:
             return _err(Errno.EBUSY, f"kernel frame {int(bad[0])} is in use", frames=_runs_of(bad))
+        if self._watched:
+            self.observer.probe("kernel.reclaim.reserved")
         return _err(Errno.EBUSY, f"reclaiming {a.size} frame(s) would leave fewer free kernel frames than the "
                     f"{self.reserved} reserved for processes' kernel quotas", reserved=self.reserved,
                     kernel_free=self.frames.free_count)
 
     def _commit_reclaim(self, plan: ReclaimPlan) -> dict:
         ft = self.frames
+        if self._watched:
+            self.observer.probe("kernel.reclaim.count" if plan.frames is None else "kernel.reclaim.frames")
         if plan.frames is None:  # up to ``count`` from the head, in at most REPLY_RUNS runs
             a = ft.pop_free(plan.count, max_runs=REPLY_RUNS)
             ft.set_kind(a, KERNEL_FREE, USER)

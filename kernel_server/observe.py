@@ -25,6 +25,12 @@ State (every write, reported by the code that makes it):
   mappings, threads, endpoints, slab, charge), or it was created or destroyed (look it up in
   ``core.procs``).
 
+Coverage:
+
+- ``probe(name)``: the kernel passed a named probe point (a rare path a test run should reach:
+  ENOMEM past a quota or for the pool, a donation to an empty pool, a reclaim by frames or by count,
+  a reclaim refused for the reserved frames). The names are declared in ``simulator.probes``.
+
 Reports come after the write, before the call returns; a watcher must not change the kernel.
 """
 
@@ -54,6 +60,9 @@ class KernelObserver:
         pass
 
     def process_changed(self, pid: int) -> None:
+        pass
+
+    def probe(self, name: str) -> None:
         pass
 
 

@@ -446,6 +446,8 @@ class Driver:
         """The kernel is lost: every call in flight fails with EIO, every later one at once."""
         if not self.watch.lose(why):
             return
+        if self.observer is not None:
+            self.observer.probe("mm.kernel.lost")
         self.probe_kid = self.verify_kid = None
         self.probe_result = None
         self.out.append(ResetKernel())

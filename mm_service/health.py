@@ -71,7 +71,8 @@ def check(watch: KernelWatch, service: MMService) -> Op:
     hello = yield KCall("hello", {})
     if isinstance(hello, Error):
         if hello.code == Errno.EIO:
-            watch.lose("no reply to hello")
+            if watch.lose("no reply to hello") and service._watched:
+                service.observer.probe("mm.kernel.lost")
             return Verdict("down", watch.lost or "")
         return Verdict("refused", f"the kernel refused hello: {hello}")
     boot = boot_of(hello)
@@ -94,5 +95,7 @@ def check(watch: KernelWatch, service: MMService) -> Op:
             if rec.code == Errno.EIO:
                 watch.lose(f"no reply during reconciliation ({rec.message})")
             return Verdict("down", rec.message)
+        if service._watched:
+            service.observer.probe("mm.kernel.back")
         return Verdict("back", f"the kernel is back (same boot {boot[:12]})", recovery=rec)
     return Verdict("up")

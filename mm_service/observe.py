@@ -15,6 +15,10 @@ altogether (a flag test, nothing more).
   replay cache, so it executes it (a resend answered from the cache reports nothing, nor does a
   malformed or unauthenticated request).
 
+- ``probe(name)``: the mm passed a named probe point (a rare path a test run should reach: recovery
+  settling a map or an unmap either way, a donate-and-retry, a quota refusal, an offer accepted,
+  a journal compaction, the kernel lost and back). The names are declared in ``simulator.probes``.
+
 A watcher must not change the mm.
 """
 
@@ -30,6 +34,9 @@ class MMObserver:
         pass
 
     def replay_miss(self, identity: str, req_id: int) -> None:
+        pass
+
+    def probe(self, name: str) -> None:
         pass
 
 

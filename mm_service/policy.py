@@ -267,6 +267,8 @@ class MMCore:
             needed = int(result.details.get("needed", 1))
             available = int(result.details.get("available", 0))
             self.counters.enomem_retries += 1
+            if self.view._watched:
+                self.view.observer.probe("mm.enomem.donate_retry")
             got = yield from self._donate(needed - available + self.config.headroom)
             if isinstance(got, Error) or got == 0:
                 return result
@@ -348,10 +350,14 @@ class MMCore:
             got = yield from self._donate(cfg.target - u)
             if isinstance(got, int) and got:
                 self._event(f"kernel pool {u} < low {cfg.low}: donated {got}")
+                if self.view._watched:
+                    self.view.observer.probe("mm.watermark.donate")
         elif u > cfg.high:
             result = yield from self._reclaim(u - cfg.target, u - cfg.low)
             if self._took_back(result):
                 self._event(f"kernel pool above high {cfg.high}: reclaimed {result['reclaimed']}")
+                if self.view._watched:
+                    self.view.observer.probe("mm.watermark.reclaim")
         if len(self.unwritten) >= cfg.defer_limit:
             yield from self.flush()
 
@@ -396,6 +402,8 @@ class MMCore:
         kroom = self.kernel_budget - gk
         if quota + kquota > room or kquota > kroom:
             self.counters.grants_refused += 1
+            if self.view._watched:
+                self.view.observer.probe("mm.quota.grant_refused")
             return Error(Errno.ENOMEM, f"the mm cannot grant your quotas ({quota} user pages and {kquota} kernel "
                          f"frames): {gu + gk} of the {self.budget} frames it may grant are granted to "
                          f"{len(self.view.clients) + len(self.granting)} client(s); try again when one exits",
@@ -415,6 +423,8 @@ class MMCore:
             self.granting.pop(key, None)
         if isinstance(result, Error):
             if result.code == Errno.EBUSY and "pid" in result.details:  # the kernel has one: we lost track of it
+                if self.view._watched:
+                    self.view.observer.probe("mm.process.adopted")
                 d = result.details
                 self.record(J.NewClient(key, int(d["pid"]), int(d.get("user_quota") or quota),
                                         int(d.get("kernel_limit") or kquota)))
@@ -499,6 +509,8 @@ class MMCore:
 
     def _over_quota(self, charged: int, pages: int, quota: int) -> Error | None:
         if charged + pages > quota:
+            if self.view._watched:
+                self.view.observer.probe("mm.quota.refused")
             return Error(Errno.ENOMEM, f"quota exceeded: {charged} + {pages} pages > your quota of {quota}",
                          {"quota": quota, "charged": charged, "needed": pages, "available": quota - charged})
         return None
@@ -528,6 +540,8 @@ class MMCore:
         if frames is None and not large:
             short = pages - self.view.free_count()
             if 0 < short and self.unreserved > 0:
+                if self.view._watched:
+                    self.view.observer.probe("mm.reclaim_for_alloc")
                 result = yield KCall("reclaim", {"count": min(short, self.unreserved)})
                 self._note(result)
                 self._took_back(result)
@@ -683,7 +697,10 @@ class MMCore:
         v = self._vaddr_for(c, args.vaddr, off.pages, align)
         if isinstance(v, Error):
             return v
-        return (yield from self._map(c, v, off.pages, off.prot, src.large, src.frames, off.offer, origin))
+        result = yield from self._map(c, v, off.pages, off.prot, src.large, src.frames, off.offer, origin)
+        if self.view._watched and not isinstance(result, Error):
+            self.view.observer.probe("mm.offer.accepted")
+        return result
 
     def hello(self, key: str) -> dict[str, Any]:
         c = self.view.clients.get(key)
@@ -854,6 +871,10 @@ class MMCore:
                 if isinstance(r, Error) and r.code != Errno.EINVAL:
                     return r
             outcome = "undo" if p.do == "map" else "done"
+            if self.view._watched:
+                self.view.observer.probe("mm.recovery.neither")
+        if self.view._watched:
+            self.view.observer.probe(f"mm.recovery.{p.do}.{'done' if outcome == 'done' else 'undone'}")
         self.record(J.Done(p.n) if outcome == "done" else J.Undo(p.n))
         return outcome
 

@@ -226,6 +226,8 @@ class MMService:
         snap = self.core.snapshot()
         snap.body["replies"] = [[key, req_id, digest, reply] for key, cache in self.durable.replies.items()
                                 for req_id, (digest, reply) in cache.items()]
+        if self._watched:
+            self.observer.probe("mm.journal.compacted")
         yield Persist([snap])  # (the view is already what the snapshot holds: nothing to apply)
         self.core.journaled = 1
         self.core.counters.journal_writes += 1

@@ -299,6 +299,8 @@ class View:
     def _close_offers_of(self, c: ClientState, vaddr: int) -> None:
         """An allocation is being freed (or is gone): the offers of it die."""
         for o in [o for o in c.offers_out if self.offers[o].vaddr == vaddr]:
+            if self._watched:
+                self.observer.probe("mm.offer.withdrawn")
             self._close_offer(o)
 
     def apply(self, rec: J.Record) -> None:

@@ -145,6 +145,8 @@ ROOT_COMMANDS = dict(
                "clients); audits and leak checks.", "mmsim.chaos:CHAOS_HELP"),
     sim=Lazy("simulator.cli:sim", "Deterministic simulation of the whole system in one process over many seeds.",
              "simulator.cli:SIM_HELP"),
+    swarm=Lazy("simulator.swarm_cli:swarm_app", "Many simulator seeds on every core or a Dask cluster: a seed "
+                "database of fingerprinted failures, coverage probes, shrinking to minimal capsules."),
     keys=Lazy("mmsim.keys:keys_app", "Key pairs and admission: init, admit, revoke, list."),
     ping=Lazy("mmsim.ping:ping", "Does the kernel or the mm of a run answer? (exit 0 yes, 1 no; a health check)",
               "mmsim.ping:PING_HELP"),

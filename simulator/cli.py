@@ -89,8 +89,20 @@ def sim(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout (progress still goes "
                                   "to stderr)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table; only the verdict."),
+    replay: Optional[str] = typer.Option(None, "--replay", metavar="CAPSULE", help="Run a capsule (a failing seed "
+                                         "shrunk by mmsim swarm shrink) instead of seeds; with --trace, its trace. "
+                                         "Exit 1 when it fails (it should, with the fingerprint it records)."),
 ) -> None:
     from simulator import mutants
+
+    if replay is not None:
+        if seed is not None or seeds is not None or start is not None or bug is not None:
+            _usage("--replay runs a capsule (it holds the seed and the options): not with --seed, --seeds, "
+                   "--start or --bug")
+        from simulator.swarm_cli import replay_capsule
+
+        replay_capsule(replay, trace, json_out)
+        return
 
     if list_bugs:
         for name, b in mutants.BUGS.items():

@@ -78,8 +78,7 @@ class ClientNode:
             return
         try:
             req = self.gen.send(self.result) if self.started else next(self.gen)
-        except StopIteration:
-            self.alive = False
+        except StopIteration:  # (a scripted workload that ran out: the client stays, idle, keeping its leases)
             return
         self.started = True
         self.req = req

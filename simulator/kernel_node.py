@@ -113,6 +113,10 @@ class KernelNode(KernelObserver):
         if w.ktrack is not None:
             w.ktrack.written(frames)
 
+    def probe(self, name: str) -> None:
+        if not self.reading:
+            self.world.probes[name] += 1
+
     def process_changed(self, pid: int) -> None:
         if self.reading:
             return

@@ -432,6 +432,10 @@ class MMNode(MMObserver):
         if not self.booting:
             w.mm_applied(record, self.driver)
 
+    def probe(self, name: str) -> None:
+        if not self.booting and not self.world.auditing:
+            self.world.probes[name] += 1
+
     def replay_miss(self, identity: str, req_id: int) -> None:
         if identity == self.operator and self.world.auditing:
             return

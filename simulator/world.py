@@ -113,7 +113,7 @@ class World:
     def __init__(self, seed: int, steps: int = 2000, arch: str | None = None, memory: int = 16 << 20,
                  bug: str | None = None, check_every: int = checks.FULL_EVERY, trace: IO[str] | None = None,
                  plan: Plan | None = None, zombies: bool = False, incremental: bool = True, mode: str = "swarm",
-                 wal_check: bool = True, recorder: Any = None, record_every: int = 0) -> None:
+                 wal_check: bool = True, recorder: Any = None, record_every: int = 0, script: Any = None) -> None:
         self.seed = seed
         self.steps = steps
         self.bug = bug
@@ -130,6 +130,8 @@ class World:
         self.faults: Counter = Counter()
         self.stats: Counter = Counter()
         self.violations: list[Violation] = []
+        self.probes: Counter = Counter()  # coverage probes the cores hit (``simulator.probes``)
+        self.script = script  # the clients' operations, recorded or scripted (``simulator.shrink``)
         self.kernel_dirty = True  # changed since the last state check (full or incremental)
         self.view_dirty = True
         self.kernel_partial = False  # changed since the last full check (checked incrementally only)
@@ -355,6 +357,8 @@ class World:
 
     def spawn(self, workload: str) -> ClientNode:
         idx = len(self.clients)
+        if self.script is not None:
+            workload = self.script.workload(idx, workload)
         name = f"c{idx}"
         identity = key_of(name)
         peer = key_of(f"{name}-peer") if workload == "sharer" else ""
@@ -364,6 +368,8 @@ class World:
             self.names[peer] = f"{name}-peer"
             self.admitted.add(peer)
         c = ClientNode(self, idx, workload, identity, peer)
+        if self.script is not None:
+            self.script.started(c)  # its requests are recorded, or come from the script
         self.clients[idx] = c
         t = self.plan.timing
         self.clock.after(self.rng.randint(*t.think), "think", idx)
