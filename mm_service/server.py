@@ -35,6 +35,7 @@ import zmq
 
 from mm_service import driver as D
 from mm_service import health
+from mm_service.stages import Stages
 from mm_service.journal import Journal, JournalFormatError
 from mm_service.policy import Config
 from protocol import rundir, serving, wire
@@ -77,6 +78,7 @@ class MMServer:
         self.poller = zmq.Poller()
         self.pending: dict[int, list[Any]] = {}  # kernel request id -> [bytes, deadline, resends left, probe]
         self.running = True
+        self.stages: Stages | None = None  # CPU by stage, counted from the first SIGUSR1 (mm_service.stages)
 
     # ---- the kernel socket ----------------------------------------------------------
 
@@ -128,16 +130,29 @@ class MMServer:
     # ---- actions ------------------------------------------------------------------------
 
     def perform(self, actions: list[Any]) -> None:
+        st = self.stages
         for a in actions:
             kind = type(a)
             if kind is D.SendKernel:
                 self._kernel_send(a.kid, a.data, a.probe)
+                if st is not None:
+                    st.mark("send")
+                    st.counts["kernel_requests"] += 1
             elif kind is D.SendReply:
                 serving.send_reply(self.router, a.peer, a.data)  # type: ignore[arg-type]
+                if st is not None:
+                    st.mark("send")
+                    st.counts["replies"] += 1
             elif kind is D.WriteJournal:
                 assert self.journal is not None
                 self.journal.append(a.records)
-                self.perform(self.driver.handle(D.JournalCommitted(a.batch)))
+                if st is not None:
+                    st.mark("journal")
+                    st.counts["batches"] += 1
+                acts = self.driver.handle(D.JournalCommitted(a.batch))
+                if st is not None:
+                    st.mark("driver")
+                self.perform(acts)
             elif kind is D.ResetKernel:
                 self._open_dealer()
             elif kind is D.Log:
@@ -212,6 +227,7 @@ class MMServer:
               f"{core.quota} pages and {core.kernel_quota} kernel frames (budget {core.budget} frames)", flush=True)
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._stop)
+        signal.signal(signal.SIGUSR1, self._stages_signal)
         try:
             while self.running:
                 self._wake(self.opts.tick)
@@ -231,7 +247,13 @@ class MMServer:
         if not hasattr(self, "next_tick"):
             self.next_tick = now + self.opts.tick
         deadline = min([self.next_tick if accept_clients else now + longest] + [p[1] for p in self.pending.values()])
+        st = self.stages
+        if st is not None:
+            st.mark("other")
         ready = dict(self.poller.poll(max(0, int((deadline - now) * 1000) + 1)))
+        if st is not None:
+            st.mark("wait")
+            st.counts["wakeups"] += 1
         events: list[Any] = []
         if self.dealer is not None and ready.get(self.dealer):
             recv, more = self.dealer.recv, self.dealer.getsockopt
@@ -245,14 +267,23 @@ class MMServer:
                     events.append(D.KernelReply(data))
         if accept_clients and self.router is not None and ready.get(self.router):
             events.extend(self._client_requests())
+        if st is not None:
+            st.mark("receive")
         now = time.monotonic()
         events.extend(self._kernel_deadlines(now))
         if accept_clients and now >= self.next_tick:
             self.admission.refresh()
             events.append(D.TickDue())
             self.next_tick = now + self.opts.tick
+        if st is not None:
+            st.mark("other")
         if events:
-            self.perform(self.driver.handle(*events))
+            acts = self.driver.handle(*events)
+            if st is not None:
+                st.mark("driver")
+                st.counts["kernel_replies"] += sum(type(e) is D.KernelReply for e in events)
+                st.counts["requests"] += sum(type(e) is D.ClientRequest for e in events)
+            self.perform(acts)
 
     def _client_requests(self) -> list[Any]:
         sock = self.router
@@ -277,6 +308,12 @@ class MMServer:
 
     def _stop(self, *_: Any) -> None:
         self.running = False
+
+    def _stages_signal(self, *_: Any) -> None:
+        """SIGUSR1: write what was counted since the previous one (if any), count again from now."""
+        if self.stages is not None:
+            self.stages.write(self.opts.run_dir)
+        self.stages = Stages()
 
 
 def run(opts: MMOptions) -> None:

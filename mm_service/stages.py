@@ -1,0 +1,59 @@
+"""Where the mm process's main thread spends its CPU, stage by stage (a diagnostic, off by default).
+
+``kill -USR1 <mm pid>`` starts the count; every later SIGUSR1 writes what
+was counted since the previous one to ``RUN/mm.stages.json`` and starts
+again. The file holds, per stage, the main thread's CPU nanoseconds
+(``time.thread_time_ns``: CPU time, never time spent waiting for a CPU),
+and the counts of wake-ups, client requests and replies in that span; the
+benchmark (``bench.mm``) divides them by the calls it made. The shell
+(``mm_service.server``) charges the CPU used since its previous mark to a
+stage at each boundary (``mark``); with counting off a mark is never made.
+
+Stages:
+
+- ``wait``: waiting for input (the blocking receive or poll: its system
+  calls);
+- ``receive``: taking what arrived off both sockets;
+- ``driver``: ``Driver.handle`` (the mm's own logic: policy, view, replay
+  cache, envelope) and ``Driver.boot``;
+- ``journal``: writing a batch to SQLite (``Journal.append``);
+- ``send``: kernel requests and client replies handed to ZeroMQ;
+- ``other``: the rest of the shell (timeouts, the tick, admission refresh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+STAGES = ("wait", "receive", "driver", "journal", "send", "other")
+FILE = "mm.stages.json"
+
+
+class Stages:
+    """CPU nanoseconds of the calling thread, charged to stages between marks."""
+
+    __slots__ = ("ns", "last", "counts", "started")
+
+    def __init__(self) -> None:
+        self.ns = dict.fromkeys(STAGES, 0)
+        self.counts = {"wakeups": 0, "requests": 0, "replies": 0, "kernel_requests": 0, "kernel_replies": 0,
+                       "batches": 0}
+        self.started = time.monotonic()
+        self.last = time.thread_time_ns()
+
+    def mark(self, stage: str) -> None:
+        """Charge the CPU used since the previous mark to ``stage``."""
+        now = time.thread_time_ns()
+        self.ns[stage] += now - self.last
+        self.last = now
+
+    def write(self, run_dir: str) -> None:
+        """Write the counts to ``RUN/mm.stages.json`` (atomically: a reader never sees half a file)."""
+        out = {"ns": self.ns, "counts": self.counts, "seconds": time.monotonic() - self.started}
+        path = os.path.join(run_dir, FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f)
+        os.replace(tmp, path)
