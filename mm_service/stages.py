@@ -19,10 +19,14 @@ Stages:
 - ``journal``: writing a batch to SQLite (``Journal.append``);
 - ``send``: kernel requests and client replies handed to ZeroMQ;
 - ``other``: the rest of the shell (timeouts, the tick, admission refresh).
+
+Besides, ``gc_ns`` and ``gc_runs``: the garbage collector's runs (counted
+within the stages above, mostly ``driver``), by generation.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -34,14 +38,33 @@ FILE = "mm.stages.json"
 class Stages:
     """CPU nanoseconds of the calling thread, charged to stages between marks."""
 
-    __slots__ = ("ns", "last", "counts", "started")
+    __slots__ = ("ns", "last", "counts", "started", "gc_ns", "gc_runs", "_gc_start")
 
     def __init__(self) -> None:
         self.ns = dict.fromkeys(STAGES, 0)
         self.counts = {"wakeups": 0, "requests": 0, "replies": 0, "kernel_requests": 0, "kernel_replies": 0,
                        "batches": 0}
         self.started = time.monotonic()
+        self.gc_ns = [0, 0, 0]
+        self.gc_runs = [0, 0, 0]
+        self._gc_start = 0
         self.last = time.thread_time_ns()
+
+    def watch_gc(self) -> None:
+        """Count the collector's runs and CPU time too (until ``stop``)."""
+        gc.callbacks.append(self._gc)
+
+    def stop(self) -> None:
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.thread_time_ns()
+        else:
+            g = info["generation"]
+            self.gc_ns[g] += time.thread_time_ns() - self._gc_start
+            self.gc_runs[g] += 1
 
     def mark(self, stage: str) -> None:
         """Charge the CPU used since the previous mark to ``stage``."""
@@ -51,7 +74,8 @@ class Stages:
 
     def write(self, run_dir: str) -> None:
         """Write the counts to ``RUN/mm.stages.json`` (atomically: a reader never sees half a file)."""
-        out = {"ns": self.ns, "counts": self.counts, "seconds": time.monotonic() - self.started}
+        out = {"ns": self.ns, "counts": self.counts, "seconds": time.monotonic() - self.started,
+               "gc_ns": self.gc_ns, "gc_runs": self.gc_runs}
         path = os.path.join(run_dir, FILE)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
