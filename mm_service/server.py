@@ -101,6 +101,7 @@ class MMServer:
         self.dropped = 0  # replies a client's full queue (or its absence) refused
         self.running = True
         self.stages: Stages | None = None  # CPU by stage, counted from the first SIGUSR1 (mm_service.stages)
+        self.stages_written = 0
         self._poll: list[tuple[zmq.Socket, int]] = []  # the sockets a wake-up waits on
         # the compiled socket methods, bound to each socket (see serving.Loop: pyzmq's wrappers cost as much)
         self._drecv = self._dsend = self._rrecv = self._rsend = None  # type: Any
@@ -370,7 +371,8 @@ class MMServer:
         """SIGUSR1: write what was counted since the previous one (if any), count again from now."""
         if self.stages is not None:
             self.stages.stop()
-            self.stages.write(self.opts.run_dir)
+            self.stages_written += 1
+            self.stages.write(self.opts.run_dir, self.stages_written)
         self.stages = Stages()
         self.stages.watch_gc()
 
