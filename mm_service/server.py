@@ -235,6 +235,7 @@ class MMServer:
                     log.info("waiting for the kernel at %s", self.opts.kernel)
 
     def start(self) -> None:
+        signal.signal(signal.SIGUSR1, self._stages_signal)  # (from the start: by default the signal would kill)
         hello, amap = self.connect_kernel()
         if not hello.get("is_mm"):
             raise SystemExit("the kernel does not know this mm key as its memory manager (keys from another run?)")
@@ -281,7 +282,6 @@ class MMServer:
               f"{core.quota} pages and {core.kernel_quota} kernel frames (budget {core.budget} frames)", flush=True)
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._stop)
-        signal.signal(signal.SIGUSR1, self._stages_signal)
         self.next_tick = time.monotonic() + self.opts.tick
         gc.freeze()  # what boot made lives on: the collector's full passes no longer walk it (they cost ~4 us/call)
         try:
