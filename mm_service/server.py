@@ -339,10 +339,10 @@ class MMServer:
             self.perform(acts)
 
     # Taking what a socket holds. ``zmq_poll`` said it holds something, so the first receive succeeds; whether
-    # more is there costs a test: an EVENTS query (about 3 us in the server) or a receive that fails (about
-    # 10 us: pyzmq raises zmq.Again). After a wake-up that brought a burst (BURST messages or more) the next
-    # reads until a receive fails; otherwise it asks EVENTS after each message. (One at a time, the tests
-    # cost half as much; with 16 clients, a third less.)
+    # more is there costs a test: an EVENTS query (3-7 us in the server) or a receive that fails (10-14 us:
+    # pyzmq raises zmq.Again). After a wake-up that brought a burst (BURST messages or more) the next
+    # reads until a receive fails; otherwise it asks EVENTS after each message. (One at a time this about
+    # halves what the tests cost; with many clients in flight the bursts are read as before.)
 
     def _kernel_replies(self, events: list[Any]) -> None:
         """Every reply the kernel socket holds (the driver matches them to its requests)."""
