@@ -219,10 +219,10 @@ def _kernel_opts(seconds: float, rounds: int, transport: str, window: int, batch
     return opts
 
 
-def _mm_opts(seconds: float, rounds: int, transport: str, storm: str):
+def _mm_opts(seconds: float, rounds: int, transport: str, storm: str, clients: int = 16):
     from bench.mm import MMBenchOptions
 
-    opts = MMBenchOptions(seconds=seconds, rounds=rounds, transport=transport, storm=storm)
+    opts = MMBenchOptions(seconds=seconds, rounds=rounds, transport=transport, storm=storm, clients=clients)
     try:
         opts.check()
     except ValueError as exc:
@@ -297,24 +297,65 @@ def mm_cmd(
     transport: Transport = typer.Option(Transport.ipc, "--transport", help=_TRANSPORT),
     storm: str = typer.Option("64MiB", "--storm", help="Memory one client allocates in 4 KiB pages for the "
                               "donation storm, e.g. 64MiB or 1GiB (1 GiB takes minutes)."),
+    clients: int = typer.Option(16, "--clients", min=1, max=256, help="Clients in flight at once (one request "
+                                "each) for the many-clients figures."),
+    profile: bool = typer.Option(False, "--profile", help="Also time the mm's driver and journal in-process "
+                                 "(no sockets, an in-process kernel) and print cProfile's top functions."),
     json_out: bool = typer.Option(False, "--json", help=_JSON),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR, callback=_RUN_DIR_CHECK),
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
-    """Client alloc+free of one page through the mm against the floor, and a donation storm."""
+    """Client alloc+free of one page through the mm against the floor (many clients in flight and one at a
+    time), the mm's CPU per call and where it goes, and a donation storm."""
     from bench.roundtrip import BenchError
 
     transport = _check_transport(transport)
     storm = _check_size(storm, "--storm")
-    opts = _mm_opts(seconds, rounds, transport, storm)
+    opts = _mm_opts(seconds, rounds, transport, storm, clients)
     with _run_dir(run_dir, keep) as rd:
         try:
-            with _progress(opts.steps()) as step:
+            with _progress(opts.steps() + (2 if profile else 0)) as step:
                 rep = _mm(rd, step, opts)
+                if profile:
+                    from bench.mm import profile_driver
+
+                    step(f"timing the mm's driver and journal in-process, {clients} clients and one")
+                    rep.details["profile"] = {"many": profile_driver(clients), "one": profile_driver(1)}
+                    step(f"the same under cProfile, {clients} clients")
+                    rep.details["profile"]["cprofile"] = profile_driver(clients, 4000, cprofile=True)["cprofile"]
         except (BenchError, RuntimeError, OSError) as exc:
             _fail(exc)
     _emit(rep, json_out, strict, "mmsim bench mm")
+    if not json_out:
+        _print_mm_stages(rep.details["mm"]["stages"], rep.details.get("profile"))
+
+
+def _print_mm_stages(stages: dict, profile: Optional[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    loads = list(stages)
+    t = Table(title="Where the mm's CPU goes (us per call; main thread by stage, counted in one pass of each load)",
+              title_justify="left")
+    t.add_column("")
+    for load in loads:
+        t.add_column(load, justify="right")
+    for stage in next(iter(stages.values()))["main_thread_us"]:
+        t.add_row(f"main thread: {stage}", *(f"{stages[x]['main_thread_us'][stage]:.1f}" for x in loads))
+    for kind, name in (("main", "main thread, all"), ("zmq_io", "ZeroMQ I/O thread"), ("other", "other threads")):
+        t.add_row(name, *(f"{stages[x]['threads_us'][kind]:.1f}" for x in loads))
+    t.add_row("calls per wake-up", *(f"{stages[x]['calls_per_wakeup']:.2f}" for x in loads))
+    t.add_row("calls per journal batch", *(f"{stages[x]['calls_per_journal_batch']:.2f}" for x in loads))
+    console.print(t)
+    if profile:
+        for p in (profile["many"], profile["one"]):
+            u = p["us_per_call"]
+            typer.echo(f"in-process, {p['clients']} client(s), no sockets (an in-process kernel): driver {u['driver']:.1f} "
+                       f"us, journal {u['journal']:.1f} us per call ({p['calls_per_wakeup']} calls per wake-up, "
+                       f"{p['records_per_batch']} records per batch)")
+        typer.echo(profile["cprofile"])
 
 
 @bench_app.command("largepages")

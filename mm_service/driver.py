@@ -250,6 +250,10 @@ class Driver:
                 raise TypeError(f"not a driver event: {ev!r}")
         return self._pump()
 
+    def awaiting(self, kid: int) -> bool:
+        """Whether kernel request ``kid`` still waits for its reply (a shell stops timing those that do not)."""
+        return kid in self.kwait or kid == self.probe_kid or kid == self.verify_kid
+
     @property
     def quiet(self) -> bool:
         """Nothing in flight: no request, no housekeeping, no kernel call, no journal write due."""

@@ -23,11 +23,26 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from typing import Any, Iterator
+from operator import attrgetter
+from typing import Any, Callable, Iterator
 
 import msgpack
 
 from mm_service import records as J
+
+
+def _encoder(cls: type) -> Callable[[Any], tuple]:
+    """``records.encode`` for one record class, as a tuple (msgpack packs it as the same array): the tag, then
+    the fields read by one ``attrgetter`` (about half the time of reading them one by one)."""
+    head, names = (J.TAGS[cls],), J._FIELDS[cls]
+    if len(names) == 1:
+        get1 = attrgetter(names[0])
+        return lambda rec: (*head, get1(rec))
+    get = attrgetter(*names)
+    return lambda rec: head + get(rec)
+
+
+ENCODERS: dict[type, Callable[[Any], tuple]] = {cls: _encoder(cls) for cls in J.TAGS}
 
 
 class JournalFormatError(RuntimeError):
@@ -46,6 +61,8 @@ class Journal:
         self.db.execute("CREATE TABLE IF NOT EXISTS ops (seq INTEGER PRIMARY KEY, op BLOB NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         self.appended = 0
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # (made once: packb makes one per call)
+        self._insert = "INSERT INTO ops (op) VALUES (?)"
         if check:
             self.check_format()
 
@@ -78,13 +95,15 @@ class Journal:
         """Journal records in one transaction; a batch with a snapshot replaces everything before it."""
         if not ops:
             return
+        snapshot = J.Snapshot
         for i in range(len(ops) - 1, -1, -1):
-            if isinstance(ops[i], J.Snapshot):
+            if type(ops[i]) is snapshot:
                 ops = ops[i:]  # (what came before it in the batch is in it too)
                 break
-        row = (msgpack.packb([J.encode(r) for r in ops], use_bin_type=True),)
-        if not isinstance(ops[0], J.Snapshot):
-            self.db.execute("INSERT INTO ops (op) VALUES (?)", row)  # one statement: its own transaction
+        enc = ENCODERS
+        row = (self._pack([enc[type(r)](r) for r in ops]),)  # (the bytes of records.encode's lists)
+        if type(ops[0]) is not snapshot:
+            self.db.execute(self._insert, row)  # one statement: its own transaction
         else:  # compaction: the snapshot replaces everything before it, in one transaction
             self.db.execute("BEGIN IMMEDIATE")
             try:

@@ -80,16 +80,44 @@ def test_kernel_bench_reports_every_figure_and_stops_its_processes(tmp_path):
     assert _children() == before
 
 
-def test_mm_bench_runs_a_storm_and_counts_it(tmp_path):
+def test_mm_bench_reports_every_figure_where_the_cpu_goes_and_a_storm(tmp_path):
     before = _children()
-    opts = mb.MMBenchOptions(seconds=0.05, rounds=1, storm="256KiB", chunks=2)
-    rep = mb.run(opts, str(tmp_path))
+    opts = mb.MMBenchOptions(seconds=0.05, rounds=2, storm="256KiB", chunks=2, clients=3)
+    steps: list[str] = []
+    rep = mb.run(opts, str(tmp_path), steps.append)
     data = rep.to_json()
-    _check_figures(data["figures"], {"mm.alloc_free", "mm.storm"})
+    timed = {"mm.alloc_free", "mm.alloc_free_clients", "mm.cpu_per_call", "mm.cpu_per_call_one"}
+    _check_figures(data["figures"], timed | {"mm.storm"})
+    for f in data["figures"]:
+        if f["key"] in timed:  # per-round medians: a spread around the ratio, and the conditions said
+            lo, hi = f["spread"]
+            assert lo <= f["ratio"] <= hi and f["conditions"], f
+    assert rep.figure("mm.alloc_free_clients").threshold == 0.40
+    assert rep.figure("mm.alloc_free_clients").floor_name == "floor, 3 in flight"
+    assert "3 clients in flight" in rep.figure("mm.cpu_per_call").conditions
+    mm = data["details"]["mm"]
+    assert set(mm["rounds"]) == set(mb.SIDES) and all(len(r["rates"]) == 2 for r in mm["rounds"].values())
+    # where the mm's CPU goes: every stage of the main thread, each kind of thread, for both loads
+    assert set(mm["stages"]) == {"3 clients", "one client"}
+    for load in mm["stages"].values():
+        assert set(load["main_thread_us"]) == {"wait", "receive", "driver", "journal", "send", "other"}
+        assert load["main_thread_us"]["driver"] > 0 and load["main_thread_us"]["journal"] > 0
+        assert load["threads_us"]["main"] > 0 and load["threads_us"]["zmq_io"] > 0
+        assert load["calls"] > 0 and load["calls_per_journal_batch"] > 0
+    assert mm["stages"]["one client"]["wakeups_per_call"] >= 1.9  # a call wakes the mm twice: request, kernel reply
     storm = data["details"]["storm"]
     assert storm["pages"] == 64 and storm["seconds"] > 0
     assert storm["mm_counters"]["requests"] >= 64 and storm["mm_counters"]["refused"] == 0
+    assert len(steps) <= opts.steps() and steps[0].startswith("starting")
+    json.dumps(data)
     assert _children() == before
+
+
+def test_the_mm_driver_timed_in_process():
+    p = mb.profile_driver(clients=4, calls=200, memory="64MiB")
+    assert p["calls"] >= 200 and p["clients"] == 4
+    assert p["us_per_call"]["driver"] > 0 and p["us_per_call"]["journal"] > 0 and p["us_per_call"]["kernel"] > 0
+    assert p["records_per_batch"] >= 1 and p["calls_per_wakeup"] > 1  # the clients' requests overlap
 
 
 def test_floor_answers_the_shared_loop_in_order(tmp_path):
@@ -224,6 +252,7 @@ def test_cli_sim_reports_each_way_of_checking_and_detection():
     ["bench", "sim", "--seconds", "0"],
     ["bench", "kernel", "--transport", "udp"],
     ["bench", "mm", "--storm", "lots"],
+    ["bench", "mm", "--clients", "0"],
     ["bench", "all", "--seconds", "0"],
     ["bench", "kernel", "--rounds", "0"],
 ])
