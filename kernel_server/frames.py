@@ -57,8 +57,7 @@ class FrameTable:
         self.watch: Any = None  # an observe.KernelObserver told about every write, or None
         # the same arrays as memoryviews, for the one-frame operations (an element read or written through a
         # memoryview is a plain int, about twice as fast as numpy's scalar indexing)
-        self._kind1, self._refs1 = memoryview(self.kind), memoryview(self.refs)
-        self._next1, self._prev1 = memoryview(self.next), memoryview(self.prev)
+        self._views()
         for r in bootmap.regions:
             k = BOOT_KIND[r.kind]
             if k != KERNEL_FREE:
@@ -70,6 +69,18 @@ class FrameTable:
         self.user_mapped = 0
         for r in bootmap.of_kind("kernel_pool"):
             self.push_free(np.arange(r.first, r.end, dtype=np.int64))
+
+    def _views(self) -> None:
+        self._kind1, self._refs1 = memoryview(self.kind), memoryview(self.refs)
+        self._next1, self._prev1 = memoryview(self.next), memoryview(self.prev)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickling and copying (the exhaustive checker stores states): the arrays, not their views."""
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, memoryview)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._views()  # views of the arrays this copy has, never of the original's
 
     # ---- queries (pure) -------------------------------------------------
 
