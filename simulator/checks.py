@@ -179,9 +179,21 @@ def fingerprint(core: KernelCore) -> tuple:
             len(core.spare_leaves))
 
 
-def state(core: KernelCore) -> str:
-    """Every piece of kernel state, as one value (``KernelCore.digest``): equal exactly when nothing changed."""
-    return core.digest()
+def state(core: KernelCore) -> tuple:
+    """Every piece of kernel state ``KernelCore.digest`` covers, as one value: equal exactly when nothing
+    changed. The digest's own parts, compared as they are instead of hashed: the frame table's arrays as
+    bytes (a copy each) and its counters; per process the ``repr`` of its ``state()`` (what the digest
+    hashes) and the bytes of its leaf tables; the pool, ids, events and large-page index."""
+    ft = core.frames
+    procs = []
+    for pid in sorted(core.procs):
+        st = core.procs[pid].state()
+        tables, small, large, leaves = st[-1]
+        procs.append((repr(st[:-1]), repr((tables, small, large, [t for t, _ in leaves])),
+                      tuple(raw for _, raw in leaves)))
+    return (ft.kind.tobytes(), ft.refs.tobytes(), ft.next.tobytes(), ft.prev.tobytes(), ft.head, ft.free_count,
+            tuple(ft.counts().values()), procs, repr((core.next_id, core.event_seq, core.reserved,
+                                                      len(core.spare_leaves), sorted(core.large_index.items()))))
 
 
 # ---- I8 ---------------------------------------------------------------------------------------

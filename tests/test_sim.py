@@ -239,6 +239,19 @@ def test_the_kernel_tracker_finds_what_a_step_broke(arch, what):
     assert any(p.startswith(invariant) for p in checks.kernel(core))
 
 
+@pytest.mark.parametrize("what", sorted(__import__("test_invariants").MUTATIONS))
+def test_the_state_lies_are_judged_by_sees_every_change(what):
+    """``checks.state`` (what a forged request must leave as it was) sees every change ``KernelCore.digest``
+    sees."""
+    import test_invariants
+
+    k = test_invariants.Healthy("i686-pae")
+    before = checks.state(k.core)
+    assert checks.state(k.core) == before
+    test_invariants.MUTATIONS[what](k)
+    assert checks.state(k.core) != before
+
+
 def test_same_seed_same_trace_bytes(tmp_path):
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
     ra = run_seed(5, steps=1500, trace_path=str(a))
