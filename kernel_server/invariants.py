@@ -487,7 +487,13 @@ def frames_sound(core: KernelCore, frames: list[int], mapped: list[int], held: l
         r = refs.item(f)
         if k > USER or m != r or h > 1 or (k == NONE and r):
             return False
-        if (k == KERNEL_USED) != (h > 0 or any(a <= f < b for a, b in boot)):
+        expect = h > 0
+        if not expect:
+            for a, b in boot:
+                if a <= f < b:
+                    expect = True
+                    break
+        if (k == KERNEL_USED) != expect:
             return False  # (this also rules out an allocated frame that is free)
         if k != KERNEL_FREE and (nxt.item(f) != NIL or prv.item(f) != NIL):
             return False

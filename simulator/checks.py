@@ -85,7 +85,6 @@ before they are sent, lies refused).
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -490,8 +489,11 @@ class KernelTracker:
             return
         n = self.held.size
         if len(old) + len(new) <= SMALL:
-            delta = Counter(new)
-            delta.subtract(old)
+            delta: dict[int, int] = {}
+            for f in new:
+                delta[f] = delta.get(f, 0) + 1
+            for f in old:
+                delta[f] = delta.get(f, 0) - 1
             held = self.held
             for f, d in delta.items():
                 if d:
@@ -686,6 +688,17 @@ def _mapping_report(core: KernelCore, frames: list[int]) -> list[str]:
 
 # ---- the exact incremental check of the mm's view --------------------------------------------------
 
+_NO_MAPS: dict = {}
+
+
+def _count(want: np.ndarray, runs: list[list[int]], delta: int) -> None:
+    """Add ``delta`` to ``want`` over the frames of ``runs`` (one frame: no slice made)."""
+    for first, count in runs:
+        if count == 1:
+            want[first] += delta
+        else:
+            want[first:first + count] += delta
+
 class ViewTracker:
     """The exact incremental check of the mm's ``View`` (what it covers: the module docstring).
 
@@ -738,24 +751,25 @@ class ViewTracker:
             keys = keys | (v.clients.keys() ^ self.maps.keys())
         for key in keys:
             c = v.clients.get(key)
-            old = self.maps.get(key, {})
-            new = c.maps if c is not None else {}
-            if old.keys() != new.keys() or not all(old[a] is m for a, m in new.items()):
+            old = self.maps.get(key, _NO_MAPS)
+            new = c.maps if c is not None else _NO_MAPS
+            changed = len(old) != len(new)
+            for a, m in new.items():
+                if old.get(a) is not m:
+                    changed = True
+                    _count(want, m.frames, +1)
+                    runs.append(m.frames)
+            if changed:
                 for a, m in old.items():
                     if new.get(a) is not m:
-                        for first, count in m.frames:
-                            want[first:first + count] -= 1
-                        runs.append(m.frames)
-                for a, m in new.items():
-                    if old.get(a) is not m:
-                        for first, count in m.frames:
-                            want[first:first + count] += 1
+                        _count(want, m.frames, -1)
                         runs.append(m.frames)
                 if c is None:
                     del self.maps[key]
                 else:
                     self.maps[key] = dict(new)
-            bad.extend(charge_problems(v, key))
+            if c is not None:
+                bad.extend(charge_problems(v, key))
         self.touched = set()
         if runs:
             st, rf = v.state, v.refs

@@ -73,8 +73,9 @@ def _mm_kernel(msg: Msg) -> bool:
 
 class Net:
     def __init__(self, clock: Clock, rng: random.Random, plan: NetPlan,
-                 on_fault: Callable[[str, Msg], None]) -> None:
+                 on_fault: Callable[[str, Msg], None], deliver: Callable[[Msg], None]) -> None:
         self.clock = clock
+        self.deliver = deliver  # called with each message as it arrives
         self.rng = rng
         self.plan = plan
         self.on_fault = on_fault
@@ -110,11 +111,11 @@ class Net:
             delay += rng.randrange(p.delay_range[0], p.delay_range[1] + 1)
             self.on_fault("delayed", msg)
         self.in_flight += 1
-        self.clock.after(delay, "deliver", msg)
+        self.clock.after(delay, self.deliver, msg)
         if p.dup and rng.random() < p.dup:
             self.on_fault("duplicated", msg)
             self.in_flight += 1
-            self.clock.after(delay + rng.randrange(lo, 4 * hi + 1), "deliver", msg)
+            self.clock.after(delay + rng.randrange(lo, 4 * hi + 1), self.deliver, msg)
 
     def delivered(self) -> None:
         self.in_flight -= 1
