@@ -402,7 +402,9 @@ class MMNode(MMObserver):
         src, identity, request, call = who
         try:
             reply = wire.parse_reply(data)
-            rid = wire.decode(request).get("id")
+            rid = reply["id"]  # (a reply carries its request's id; only a malformed request's may not)
+            if rid is None:
+                rid = wire.decode(request).get("id")
         except Exception:  # noqa: BLE001 - a malformed request's bytes (a lie)
             reply, rid = {}, None
         fresh = identity is not None and (identity, rid) in self.fresh

@@ -595,24 +595,27 @@ class World:
         self.spawn(workload if self.rng.random() < 0.5 else WORKLOADS[self.rng.randrange(len(WORKLOADS))])
 
     def one_step(self) -> None:
-        self.step += 1
-        if not self.healed:
-            todo = self.faults_at.get(self.step)
+        step = self.step = self.step + 1
+        healed = self.healed
+        if not healed:
+            todo = self.faults_at.get(step)
             if todo:
                 for kind, variant in todo:
                     self.apply_fault(kind, variant)
         fn, args = self.clock.pop()
         fn(*args)
-        every = self.check_every
         if self.kernel_dirty or self.view_dirty:
-            full = every != 0 and self.step % every == 0
-            if self.incremental or full:
+            every = self.check_every
+            full = every != 0 and step % every == 0
+            if full or self.incremental:
                 self.check_state(full)
-        elif (self.kernel_partial or self.view_partial) and every != 0 and self.step % every == 0:
-            self.check_state(True)  # (nothing changed this step: only a full recomputation is due)
-        if self.recorder is not None and (self.violations or self.step % self.record_every == 0):
+        elif self.kernel_partial or self.view_partial:
+            every = self.check_every
+            if every != 0 and step % every == 0:
+                self.check_state(True)  # (nothing changed this step: only a full recomputation is due)
+        if self.recorder is not None and (self.violations or step % self.record_every == 0):
             self.record()
-        if self.healed:
+        if healed:
             return
         if self.quiescing:
             if self.quiet():
@@ -621,7 +624,7 @@ class World:
             elif self.clock.now - self.quiesce_since > QUIET_LIMIT:
                 self.flag("I10", f"the system did not get quiet within {QUIET_LIMIT / 1e6:g}s of simulated time "
                                  f"({self._busy()})")
-        elif self.step >= self.next_quiet and self._may_quiesce():
+        elif step >= self.next_quiet and self._may_quiesce():
             self._start_quiesce()
 
     def _busy(self) -> str:
