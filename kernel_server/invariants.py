@@ -70,7 +70,10 @@ __all__ = ["charge_problems", "check_kernel", "counter_problems", "frame_mapping
            "spare_problems", "tables_sound"]
 
 
-def check_kernel(core: KernelCore) -> list[str]:
+def check_kernel(core: KernelCore, counts: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Every rule (see the module docstring). ``counts``, if given, gets the per-frame counts the check
+    computed on the way (``mapped``: ``mapping_counts``, ``held``: ``held_counts``), for a caller that keeps
+    its own copies (an incremental checker starting afresh)."""
     ft = core.frames
     v: list[str] = []
     kind = ft.kind
@@ -82,6 +85,8 @@ def check_kernel(core: KernelCore) -> list[str]:
     held, beyond = held_counts(core)
     v.extend(beyond)
     v.extend(frame_problems(core, None, mapped, held))
+    if counts is not None:
+        counts["mapped"], counts["held"] = mapped, held
     procs = list(core.procs.values())
     if not processes_sound(core, procs):
         for proc in procs:

@@ -108,8 +108,9 @@ SMALL = 64  # up to this many frames changed in a step are checked one by one in
 
 # ---- full recomputation --------------------------------------------------------------------------
 
-def kernel(core: KernelCore) -> list[str]:
-    return KI.check_kernel(core)
+def kernel(core: KernelCore, counts: dict[str, np.ndarray] | None = None) -> list[str]:
+    """``check_kernel`` (``counts``: gets the per-frame counts it computed, for ``KernelTracker.reset``)."""
+    return KI.check_kernel(core, counts)
 
 
 def view(v: View) -> list[str]:
@@ -331,15 +332,21 @@ class KernelTracker:
             self.pids.add(pid)
             self.objects.discard(pid)
 
-    def reset(self) -> None:
+    def reset(self, counts: dict[str, np.ndarray] | None = None) -> None:
+        """Fresh copies of the whole state (``counts``: the mapping and holding counts of every frame, as the
+        full check that just ran computed them, to be taken instead of computed again)."""
         core = self.core
         ft = core.frames
         n = ft.n
         self.noted: list[Any] = []
         self.pids: set[int] = set()
         self.objects: set[int] = set()
-        self.mapped = KI.mapping_counts(core).astype(np.int64)
-        self.held = KI.held_counts(core)[0].astype(np.int64)
+        if counts is not None and "mapped" in counts:
+            self.mapped = counts["mapped"].astype(np.int64)  # (a copy: the tracker changes its own)
+            self.held = counts["held"].astype(np.int64)
+        else:
+            self.mapped = KI.mapping_counts(core).astype(np.int64)
+            self.held = KI.held_counts(core)[0].astype(np.int64)
         self.writable = np.zeros(n, dtype=np.int64)
         self.client = np.zeros(n, dtype=np.int64)
         self.large = np.zeros(n, dtype=np.int64)

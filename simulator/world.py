@@ -456,10 +456,11 @@ class World:
             self.kernel_dirty = False
             core = self.kernel.core
             if full or not self.ktrack_synced:
-                problems = checks.kernel(core)
+                counts: dict = {}
+                problems = checks.kernel(core, counts)
                 self.kernel_partial = False
                 if kt is not None:
-                    kt.reset()
+                    kt.reset(counts)
                     self.ktrack_synced = not problems
             else:
                 problems = kt.check()  # type: ignore[union-attr]
