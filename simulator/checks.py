@@ -74,8 +74,8 @@ Which runs when (``World.check_state``, for each view, after a step that changed
 - ``incremental=False`` (``--no-incremental``): no state check between full ones.
 
 Whatever the settings: I6 for every refused kernel call (it reported no
-write, and ``fingerprint`` is unchanged); ``state`` (the kernel's digest)
-before and after every forged request (``lies``); at quiet points
+write, and ``fingerprint`` is unchanged); ``state`` (everything the kernel's
+digest covers) before and after every forged request (``lies``); at quiet points
 ``agreement`` and ``exact_agreement`` (I8: every frame's owner, and every
 page every process maps), and the mm's own audit. The world adds the checks
 that need time or history (I11 deadlines, I12 execution counts, the mm's
