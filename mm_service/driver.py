@@ -191,7 +191,8 @@ class Driver:
         self.to_write: list[J.Record] = []  # records for the next batch
         self.issued = 0  # batches handed out (WriteJournal)
         self.committed = 0  # batches durable
-        self.queues: dict[str, deque[ClientRequest]] = {}  # requests waiting, per caller, callers in arrival order
+        self.queues: dict[str, deque[tuple[ClientRequest, Any]]] = {}  # requests waiting (with their parse, None
+        # if queued before a boot), per caller, callers in arrival order
         self.busy: set[str] = set()  # callers with a request in flight
         self.running = 0  # client requests in flight
         self.house: deque[tuple[str, Callable[[], Op], Callable[[Any], None] | None]] = deque()
@@ -265,7 +266,7 @@ class Driver:
 
     def _request(self, req: ClientRequest) -> None:
         if self.state in ("down", "rebooting"):
-            self.queues.setdefault(req.identity or "", deque()).append(req)
+            self.queues.setdefault(req.identity or "", deque()).append((req, None))
             return
         if self.state == "stopped":
             return
@@ -279,12 +280,13 @@ class Driver:
         q = self.queues.get(req.identity)
         if q is None:
             q = self.queues[req.identity] = deque()
-        q.append(req)
+        q.append((req, parsed))  # (parsed once: ``_start`` takes it as it is)
 
-    def _start(self, req: ClientRequest) -> None:
+    def _start(self, req: ClientRequest, parsed: Any = None) -> None:
         assert self.service is not None
-        parsed = wire.parse_request(req.data)
-        if len(parsed) != 3 or parsed[1] in READ_ONLY or not req.identity:  # (queued before a boot)
+        if parsed is None:  # (queued before a boot)
+            parsed = wire.parse_request(req.data)
+        if len(parsed) != 3 or parsed[1] in READ_ONLY or not req.identity:  # (those queued before a boot)
             self._advance(_Task("request", self.service.handle(req.identity, req.data, parsed), req.peer), None)
             return
         if parsed[1] == "audit":  # the operator's look at everything: exclusively
@@ -381,10 +383,10 @@ class Driver:
                 if ident in self.busy:
                     continue
                 q = self.queues[ident]
-                req = q.popleft()
+                req, parsed = q.popleft()
                 if not q:
                     del self.queues[ident]
-                self._start(req)
+                self._start(req, parsed)
                 started = True
             if not started:
                 break

@@ -90,7 +90,7 @@ class ClientNode:
         self.waiting = (rid, data, req.target, identity, 0)
         self.requests += 1
         self._send(req.target, identity, data, req.call)
-        w.clock.after(w.plan.timing.client_timeout, "client_timeout", self.idx, rid, 0)
+        w.clock.after(w.plan.timing.client_timeout, self.timeout, rid, 0)
 
     def _send(self, target: str, identity: str, data: bytes, call: str) -> None:
         dst = ("kernel",) if target == "kernel" else ("mm",)
@@ -107,7 +107,7 @@ class ClientNode:
             w.faults["resend_client"] += 1
             assert self.req is not None
             self._send(target, identity, data, self.req.call)
-            w.clock.after(t.client_timeout, "client_timeout", self.idx, rid, attempt + 1)
+            w.clock.after(t.client_timeout, self.timeout, rid, attempt + 1)
             return
         self.waiting = None
         w.faults["client_gave_up"] += 1
@@ -142,7 +142,7 @@ class ClientNode:
         if req.target == "mm":
             self._learn(identity, req, result)
         self.result = result
-        w.clock.after(w.rng.randint(*w.plan.timing.think), "think", self.idx)
+        w.clock.after(w.rng.randint(*w.plan.timing.think), self.think)
 
     def _learn(self, identity: str, req: Req, result: Any) -> None:
         """What an ok alloc or accept says this identity holds (what it asked to free it no longer counts
@@ -156,7 +156,7 @@ class ClientNode:
     def resume(self) -> None:
         if self.parked and self.alive:
             self.parked = False
-            self.world.clock.after(self.world.rng.randint(*self.world.plan.timing.think), "think", self.idx)
+            self.world.clock.after(self.world.rng.randint(*self.world.plan.timing.think), self.think)
 
     def keepalive(self) -> None:
         if not self.alive:
@@ -164,4 +164,4 @@ class ClientNode:
         w = self.world
         for identity in self.identities:
             self._send("kernel", identity, wire.request(self._new_id(), "ping", {}), "ping")
-        w.clock.after(w.plan.timing.keepalive, "keepalive", self.idx)
+        w.clock.after(w.plan.timing.keepalive, self.keepalive)

@@ -92,13 +92,17 @@ class KernelNode(KernelObserver):
         if name == "proc_create":
             w.touched(_key_of(self.core, result["pid"]))
         if current is not None and caller == w.mm_key and name in MUTATES:
-            shared = False
-            if name in ("map", "unmap"):
+            mapping = name == "map" or name == "unmap"
+            if mapping:
                 w.kernel_executed(current[1])
-                runs = self._args.frames if name == "map" else result.get("frames") or []
-                refs = self.core.frames.refs
-                shared = any(int(refs[f:f + c].max()) >= (2 if name == "map" else 1) for f, c in runs if c)
-            w.kernel_changed_for_mm(name, shared)
+            armed = w.partition_after_exec
+            if armed:  # (whether it touched shared frames matters only to a partition armed for that)
+                shared = False
+                if mapping and armed.endswith("_shared"):
+                    runs = self._args.frames if name == "map" else result.get("frames") or []
+                    refs = self.core.frames.refs
+                    shared = any(int(refs[f:f + c].max()) >= (2 if name == "map" else 1) for f, c in runs if c)
+                w.kernel_changed_for_mm(name, shared)
 
     def refused(self, identity: str | None, name: str, error: Any) -> None:
         if not self.lying and not self.reading:
@@ -152,7 +156,7 @@ class KernelNode(KernelObserver):
             w.trace.event(w.step, w.clock.now, "lease_expired", pid=ev["pid"], who=w.trace.name(ev["key"]),
                           pages=sum(c for _, c in ev["frames"]))
         w.check_leases()
-        w.clock.after(w.plan.timing.kernel_tick, "kernel_tick")
+        w.clock.after(w.plan.timing.kernel_tick, self.tick)
 
 
 def _key_of(core: Any, pid: int) -> str | None:

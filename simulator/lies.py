@@ -5,7 +5,8 @@ the real envelope to the real ``handle`` at once (no network: what is checked
 is the refusal, not the transport), and checked:
 
 - the kernel: the reply is an error and ``checks.state`` (every piece of
-  kernel state ``KernelCore.digest`` covers) is what it was before;
+  kernel state ``KernelCore.digest`` covers, compared as plain values) is
+  what it was before;
 - the mm: the reply is an error and the mm's request generator finished
   without a single effect (no kernel call, no journal write).
 

@@ -157,7 +157,7 @@ class MMNode(MMObserver):
             w.vtrack.view = None  # a new view: the next check of it is a full one
         w.trace.event(w.step, w.clock.now, "mm_boot", incarnation=self.inc, records=len(records),
                       pending=len(d.core.view.pending) if d.core else 0)
-        w.clock.after(w.plan.timing.mm_tick, "mm_tick", self.inc)
+        w.clock.after(w.plan.timing.mm_tick, self.tick, self.inc)
         self.perform(actions)
         self._maybe_serving()
 
@@ -187,7 +187,7 @@ class MMNode(MMObserver):
         self.peers = {}
         self.backlog = []
         w.mm_crashed()
-        w.clock.after(w.rng.randint(*w.plan.timing.mm_restart), "mm_restart", self.inc)
+        w.clock.after(w.rng.randint(*w.plan.timing.mm_restart), self.restart, self.inc)
 
     def restart(self, inc: int) -> None:
         if inc == self.inc and not self.alive:
@@ -210,7 +210,7 @@ class MMNode(MMObserver):
         t = w.plan.timing
         self.pending[kid] = [data, 0, resends, probe, call]
         w.net.send(Msg(("kernel",), self.endpoint, self.key, data, False, call))
-        w.clock.after(t.probe_timeout if probe else t.mm_timeout, "mm_ktimeout", self.inc, self.conn, kid, 0)
+        w.clock.after(t.probe_timeout if probe else t.mm_timeout, self.kernel_timeout, self.inc, self.conn, kid, 0)
 
     def kernel_timeout(self, inc: int, conn: int, kid: int, attempt: int) -> None:
         if inc != self.inc or conn != self.conn or not self.alive:
@@ -227,7 +227,7 @@ class MMNode(MMObserver):
             p[1] = attempt + 1
             w.faults["resend_mm"] += 1
             w.net.send(Msg(("kernel",), self.endpoint, self.key, p[0], False, p[4]))
-            w.clock.after(w.plan.timing.mm_timeout, "mm_ktimeout", self.inc, self.conn, kid, attempt + 1)
+            w.clock.after(w.plan.timing.mm_timeout, self.kernel_timeout, self.inc, self.conn, kid, attempt + 1)
             self._queue(D.KernelResent(kid))
             return
         del self.pending[kid]
@@ -302,7 +302,7 @@ class MMNode(MMObserver):
         if self.wake_at < 0:
             w = self.world
             self.wake_at = w.clock.now + w.plan.timing.mm_wake
-            w.clock.at(self.wake_at, "mm_wake", self.inc)
+            w.clock.at(self.wake_at, self.wake, self.inc)
 
     def wake(self, inc: int) -> None:
         if inc != self.inc or not self.alive:
@@ -316,7 +316,7 @@ class MMNode(MMObserver):
         if inc != self.inc or not self.alive:
             return
         w = self.world
-        w.clock.after(w.plan.timing.mm_tick, "mm_tick", self.inc)
+        w.clock.after(w.plan.timing.mm_tick, self.tick, self.inc)
         if self.phase == "serving":
             self._queue(D.TickDue())
 
@@ -356,7 +356,7 @@ class MMNode(MMObserver):
                 if self.armed == "journal":
                     self.crash("with a journal batch written but not committed")
                     return
-                w.clock.after(w.plan.timing.persist, "mm_commit", self.inc, a.batch)
+                w.clock.after(w.plan.timing.persist, self.commit, self.inc, a.batch)
             elif kind is D.SendReply:
                 self._reply(a.peer, a.data)
             elif kind is D.ResetKernel:
@@ -402,7 +402,9 @@ class MMNode(MMObserver):
         src, identity, request, call = who
         try:
             reply = wire.parse_reply(data)
-            rid = wire.decode(request).get("id")
+            rid = reply["id"]  # (a reply carries its request's id; only a malformed request's may not)
+            if rid is None:
+                rid = wire.decode(request).get("id")
         except Exception:  # noqa: BLE001 - a malformed request's bytes (a lie)
             reply, rid = {}, None
         fresh = identity is not None and (identity, rid) in self.fresh

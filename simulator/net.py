@@ -66,15 +66,11 @@ class Msg:
         self.call = call
 
 
-def _mm_kernel(msg: Msg) -> bool:
-    a, b = msg.dst[0], msg.src[0]
-    return (a == "mm" and b == "kernel") or (a == "kernel" and b == "mm")
-
-
 class Net:
     def __init__(self, clock: Clock, rng: random.Random, plan: NetPlan,
-                 on_fault: Callable[[str, Msg], None]) -> None:
+                 on_fault: Callable[[str, Msg], None], deliver: Callable[[Msg], None]) -> None:
         self.clock = clock
+        self.deliver = deliver  # called with each message as it arrives
         self.rng = rng
         self.plan = plan
         self.on_fault = on_fault
@@ -94,27 +90,30 @@ class Net:
     def send(self, msg: Msg) -> None:
         p, rng = self.plan, self.rng
         self.sent += 1
-        mk = _mm_kernel(msg)
+        a, b = msg.dst[0], msg.src[0]
+        mk = (a == "mm" and b == "kernel") or (a == "kernel" and b == "mm")  # between the mm and the kernel
         if mk and self.clock.now < self.partition_until:
             self.on_fault("partitioned", msg)
             return
         if p.loss and rng.random() < p.loss:
             self.on_fault("lost", msg)
             return
-        if p.reply_loss and msg.reply and mk and msg.src[0] == "kernel" and rng.random() < p.reply_loss:
+        if p.reply_loss and msg.reply and mk and b == "kernel" and rng.random() < p.reply_loss:
             self.on_fault("reply_lost", msg)
             return
         lo, hi = p.jitter_range if p.jitter and mk and rng.random() < p.jitter else p.latency
-        delay = rng.randrange(lo, hi + 1)  # (randint without its extra call: the same numbers)
+        below = rng._randbelow  # (``randrange(lo, hi + 1)`` is ``lo + _randbelow(hi + 1 - lo)``: the same numbers)
+        delay = lo + below(hi + 1 - lo)
         if p.delay and rng.random() < p.delay:
-            delay += rng.randrange(p.delay_range[0], p.delay_range[1] + 1)
+            d0, d1 = p.delay_range
+            delay += d0 + below(d1 + 1 - d0)
             self.on_fault("delayed", msg)
         self.in_flight += 1
-        self.clock.after(delay, "deliver", msg)
+        self.clock.after(delay, self.deliver, msg)
         if p.dup and rng.random() < p.dup:
             self.on_fault("duplicated", msg)
             self.in_flight += 1
-            self.clock.after(delay + rng.randrange(lo, 4 * hi + 1), "deliver", msg)
+            self.clock.after(delay + lo + below(4 * hi + 1 - lo), self.deliver, msg)
 
     def delivered(self) -> None:
         self.in_flight -= 1

@@ -121,6 +121,7 @@ class World:
         self.incremental = incremental and check_every != 1  # the exact incremental check between full ones
         self.wal_check = wal_check
         self.plan = plan or make_plan(seed, steps, arch, memory, zombies, mode)
+        self.faults_at = self.plan.faults  # step -> the faults planned then
         self.rng = child(seed, "world")
         self.lie_rng = child(seed, "lies")
         self.clock = Clock()
@@ -182,7 +183,7 @@ class World:
         self.kernel.attach(svc)
         if self.incremental:
             self.ktrack = checks.KernelTracker(core)
-        self.net = Net(self.clock, child(seed, "net"), p.net, self._net_fault)
+        self.net = Net(self.clock, child(seed, "net"), p.net, self._net_fault, self.deliver)
         self.kernel.reading = True
         try:
             self.boot_info = (svc.call(self.mm_key, "hello"), svc.call(self.mm_key, "address_map"))
@@ -193,7 +194,7 @@ class World:
         self.clients: dict[int, ClientNode] = {}
         for workload in p.workloads:
             self.spawn(workload)
-        self.clock.after(p.timing.kernel_tick, "kernel_tick")
+        self.clock.after(p.timing.kernel_tick, self.kernel.tick)
 
     # ---- bookkeeping used by the nodes -----------------------------------------------------
 
@@ -281,19 +282,22 @@ class World:
             t = self.intents.pop(rec.n, None)
             if t is None:
                 return
-            house = driver.house_task.name if driver is not None and driver.house_task is not None else None
+            task = driver.house_task if driver is not None else None
             p = t["rec"]
-            if house in ("recover", "tick"):
+            if task is not None and task.name in ("recover", "tick"):
                 self.faults[f"settled_by_recovery:{'done' if kind is J.Done else 'undo'}"] += 1
                 if p.caller is not None:
                     self.req_settled.add((p.caller, p.rid))
-            what = (f"intent {p.n} ({p.do} of {p.pages} page(s) at {p.vaddr:#x} for {self.trace.name(p.key)}"
-                    f"{f', request #{p.rid} of {self.trace.name(p.caller)}' if p.caller else ''})")
             if kind is J.Done and not t["executed"]:
-                self.flag("I8", f"the mm settled {what} as done, but the kernel never carried out its {p.do}")
+                self.flag("I8", f"the mm settled {self._intent_words(p)} as done, but the kernel never carried "
+                                f"out its {p.do}")
             elif kind is J.Undo and t["executed"]:
-                self.flag("I8", f"the mm settled {what} as undone, but the kernel carried out its {p.do} "
-                                f"(kernel request #{t['executed']})")
+                self.flag("I8", f"the mm settled {self._intent_words(p)} as undone, but the kernel carried out its "
+                                f"{p.do} (kernel request #{t['executed']})")
+
+    def _intent_words(self, p: J.Intent) -> str:
+        return (f"intent {p.n} ({p.do} of {p.pages} page(s) at {p.vaddr:#x} for {self.trace.name(p.key)}"
+                f"{f', request #{p.rid} of {self.trace.name(p.caller)}' if p.caller else ''})")
 
     def durable(self, records: list[Any]) -> None:
         """A journal batch is committed: what it makes durable."""
@@ -372,8 +376,8 @@ class World:
             self.script.started(c)  # its requests are recorded, or come from the script
         self.clients[idx] = c
         t = self.plan.timing
-        self.clock.after(self.rng.randint(*t.think), "think", idx)
-        self.clock.after(self.rng.randint(1, t.keepalive), "keepalive", idx)
+        self.clock.after(self.rng.randint(*t.think), c.think)
+        self.clock.after(self.rng.randint(1, t.keepalive), c.keepalive)
         if self.step:
             self.trace.event(self.step, self.clock.now, "client_start", who=name, workload=workload)
         return c
@@ -391,7 +395,7 @@ class World:
             self.dead_touch[identity] = self.clock.now
         self.trace.event(self.step, self.clock.now, "client_death", who=self.trace.name(c.identity),
                          workload=c.workload, waiting=c.waiting is not None)
-        self.clock.after(self.rng.randint(*self.plan.timing.respawn), "spawn", c.workload)
+        self.clock.after(self.rng.randint(*self.plan.timing.respawn), self.respawn, c.workload)
 
     # ---- faults ---------------------------------------------------------------------------------
 
@@ -458,10 +462,11 @@ class World:
             self.kernel_dirty = False
             core = self.kernel.core
             if full or not self.ktrack_synced:
-                problems = checks.kernel(core)
+                counts: dict = {}
+                problems = checks.kernel(core, counts)
                 self.kernel_partial = False
                 if kt is not None:
-                    kt.reset()
+                    kt.reset(counts)
                     self.ktrack_synced = not problems
             else:
                 problems = kt.check()  # type: ignore[union-attr]
@@ -578,59 +583,46 @@ class World:
 
     # ---- the loop -----------------------------------------------------------------------------------
 
-    def dispatch(self, ev: tuple[Any, ...]) -> None:
-        kind = ev[0]
-        if kind == "deliver":
-            msg: Msg = ev[1]
-            self.net.delivered()
-            dst = msg.dst[0]
-            if dst == "kernel":
-                self.kernel.deliver(msg)
-            elif dst == "mm":
-                if msg.reply:
-                    self.mm.deliver_reply(msg)
-                else:
-                    self.mm.deliver_request(msg)
+    def deliver(self, msg: Msg) -> None:
+        """A message arrives (scheduled by the network)."""
+        self.net.in_flight -= 1
+        dst = msg.dst[0]
+        if dst == "kernel":
+            self.kernel.deliver(msg)
+        elif dst == "mm":
+            if msg.reply:
+                self.mm.deliver_reply(msg)
             else:
-                self.clients[msg.dst[1]].deliver_reply(msg)
-        elif kind == "mm_wake":
-            self.mm.wake(ev[1])
-        elif kind == "think":
-            self.clients[ev[1]].think()
-        elif kind == "mm_commit":
-            self.mm.commit(ev[1], ev[2])
-        elif kind == "client_timeout":
-            self.clients[ev[1]].timeout(ev[2], ev[3])
-        elif kind == "mm_ktimeout":
-            self.mm.kernel_timeout(ev[1], ev[2], ev[3], ev[4])
-        elif kind == "keepalive":
-            self.clients[ev[1]].keepalive()
-        elif kind == "kernel_tick":
-            self.kernel.tick()
-        elif kind == "mm_tick":
-            self.mm.tick(ev[1])
-        elif kind == "mm_restart":
-            self.mm.restart(ev[1])
-        elif kind == "spawn":
-            workload = ev[1] if self.rng.random() < 0.5 else WORKLOADS[self.rng.randrange(len(WORKLOADS))]
-            self.spawn(workload)
-        else:  # pragma: no cover - a bug in the simulator itself
-            raise ValueError(f"unknown event {ev!r}")
+                self.mm.deliver_request(msg)
+        else:
+            self.clients[msg.dst[1]].deliver_reply(msg)
+
+    def respawn(self, workload: str) -> None:
+        """A dead client is replaced (half the time by one of another workload)."""
+        self.spawn(workload if self.rng.random() < 0.5 else WORKLOADS[self.rng.randrange(len(WORKLOADS))])
 
     def one_step(self) -> None:
-        self.step += 1
-        if not self.healed:
-            for kind, variant in self.plan.faults.get(self.step, ()):
-                self.apply_fault(kind, variant)
-        self.dispatch(self.clock.pop())
-        if self.kernel_dirty or self.view_dirty or self.kernel_partial or self.view_partial:
+        step = self.step = self.step + 1
+        healed = self.healed
+        if not healed:
+            todo = self.faults_at.get(step)
+            if todo:
+                for kind, variant in todo:
+                    self.apply_fault(kind, variant)
+        fn, args = self.clock.pop()
+        fn(*args)
+        if self.kernel_dirty or self.view_dirty:
             every = self.check_every
-            full = every != 0 and self.step % every == 0
-            if self.incremental or full:
+            full = every != 0 and step % every == 0
+            if full or self.incremental:
                 self.check_state(full)
-        if self.recorder is not None and (self.violations or self.step % self.record_every == 0):
+        elif self.kernel_partial or self.view_partial:
+            every = self.check_every
+            if every != 0 and step % every == 0:
+                self.check_state(True)  # (nothing changed this step: only a full recomputation is due)
+        if self.recorder is not None and (self.violations or step % self.record_every == 0):
             self.record()
-        if self.healed:
+        if healed:
             return
         if self.quiescing:
             if self.quiet():
@@ -639,7 +631,7 @@ class World:
             elif self.clock.now - self.quiesce_since > QUIET_LIMIT:
                 self.flag("I10", f"the system did not get quiet within {QUIET_LIMIT / 1e6:g}s of simulated time "
                                  f"({self._busy()})")
-        elif self.step >= self.next_quiet and self._may_quiesce():
+        elif step >= self.next_quiet and self._may_quiesce():
             self._start_quiesce()
 
     def _busy(self) -> str:

@@ -25,6 +25,7 @@ from kernel_server.frames import (
     USER,
 )
 from kernel_server.invariants import check_kernel, free_list_sound
+from kernel_server.observe import as_frames
 from kernel_server.pagetable import CLIENT_MADE, EMPTY, ENTRY_SHIFT, ROOT
 from kernel_server.service import KernelService
 from protocol.errors import Error
@@ -383,6 +384,7 @@ class Links:
         self.next = np.full(n, NIL, dtype=np.int32)
         self.prev = np.full(n, NIL, dtype=np.int32)
         self.head = NIL
+        self.free_count = 0
 
 
 def walk_says_sound(ft: Links) -> bool:
@@ -421,6 +423,146 @@ def test_free_list_sound_is_the_walk(order, m, edits):
             getattr(ft, what)[f] = value
     free = int(np.count_nonzero(ft.kind == KERNEL_FREE))
     assert free_list_sound(ft, ft.kind == KERNEL_FREE, free) == walk_says_sound(ft)
+
+
+# ---- free_list_sound_near: the decision near the frames written equals the walk ------------------------
+
+@given(order=st.permutations(range(10)), m=st.integers(0, 10),
+       edits=st.lists(st.tuples(st.sampled_from(["next", "prev", "head", "kind", "count"]), st.integers(0, 9),
+                                st.integers(-2, 11)), max_size=3),
+       budget=st.sampled_from([1, 3, 64]))
+@settings(max_examples=600)
+def test_free_list_sound_near_is_the_walk(order, m, edits, budget):
+    """Given a sound list and the frames a change wrote (the head may move without a write), a decision
+    (True or False) is the walk's; None only when a walk of ``budget`` links did not settle it."""
+    ft = Links(10)
+    listed = list(order[:m])
+    for i, f in enumerate(listed):
+        ft.kind[f] = KERNEL_FREE
+        ft.next[f] = listed[i + 1] if i + 1 < m else NIL
+        ft.prev[f] = listed[i - 1] if i else NIL
+    ft.head = listed[0] if listed else NIL
+    ft.free_count = m
+    old_next, old_prev, old_head = ft.next.copy(), ft.prev.copy(), ft.head
+    written: set[int] = set()
+    for what, f, value in edits:
+        if what == "head":
+            ft.head = value
+        elif what == "count":
+            ft.free_count = value
+        elif what == "kind":
+            ft.kind[f] = KERNEL_FREE if value % 2 else USER
+            written.add(f)
+        else:
+            getattr(ft, what)[f] = value
+            written.add(f)
+    free = int(np.count_nonzero(ft.kind == KERNEL_FREE))
+    got = inv.free_list_sound_near(ft, sorted(written), old_next, old_prev, old_head, free, budget)
+    if got is not None:
+        assert got == (walk_says_sound(ft) and ft.free_count == free)
+
+
+def test_free_list_sound_near_settles_what_the_kernel_does(k):
+    """Pushes and pops at the head, and unlinking frames anywhere, as the frame table does them (it reports
+    the frames it writes, their relinked neighbours included): each is decided sound, without walking far."""
+    ft = k.ft
+    written: list = []
+
+    class Watch:
+        def frames_written(self, frames):
+            written.extend(as_frames(frames).tolist())
+
+    ft.watch = Watch()
+    rng = np.random.default_rng(7)
+    for step in range(60):
+        old_next, old_prev, old_head = ft.next.copy(), ft.prev.copy(), ft.head
+        written.clear()
+        user = np.flatnonzero((ft.kind == USER) & (ft.refs == 0))
+        what = step % 3
+        if what == 0 and user.size:  # a donation (set_kind, then pushed at the head)
+            a = np.sort(rng.choice(user[user < ft.kernel_limit], size=min(3, user.size), replace=False))
+            ft.set_kind(a, USER, KERNEL_FREE)
+            ft.push_free(a)
+        elif what == 1 and ft.free_count > 2:  # frames taken from the head
+            a = ft.pop_free(2)
+            ft.set_kind(a, KERNEL_FREE, USER)
+        elif ft.free_count > 3:  # frames reclaimed from the middle of the list
+            f = ft.free_list()[ft.free_count // 2]
+            ft.unlink_free(np.array([f], dtype=np.int64))
+            ft.set_kind(np.array([f], dtype=np.int64), KERNEL_FREE, USER)
+        free = int(np.count_nonzero(ft.kind == KERNEL_FREE))
+        got = inv.free_list_sound_near(ft, sorted(set(written)), old_next, old_prev, old_head, free, budget=64)
+        assert got is True, (step, what)
+    walk = ft.free_list()
+    old_next, old_prev = ft.next.copy(), ft.prev.copy()
+    x, y, z = walk[-3], walk[-2], walk[-1]  # y <-> z cut off in a cycle, every link consistent
+    ft.next[x] = NIL
+    ft.next[y], ft.prev[y] = z, z
+    ft.next[z], ft.prev[z] = y, y
+    for budget in (1, 64):
+        assert inv.free_list_sound_near(ft, [x, y, z], old_next, old_prev, ft.head, free, budget) is not True
+    assert inv.free_list_sound_near(ft, [x, y, z], old_next, old_prev, ft.head, free, 64) is False
+
+
+# ---- the fast decisions of the per-frame and per-process rules agree with the reports -----------------
+
+def test_frames_sound_agrees_with_frame_problems(k):
+    core = k.core
+    mapped, held = inv.mapping_counts(core), inv.held_counts(core)[0]
+    every = list(range(k.ft.n))
+
+    def agree() -> bool:
+        fast = inv.frames_sound(core, every, mapped.tolist(), held.tolist())
+        a = np.arange(k.ft.n)
+        assert fast == (inv.frame_problems(core, a, mapped, held) == [])
+        return fast
+
+    assert agree()
+    for corrupt in (lambda: k.ft.refs.__setitem__(k.small[2], 9), lambda: k.ft.kind.__setitem__(k.small[2], 9),
+                    lambda: k.ft.next.__setitem__(k.small[3], 5), lambda: held.__setitem__(k.small[4], 2),
+                    lambda: k.ft.kind.__setitem__(k.small[4], KERNEL_USED)):
+        corrupt()
+        assert not agree()
+
+
+def test_the_per_frame_mapping_rules_agree_with_the_per_process_ones(k):
+    """A frame whose mappings break I3 or I9 (a kernel frame mapped, a kernel-shared one writable, a client's
+    map of a user frame, a large page over a kernel-shared frame) is found from its counts alone."""
+    core = k.core
+
+    def frame_says(f: int) -> bool:
+        w = c = lg = m = 0
+        for proc in core.procs.values():
+            vps, ents = proc.entries()
+            mine = ents[(ents >> ENTRY_SHIFT) == f]
+            m += mine.size
+            w += int(np.count_nonzero((mine & 7) != READ))
+            c += int(np.count_nonzero(mine & CLIENT_MADE))
+            for lv, first, _p in proc.large.values():
+                if first <= f < first + core.geo.pages_at[lv]:
+                    m += 1
+                    lg += 1
+        return inv.frame_mappings_sound(int(k.ft.kind[f]), m, w, c, lg)
+
+    every = [f for f in range(k.ft.n) if inv.mapping_counts(core)[f]]
+    assert all(frame_says(f) for f in every)
+    k.ft.kind[k.small[3]] = KERNEL_FREE
+    assert not frame_says(k.small[3])
+    k.ft.kind[k.small[3]] = USER
+    e, i = k.leaf_entry(k.a)
+    e[i] |= CLIENT_MADE
+    assert not frame_says(int(e[i]) >> ENTRY_SHIFT)
+    e[i] &= ~CLIENT_MADE
+    first = next(iter(core.procs[k.b].large.values()))[1]
+    k.ft.kind[first + 1] = KERNEL_SHARED
+    assert not frame_says(first + 1)
+    k.ft.kind[first + 1] = USER
+    k.ft.kind[k.small[0]] = KERNEL_SHARED  # mapped writable by pid a
+    assert not frame_says(k.small[0])
+    one = [np.array([x], dtype=np.int64) for x in range(3)]
+    assert not inv.frames_mappings_sound(np.array([KERNEL_USED], dtype=np.uint8), one[1], one[0], one[0], one[0])
+    assert inv.frames_mappings_sound(np.array([USER], dtype=np.uint8), one[2], one[1], one[0], one[1])
+    assert not inv.frames_mappings_sound(np.array([USER], dtype=np.uint8), one[1], one[0], one[1], one[0])
 
 
 # ---- the subset predicates find the same corruptions, with the same words -------------------------------

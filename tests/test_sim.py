@@ -9,10 +9,13 @@ import ast
 import json
 import pathlib
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from kernel_server.observe import KernelObserver
 from mmsim.cli import app
+from protocol.errors import Error
 from simulator import checks, lies, mutants
 from simulator.faults import CRASH_POINTS, FAMILIES, make_plan
 from simulator.runner import BENCH_SETTINGS, bench, detection, run_seed, run_seeds
@@ -126,6 +129,127 @@ def test_incremental_checks_find_planted_bugs_when_full_ones_do(bug):
     assert full is not None and incremental is not None
     assert (incremental.seed, incremental.violation) == (full.seed, full.violation)
     assert incremental.violation.invariant in {"I4", "I11"}
+
+
+class _Feed(KernelObserver):
+    """Forwards the kernel's reports of writes to a tracker (as the simulator's kernel node does)."""
+
+    tracker: checks.KernelTracker | None = None
+
+    def frames_written(self, frames):
+        if self.tracker is not None:
+            self.tracker.written(frames)
+
+    def process_changed(self, pid):
+        if self.tracker is not None:
+            self.tracker.changed(pid)
+
+
+def _tracked_kernel(arch: str):
+    """A kernel with two processes, small, shared and large mappings, a client's own map, threads, endpoints,
+    donated frames, its tracker in step (every check so far clean)."""
+    from kernel_server.frames import KERNEL_SHARED, USER
+    from kernel_server.service import KernelService
+
+    feed = _Feed()
+    svc = KernelService.boot(arch=arch, memory=32 << 20, mm_key="M" * 40, kernel_pool_frames=24, observer=feed)
+    core = svc.core
+    t = feed.tracker = checks.KernelTracker(core)
+    ft = core.frames
+
+    def ok(who, call, **args):
+        out = svc.call(who, call, args)
+        assert not isinstance(out, Error), (call, out)
+        assert t.check() == [], call
+        return out
+
+    a = ok("M" * 40, "proc_create", key="A" * 40, kernel_quota=12)["pid"]
+    b = ok("M" * 40, "proc_create", key="B" * 40, kernel_quota=12)["pid"]
+    user = np.flatnonzero((ft.kind == USER) & (ft.refs == 0))
+    ok("M" * 40, "map", pid=a, vaddr=0x1000_0000, frames=[[int(f), 1] for f in user[:5]], prot=3)
+    ok("M" * 40, "map", pid=b, vaddr=0x1000_0000, frames=[[int(user[0]), 1]], prot=1)
+    shared = int(np.flatnonzero(ft.kind == KERNEL_SHARED)[0])
+    ok("A" * 40, "map", vaddr=0x1040_0000, frames=[[shared, 1]], prot=1)
+    step = core.profile.pages_at(max(core.profile.large_levels))
+    free = (ft.kind == USER) & (ft.refs == 0)
+    n = (ft.n // step) * step
+    large = int(np.flatnonzero(free[:n].reshape(-1, step).all(axis=1))[-1]) * step
+    ok("M" * 40, "map", pid=b, vaddr=0x4000_0000, frames=[[large, step]], prot=3, large=True)
+    ok("A" * 40, "thread_create")
+    ok("A" * 40, "endpoint_create")
+    ok("M" * 40, "donate", frames=[[int(f), 1] for f in user[-6:]])
+    ok("M" * 40, "unmap", pid=a, vaddr=0x1000_1000, pages=2)
+    return core, t, a, b, [int(f) for f in user[:5]], large
+
+
+CORRUPTIONS = {  # what a step did wrong, with what it reported -> the invariant the tracker must name
+    "refcount bumped": ("I4", lambda core, t, a, b, small, large: (core.frames.refs.__setitem__(small[0], 5),
+                                                                   t.written(small[0]))),
+    "a mapped frame made kernel-free": ("I3", lambda core, t, a, b, small, large: (
+        core.frames.kind.__setitem__(small[0], 1), t.written(small[0]))),  # no process reported: the frame's
+    # mappings are judged from its counts
+    "a leaf entry rewritten to a kernel frame": ("I3", lambda core, t, a, b, small, large: (
+        _rewrite_entry(core, a, lambda e: (int(np.flatnonzero(core.frames.kind == 2)[-1]) << 4) | 3), t.changed(a))),
+    "a client-made map of a user frame": ("I9", lambda core, t, a, b, small, large: (
+        _rewrite_entry(core, a, lambda e: e | 8), t.changed(a))),
+    "a table count that lies": ("tables", lambda core, t, a, b, small, large: (
+        core.procs[a].tables.__getitem__(next(k for k in core.procs[a].tables if k[0] == core.leaf)).__setitem__(
+            1, 99), t.changed(a))),
+    "a large page over a kernel-shared frame": ("I3", lambda core, t, a, b, small, large: (
+        core.frames.kind.__setitem__(large + 1, 3), t.written(large + 1))),
+    "a cycle cut off the free list": ("I2", lambda core, t, a, b, small, large: _cycle(core, t)),
+    "a charge that lies": ("I13", lambda core, t, a, b, small, large: (
+        setattr(core.procs[a], "kernel_used", core.procs[a].kernel_used - 1), t.changed(a, objects_only=True))),
+}
+
+
+def _rewrite_entry(core, pid, how):
+    from kernel_server.pagetable import EMPTY
+
+    for e in core.procs[pid].leaves.values():
+        idx = np.flatnonzero(e != EMPTY)
+        if idx.size:
+            e[idx[0]] = how(int(e[idx[0]]))
+            return
+
+
+def _cycle(core, t):
+    from kernel_server.frames import NIL
+
+    ft = core.frames
+    walk = ft.free_list()
+    x, y, z = walk[-3], walk[-2], walk[-1]
+    ft.next[x] = NIL
+    ft.next[y], ft.prev[y] = z, z
+    ft.next[z], ft.prev[z] = y, y
+    for f in (x, y, z):
+        t.written(f)
+
+
+@pytest.mark.parametrize("arch", ["i686", "i686-pae", "x86_64"])
+@pytest.mark.parametrize("what", sorted(CORRUPTIONS))
+def test_the_kernel_tracker_finds_what_a_step_broke(arch, what):
+    """The exact incremental check, fed what a step reported, finds each kind of corruption it could make, and
+    the full check agrees."""
+    core, t, *rest = _tracked_kernel(arch)
+    invariant, corrupt = CORRUPTIONS[what]
+    corrupt(core, t, *rest)
+    found = t.check()
+    assert any(p.startswith(invariant) for p in found), found
+    assert any(p.startswith(invariant) for p in checks.kernel(core))
+
+
+@pytest.mark.parametrize("what", sorted(__import__("test_invariants").MUTATIONS))
+def test_the_state_lies_are_judged_by_sees_every_change(what):
+    """``checks.state`` (what a forged request must leave as it was) sees every change ``KernelCore.digest``
+    sees."""
+    import test_invariants
+
+    k = test_invariants.Healthy("i686-pae")
+    before = checks.state(k.core)
+    assert checks.state(k.core) == before
+    test_invariants.MUTATIONS[what](k)
+    assert checks.state(k.core) != before
 
 
 def test_same_seed_same_trace_bytes(tmp_path):
