@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from simulator import FULL_EVERY
+from simulator.net import Msg
 
 RANGE = 200  # seeds per range by default (a task per seed would cost more to ship than to run)
 TASKS_PER_CHILD = 20  # ranges a local worker process runs before it is replaced (memory, leaks)
@@ -130,11 +131,12 @@ def fingerprint(violation: Any, site: str) -> Fingerprint:
     return Fingerprint(violation.invariant, site, normalise(violation.message))
 
 
-def site_of(event: tuple[Any, ...] | None) -> str:
-    """The call in progress during the step that dispatched ``event`` (see the module docstring)."""
-    if event is None or event[0] != "deliver":
+def site_of(event: tuple[Any, tuple[Any, ...]] | None) -> str:
+    """The call in progress during the step that dispatched ``event`` (the clock's ``(function, arguments)``;
+    a delivery's argument is the message: see the module docstring)."""
+    if event is None or not event[1] or not isinstance(event[1][0], Msg):
         return "-"
-    msg = event[1]
+    msg = event[1][0]
     dst = msg.dst[0]
     if dst == "kernel" and not msg.reply:
         return f"kernel.{msg.call}"
@@ -151,7 +153,7 @@ def drive(world: Any, cap: int | None = None) -> str | None:
     site = None
     limit = world.steps if cap is None else min(world.steps, cap)
     while world.step < limit and not world.violations:
-        nxt = heap[0][2] if heap else None
+        nxt = (heap[0][2], heap[0][3]) if heap else None
         world.one_step()
         if world.violations:
             site = site_of(nxt)

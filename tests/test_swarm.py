@@ -52,6 +52,8 @@ def test_a_swarm_on_the_local_pool_finds_what_seeds_one_by_one_find_and_resumes(
     first = _json(RUNNER.invoke(app, args))
     alone = run_range(SwarmConfig(steps=STEPS, bug=BUG).to_json(), 0, 24)
     failing = sorted(f["seed"] for f in alone["failures"])
+    # the site is the call in progress when the invariant broke (this bug breaks I4 in the kernel's unmap)
+    assert {f["fingerprint"]["site"] for f in alone["failures"]} == {"kernel.unmap"}
     assert first["run"] == 24 and first["failed"] == len(failing) > 0 and first["ranges"] == 4
     rep = first["database"]
     assert rep["seeds"] == 24 and rep["failed"] == len(failing)
