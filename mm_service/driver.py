@@ -46,7 +46,9 @@ How requests overlap. A client request runs until it yields (a kernel call
 or a journal write) and then the next one runs; up to ``max_in_flight``
 requests are in flight at once, one per caller identity (a caller's next
 request, or a resend of the same one, waits for the previous one: a resend
-then finds its reply in the replay cache). The view changes at once (the
+then finds its reply in the replay cache); a caller with ``MAX_WAITING`` requests waiting gets EAGAIN
+for the next ones at once, so a flood (or a client that never reads its replies) costs bounded memory.
+The view changes at once (the
 policy applies its records when it makes them), so two requests never pick
 the same frames or virtual range; a donation marks its frames before it is
 sent and frees them again if the kernel refuses. Every record is journaled
@@ -72,6 +74,8 @@ from mm_service.policy import Admission, Config, KCall, MMCore, Op
 from mm_service.service import READ_ONLY, MMService
 from protocol import wire
 from protocol.errors import Errno, Error
+
+MAX_WAITING = 64  # requests one caller may have waiting for their turn; past it, EAGAIN at once
 
 # ---- events ---------------------------------------------------------------------------------
 
@@ -249,7 +253,7 @@ class Driver:
 
     def _request(self, req: ClientRequest) -> None:
         if self.state in ("down", "rebooting"):
-            self.queues.setdefault(req.identity or "", deque()).append(req)
+            self._enqueue(req)
             return
         if self.state == "stopped":
             return
@@ -260,9 +264,22 @@ class Driver:
         if call is None or call in READ_ONLY or not req.identity:  # answered from the view, at once
             self._advance(_Task("request", self.service.handle(req.identity, req.data, parsed), req.peer), None)
             return
-        q = self.queues.get(req.identity)
+        self._enqueue(req)
+
+    def _enqueue(self, req: ClientRequest) -> None:
+        """Queue a request for its caller's turn; past ``MAX_WAITING`` waiting, EAGAIN at once (not
+        remembered: sent again later, it runs), so a caller that sends faster than its requests run
+        costs bounded memory."""
+        key = req.identity or ""
+        q = self.queues.get(key)
         if q is None:
-            q = self.queues[req.identity] = deque()
+            q = self.queues[key] = deque()
+        elif len(q) >= MAX_WAITING:
+            rid = wire.parse_request(req.data)[0]
+            self.out.append(SendReply(req.peer, wire.error_reply(rid, Error(
+                Errno.EAGAIN, f"{len(q)} of your requests are waiting for their turn already (at most "
+                f"{MAX_WAITING}): wait for their replies", {"limit": MAX_WAITING}))))
+            return
         q.append(req)
 
     def _start(self, req: ClientRequest) -> None:
