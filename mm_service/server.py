@@ -42,7 +42,7 @@ from protocol.connection import Connection
 from protocol.errors import CallError, Errno, Error
 
 log = logging.getLogger("mmsim.mm")
-BATCH = 256  # client requests taken in one wake-up at most (then the kernel's replies and the clock get a turn)
+BATCH = 32  # client requests taken in one wake-up at most (then the kernel's replies and the clock get a turn)
 
 
 @dataclass
