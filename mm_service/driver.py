@@ -56,7 +56,9 @@ in the order applied, batched: the records of all requests handled in one
 wake-up go in one transaction, before any kernel call that needs them is
 sent (intents) and before any reply that reports them (outcomes). Read-only
 calls (``hello``, ``ping``, ``stats``) and malformed requests are answered at
-once. Housekeeping and recovery (and the operator's ``audit``) run
+once; a request from anyone but the operator (and the mm's own key) larger
+than ``wire.MAX_CLIENT_REQUEST_BYTES`` is refused with E2BIG before it is
+decoded. Housekeeping and recovery (and the operator's ``audit``) run
 exclusively: once one is due no new request starts, and it runs when the
 requests in flight have finished.
 """
@@ -252,10 +254,15 @@ class Driver:
     # ---- client requests ------------------------------------------------------------------------
 
     def _request(self, req: ClientRequest) -> None:
+        if self.state == "stopped":
+            return
+        if len(req.data) > wire.MAX_CLIENT_REQUEST_BYTES and req.identity not in (self.operator_key, self.mm_key):
+            self.out.append(SendReply(req.peer, wire.error_reply(None, Error(
+                Errno.E2BIG, f"message of {len(req.data)} bytes exceeds the limit of {wire.MAX_CLIENT_REQUEST_BYTES} "
+                "for a client (only the operator sends larger requests)"))))
+            return
         if self.state in ("down", "rebooting"):
             self._enqueue(req)
-            return
-        if self.state == "stopped":
             return
         assert self.service is not None
         self.stats["requests"] += 1

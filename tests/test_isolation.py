@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from mm_service import driver as D
 from mm_service.policy import Config
+from mm_support import OP
+from protocol import wire
 from test_mm_driver import KEYS, Harness
 
 # ---- in-process: the servers' bounds ----------------------------------------------------------------------
@@ -46,3 +48,22 @@ def test_the_mm_queues_a_bounded_number_of_requests_per_caller():
     h.settle()
     assert h.replies[again]["ok"] is True
     h.exact()
+
+
+def test_the_mm_takes_a_clients_request_of_at_most_the_client_size():
+    """Anyone but the mm and the operator sends the mm at most ``wire.MAX_CLIENT_REQUEST_BYTES`` (a client's
+    largest legal request is far smaller): past it, E2BIG before a byte is decoded (a 30 KiB request of
+    integers cost the mm six times a 4 KiB one to decode and refuse)."""
+    h = Harness(Config(low=8, target=32, high=256))
+    h.settle()
+    pad = {"pad": [b"x" * 200] * 25}  # about 5 KiB
+    client = h.request(KEYS[0], wire.encode({"v": 1, "id": 7, "call": "ping", "args": pad}))
+    stats = h.request(KEYS[0], wire.encode({"v": 1, "id": 8, "call": "alloc", "args": {"pages": 1, "prot": 3, **pad}}))
+    operator = h.request(OP, wire.encode({"v": 1, "id": 9, "call": "ping", "args": pad}))
+    small = h.request(KEYS[0], call="ping")
+    h.settle()
+    for peer in (client, stats):
+        assert h.replies[peer]["ok"] is False and h.replies[peer]["error"]["code"] == "E2BIG", h.replies[peer]
+    assert h.replies[operator]["error"]["code"] == "EINVAL"  # decoded: the operator may send larger requests
+    assert h.replies[small]["ok"] is True
+    assert not h.d.core.view.clients  # nothing was made for the refused alloc
