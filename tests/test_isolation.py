@@ -12,11 +12,19 @@ Several classes share one system: each leaves it as it found it (the class waits
 
 from __future__ import annotations
 
+import time
+
+import zmq
+
+from clients.honest import HonestProcess
 from mm_service import driver as D
 from mm_service.policy import Config
 from mm_support import OP
-from protocol import wire
+from protocol import rundir, wire
+from support import LEASE
 from test_mm_driver import KEYS, Harness
+
+STRANGERS = 5000  # strangers connecting at once: seconds of the kernel's I/O thread at ~0.5 ms a handshake
 
 # ---- in-process: the servers' bounds ----------------------------------------------------------------------
 
@@ -67,3 +75,38 @@ def test_the_mm_takes_a_clients_request_of_at_most_the_client_size():
     assert h.replies[operator]["error"]["code"] == "EINVAL"  # decoded: the operator may send larger requests
     assert h.replies[small]["ok"] is True
     assert not h.d.core.view.clients  # nothing was made for the refused alloc
+
+
+# ---- real processes: a stranger's handshakes ---------------------------------------------------------------
+
+def test_a_burst_of_stranger_handshakes_costs_no_honest_client_its_process(make_system):
+    """Thousands of strangers connecting at once keep the kernel's I/O busy with their CURVE handshakes (each
+    refused at the end of it): the kernel hears nobody for a while, the honest client included. Its lease must
+    measure it, not the kernel's deafness: it keeps its process (the same pid, no ESRCH)."""
+    s = make_system(clients=0, memory="64MiB")
+    s.start()
+    s.admit("honest")
+    honest = HonestProcess(s.run_dir, "honest")
+    zctx = zmq.Context()
+    zctx.linger = 0
+    zctx.set(zmq.MAX_SOCKETS, STRANGERS + 16)
+    socks = []
+    try:
+        honest.window(0.5)
+        endpoint, key = rundir.read_endpoint(s.run_dir, "kernel"), rundir.public_key(s.run_dir, "kernel")
+        for _ in range(STRANGERS):
+            pub, sec = rundir.fresh_keypair()
+            sock = zctx.socket(zmq.DEALER)
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = key, pub, sec
+            sock.connect(endpoint)
+            sock.send(wire.request(1, "ping"), zmq.NOBLOCK)
+            socks.append(sock)
+        time.sleep(3 * LEASE)
+        w = honest.mark()
+        assert w["pids"] == [honest.pid] and not w["errors"], w
+        assert not any(sock.poll(0, zmq.POLLIN) for sock in socks)  # and no stranger was answered
+    finally:
+        for sock in socks:
+            sock.close(0)
+        zctx.term()
+        honest.stop()
