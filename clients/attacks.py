@@ -294,6 +294,7 @@ class Ctx:
         self.offer: int | None = None  # an open offer of OWN_RW the attacker made to the victim
         self.honest: Any = None  # the honest client's process (clients.honest.HonestProcess), for the classes
         self.extra: list[Any] = []  # more to close at the end (clients.isolation)
+        self.routed: dict[str, Line] = {}  # the attacker's sockets whose routing id is the mm's public key
 
     def close(self) -> None:
         if self.honest is not None:
@@ -304,7 +305,8 @@ class Ctx:
                     c.close()
                 except Exception:  # noqa: BLE001 (closing what is left: nothing to report)
                     pass
-        for line in (*self.lines.values(), *self.stranger_lines.values(), self.operator, self.operator_mm):
+        for line in (*self.lines.values(), *self.stranger_lines.values(), *self.routed.values(), self.operator,
+                     self.operator_mm):
             if line is not None:
                 line.close()
         self.zctx.term()
@@ -457,11 +459,14 @@ class Ctx:
             fresh = self.line(server, mine, server_key=rundir.fresh_keypair()[0])
         elif lie.via is Via.UNKNOWN_KEY:
             fresh = self.line(server, rundir.fresh_keypair())
-        elif lie.via is Via.ROUTING_ID:
-            fresh = self.line(server, mine, routing_id=self.server_keys["mm"])
         elif lie.via is not Via.CURVE or isinstance(payload, CAT.Raw) or wait == NO_REPLY_WAIT:
             fresh = self.line(server, mine)  # bytes that may end the connection: a socket of their own
-        line = fresh or (self.stranger_lines if lie.teller is Teller.STRANGER else self.lines)[server]
+        if lie.via is Via.ROUTING_ID:  # one socket per server: a ROUTER ignores a second peer with the same id
+            if server not in self.routed:
+                self.routed[server] = self.line(server, mine, routing_id=self.server_keys["mm"])
+            line = self.routed[server]
+        else:
+            line = fresh or (self.stranger_lines if lie.teller is Teller.STRANGER else self.lines)[server]
         try:
             rid = line.new_id()
             data = lie.encode(scene, rid)
@@ -726,6 +731,9 @@ def run_one(ctx: Ctx, a: Attack) -> tuple[Outcome, bool]:
         check.true("setup", False, f"setup failed: {exc}", "set-up succeeds")
     except RuntimeError as exc:  # the honest client could not be started or driven
         check.true("victim", False, f"{exc}", "an honest client beside the attack")
+    except (KeyError, TypeError, ValueError, AttributeError, CallError, zmq.ZMQError) as exc:
+        # an answer of the wrong shape (a server that lies about itself), or a call that failed outright
+        check.true("answers", False, f"{type(exc).__name__}: {str(exc)[:200]}", "answers of the documented shape")
     alive = ctx.alive()
     for server, ok in alive.items():
         if not ok:

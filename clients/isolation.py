@@ -688,6 +688,12 @@ def replay_cache_flood(b: Bout) -> None:
     m.send(mreq)
     m1 = m.recv(ctx.timeout, mid)
     maps0 = int(((result_of(ask(m, "stats"), "mm stats").get("you") or {}).get("mappings", -1)))
+    ran = (r1 or {}).get("ok") is True and (m1 or {}).get("ok") is True and \
+        int((kstats(ctx).get("you") or {}).get("threads", -1)) == threads0 + 1
+    if not b.c.true("the live client's requests ran", ran, f"{CAT.describe(r1)}, {CAT.describe(m1)}; threads "
+                    f"{threads0} -> {(kstats(ctx).get('you') or {}).get('threads')}", "ok, ok; one more thread"):
+        _undo_replayed(b, r1)
+        return
     names = [f"attacker-flood-{i}" for i in range(FLOOD_KEYS)]
     pairs = [rundir.fresh_keypair() for _ in names]
     served: Counter = Counter()
@@ -759,10 +765,14 @@ def replay_cache_flood(b: Bout) -> None:
         zctx.term()
         for name in names:
             rundir.revoke(ctx.run_dir, name)
-        tid = ((r1 or {}).get("result") or {}).get("tid")
-        if tid is not None:
-            ask(k, "thread_destroy", {"tid": tid})
-        ask(m, "free", {"vaddr": REPLAY_VA, "pages": 1})
+        _undo_replayed(b, r1)
+
+
+def _undo_replayed(b: Bout, r1: dict[str, Any] | None) -> None:
+    tid = ((r1 or {}).get("result") or {}).get("tid")
+    if isinstance(tid, int):
+        ask(b.ctx.lines["kernel"], "thread_destroy", {"tid": tid})
+    ask(b.ctx.lines["mm"], "free", {"vaddr": REPLAY_VA, "pages": 1})
 
 
 def _drain(line: Line, seen: Counter, timeout: float = 30.0) -> bool:

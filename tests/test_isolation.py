@@ -12,16 +12,25 @@ Several classes share one system: each leaves it as it found it (the class waits
 
 from __future__ import annotations
 
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 
+import pytest
 import zmq
 
+from clients import catalogue as CAT
+from clients.attacks import CAST
 from clients.honest import HonestProcess
 from mm_service import driver as D
 from mm_service.policy import Config
 from mm_support import OP
 from protocol import rundir, wire
-from support import LEASE
+from mmsim.system import System
+from support import LEASE, new_run_dir, remove_run_dir
 from test_mm_driver import KEYS, Harness
 
 STRANGERS = 5000  # strangers connecting at once: seconds of the kernel's I/O thread at ~0.5 ms a handshake
@@ -110,3 +119,145 @@ def test_a_burst_of_stranger_handshakes_costs_no_honest_client_its_process(make_
             sock.close(0)
         zctx.term()
         honest.stop()
+
+
+# ---- the attack classes, with real processes ---------------------------------------------------------------
+
+P99_BOUND = 20.0  # the victim's p99 beside an attack, at most this many times its p99 alone (median of rounds)
+CLASS_SECONDS = "0.9"  # each attack at full speed, in three slices, each after as long a window alone
+
+
+@pytest.fixture(scope="module")
+def bouts():
+    """Every class, one after the other, against one system (each leaves it as it found it), run by
+    ``mmsim client attack`` in a process of its own: {kind: outcome}, and the run directory."""
+    s = System(new_run_dir("mmi-"), lease=LEASE, clients=0, memory="64MiB")
+    try:
+        s.start()
+        kinds = [k.kind for k in CAT.CLASSES]
+        p = subprocess.run([sys.executable, "-m", "mmsim.cli", "client", "attack", "--run-dir", s.run_dir, "--json",
+                            "--seconds", CLASS_SECONDS, "--p99-bound", str(P99_BOUND),
+                            *[a for k in kinds for a in ("--kind", k)]], capture_output=True, text=True, timeout=300)
+        assert p.stdout.strip(), p.stderr[-3000:]
+        report = json.loads(p.stdout.strip().splitlines()[-1])
+        audit = s.wait_quiet(timeout=20)
+        s.kill("mm", signal.SIGTERM)  # (the mm holds its journal exclusively while it runs)
+        db = sqlite3.connect(rundir.journal_path(s.run_dir))
+        try:
+            journal = [bytes(r[0]) for r in db.execute("SELECT op FROM ops")]
+        finally:
+            db.close()
+        yield {o["kind"]: o for o in report["attacks"]}, s.run_dir, audit, journal
+    finally:
+        s.stop()
+        remove_run_dir(s.run_dir)
+
+
+def parts(o: dict) -> dict[str, str]:
+    return {p["label"]: p["got"] for p in o["parts"]}
+
+
+def unharmed(o: dict) -> dict:
+    """The victim's experience, asserted here from its windows (not from the tool's verdict)."""
+    v = o["figures"]["victim"]
+    windows = o["figures"]["windows"]
+    assert v["rounds"] >= 1 and len(windows) == v["rounds"], o["got"]
+    pid = windows[0][0]["pids"][0]
+    assert all(w["pids"] == [pid] for pair in windows for w in pair), windows  # the same process all along
+    assert all(not w["errors"] for pair in windows for w in pair), v  # no ENOMEM, ESRCH, EIO, anything
+    assert all(w["extra_pages"] == 0 and w["extra_mappings"] == 0 for pair in windows for w in pair)
+    assert sum(b["calls"] for _, b in windows) > 0
+    ratios = sorted(b["p99_ms"] / a["p99_ms"] for a, b in windows)
+    assert ratios[len(ratios) // 2] <= P99_BOUND, (ratios, windows)
+    return v
+
+
+def test_stranger_flood(bouts):
+    o = bouts[0]["stranger-flood"]
+    unharmed(o)
+    assert parts(o)["strangers served"].startswith("0 of") and o["figures"]["stranger_attempts"] > 100
+    assert o["passed"], o["got"]
+
+
+def test_costly_requests_are_each_refused_exactly(bouts):
+    o = bouts[0]["costly-requests"]
+    unharmed(o)
+    got = o["figures"]["tallies"]["refusals"]
+    assert set(got) <= {"E2BIG", "EPROTO", "EINVAL", "EPERM"} and sum(got.values()) > 100, got
+    assert parts(o)["each its own refusal"] == "yes"
+    assert o["passed"], o["got"]
+
+
+def test_kernel_frames_past_the_quota(bouts):
+    o = bouts[0]["kernel-frames"]
+    unharmed(o)
+    made = o["figures"]["kernel_frames"]
+    assert made["threads"] + made["endpoints"] + made["tables"] >= 1 and made["limit"] > 0
+    assert set(o["figures"]["tallies"]["refusals at full speed"]) == {"ENOMEM"}
+    for call in ("map", "endpoint_create", "thread_create"):
+        assert parts(o)[f"{call} past the quota"].startswith("ENOMEM limit=" + str(made["limit"]))
+    assert o["passed"], o["got"]
+
+
+def test_share_laundering_charges_each_mapper(bouts):
+    o = bouts[0]["share-laundering"]
+    unharmed(o)
+    f = o["figures"]["laundering"]
+    acc = o["figures"]["tallies"]["accepts"]
+    assert acc.get("ok", 0) >= 1 and acc.get("ENOMEM", 0) >= 1, acc  # accepted until the peer's quota, no further
+    assert acc["ok"] * f["chunk"] <= f["peer_quota"]
+    assert o["passed"], o["got"]
+
+
+def test_unsolicited_mapping_maps_nothing_and_makes_no_process(bouts):
+    o = bouts[0]["unsolicited-mapping"]
+    v = unharmed(o)
+    assert v["offers_to_me"] > 0  # the offers reached the victim; nothing was mapped (unharmed)
+    assert parts(o)["shares and accepts refused"] and o["passed"], o["got"]
+
+
+def test_many_keys_get_no_more_than_the_budget(bouts):
+    o = bouts[0]["many-keys"]
+    unharmed(o)
+    f = o["figures"]["many_keys"]
+    assert 1 <= f["granted"] <= f["fit"] + 1 < f["keys"]
+    assert parts(o)["no process for a refused key"].startswith("0 of")
+    assert o["passed"], o["got"]
+
+
+def test_refused_requests_create_nothing(bouts):
+    o = bouts[0]["refused-creates-nothing"]
+    unharmed(o)
+    assert parts(o)["no process"] == "kernel pid None, mm pid None" and o["passed"], o["got"]
+    stranger, honest = (rundir.public_key(bouts[1], CAST[n]) for n in ("stranger", "honest"))
+    journal = bouts[3]
+    assert any(honest in r for r in journal)  # (the journal names the clients it made)
+    assert not any(stranger in r for r in journal)  # not one record names the stranger
+
+
+def test_replay_cache_flood_keeps_a_live_clients_replies(bouts):
+    o = bouts[0]["replay-cache-flood"]
+    unharmed(o)
+    got = parts(o)
+    assert got["kernel retry answered from the cache"].startswith("ok then ok, same")
+    assert got["mm retry answered from the cache"].startswith("ok then ok, same")
+    assert o["passed"], o["got"]
+
+
+def test_unread_replies_cost_bounded_memory(bouts):
+    o = bouts[0]["unread-replies"]
+    unharmed(o)
+    got = parts(o)
+    assert got["the servers worked through it"] == "yes" and "EAGAIN" in got["the mm refused past the caller's queue"]
+    assert o["passed"], o["got"]
+
+
+def test_stats_are_bounded_and_listings_refused(bouts):
+    o = bouts[0]["stats-bounded"]
+    unharmed(o)
+    assert "kernel EPERM" in o["figures"]["tallies"]["answers"] and o["passed"], o["got"]
+
+
+def test_the_attacks_left_nothing_behind(bouts):
+    audit = bouts[2]
+    assert audit["divergences"] == 0 and audit["i13_problems"] == 0, audit
