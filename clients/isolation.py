@@ -168,9 +168,11 @@ def honest_of(ctx: Ctx) -> HonestProcess:
     return ctx.honest
 
 
-def run_class(ctx: Ctx, kind: str, c: Check) -> Bout:
+def run_class(ctx: Ctx, kind: str, c: Check, rounds: int = 3) -> Bout:
+    """Run attack class ``kind`` beside the honest client (``ctx.seconds`` at full speed in ``rounds``
+    slices); its parts and figures go into ``c``."""
     honest = honest_of(ctx)
-    b = Bout(ctx, honest, c, ctx.seconds)
+    b = Bout(ctx, honest, c, ctx.seconds, rounds=rounds)
     try:
         CLASS_FNS[kind](b)
     finally:

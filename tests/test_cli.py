@@ -31,7 +31,7 @@ from protocol import rundir
 
 RUNNER = CliRunner(env={"COLUMNS": "250"})
 BAD_PATHS = ("/proc/no-such-dir/run", "/etc/hostname/x", "")
-CREATES_RUN_DIR = {"kernel", "up", "chaos", "keys init", "bench kernel", "bench mm", "bench all"}
+CREATES_RUN_DIR = {"kernel", "up", "chaos", "keys init", "bench kernel", "bench mm", "bench isolation", "bench all"}
 
 
 class ReachedRun(Exception):
@@ -42,7 +42,7 @@ TRIPWIRES = (  # (module, attribute): where each command starts what it runs
     ("kernel_server.server", "run"), ("mm_service.server", "run"), ("mm_service.audit", "run_audit"),
     ("mmsim.system.System", "start"), ("mmsim.picture", "Observer"), ("mmsim.ping", "check"),
     ("clients.runner", "run"), ("clients.attacks", "run_attacks"), ("simulator.runner", "run_seed"),
-    ("simulator.runner", "run_seeds"), ("bench.kernel", "run"), ("bench.mm", "run"),
+    ("simulator.runner", "run_seeds"), ("bench.kernel", "run"), ("bench.mm", "run"), ("bench.isolation", "run"),
     ("bench.largepages", "compare"), ("simulator", "bench"),
 )
 
@@ -96,7 +96,7 @@ def test_every_command_is_reachable():
     names = set(IDS)
     for expected in ("up", "status", "audit", "chaos", "sim", "ping", "kernel", "mm", "keys init", "keys admit",
                      "keys revoke", "keys list", "client run", "client attack", "bench kernel", "bench mm",
-                     "bench largepages", "bench sim", "bench all"):
+                     "bench isolation", "bench largepages", "bench sim", "bench all"):
         assert expected in names
 
 

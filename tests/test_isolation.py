@@ -299,3 +299,24 @@ def test_anyones_mm_stats_do_not_scan_the_frame_table():
     peer = h.request(KEYS[3], call="stats")
     h.settle()
     assert h.replies[peer]["ok"] and _Scanned.scans == 0
+
+
+def test_bench_isolation_reports_its_figures(tmp_path):
+    """``mmsim bench isolation`` in miniature: a figure per attack (the honest client's rate beside it over
+    its rate alone), the victim's errors, the mm's worst request over an ordinary call; nothing left running."""
+    from bench import isolation as ib
+    from test_bench import _children
+
+    before = _children()
+    opts = ib.IsolationBenchOptions(seconds=0.2, rounds=1, classes=["stranger-flood"], kernel_worst=False, nice=0,
+                                    memory="64MiB")
+    rep = ib.run(opts, str(tmp_path))
+    figs = {f.key: f for f in rep.figures}
+    assert set(figs) == {"isolation.stranger-flood", "isolation.victim_errors", "mm.worst_request",
+                         "mm.worst_request_paid"}
+    f = figs["isolation.stranger-flood"]
+    assert f.value > 0 and f.floor and f.floor > 0 and f.ratio and f.ratio > 0 and f.op == ">="
+    assert figs["isolation.victim_errors"].value == 0 and figs["isolation.victim_errors"].passed
+    w = rep.details["mm_worst_request"]
+    assert w["ordinary_us"] > 0 and len(w["requests"]) >= 10 and figs["mm.worst_request"].ratio > 0
+    assert _children() == before
