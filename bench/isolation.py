@@ -192,7 +192,8 @@ def mm_worst_catalog(memory: str = "256MiB", arch: str = "i686") -> tuple[Callab
     quota = d.core.view.clients[WORST_CLIENT].quota  # type: ignore[union-attr]
 
     def env(call: str, args: bytes) -> Callable[[int], bytes]:
-        return lambda i: b"\x84\xa1v\x01\xa2id" + msgpack.packb(i) + b"\xa4call" + msgpack.packb(call) + b"\xa4args" + args
+        head = b"\xa4call" + msgpack.packb(call) + b"\xa4args"
+        return lambda i: b"\x84\xa1v\x01\xa2id" + msgpack.packb(i) + head + args
 
     def req(call: str, args: dict[str, Any]) -> Callable[[int], bytes]:
         return lambda i: wire.request(i, call, args)

@@ -309,7 +309,7 @@ class Ctx:
                      self.operator_mm):
             if line is not None:
                 line.close()
-        self.zctx.term()
+        self.zctx.destroy(linger=0)  # (closes any socket left open: term would wait for it forever)
 
     # ---- connections ----------------------------------------------------------------
 
@@ -380,7 +380,8 @@ class Ctx:
     def need_victim(self) -> Other:
         if self.victim is not None:
             return self.victim
-        c = Client.from_run_dir(self.run_dir, CAST["victim"], create_key=False, kernel_endpoint=self.endpoints["kernel"],
+        c = Client.from_run_dir(self.run_dir, CAST["victim"], create_key=False,
+                                kernel_endpoint=self.endpoints["kernel"],
                                 mm_endpoint=self.endpoints["mm"], timeout=self.timeout)
 
         def call(name: str, args: dict) -> dict[str, Any] | None:
@@ -402,7 +403,8 @@ class Ctx:
             raise
         c.start_keepalive(max(0.05, self.lease / 3))
         self.victim_client = c
-        self.victim = Other(c.identity, pid, got["vaddr"], got["pages"], tuple(tuple(r) for r in got["frames"]), tid, eid)
+        self.victim = Other(c.identity, pid, got["vaddr"], got["pages"], tuple(tuple(r) for r in got["frames"]), tid,
+                            eid)
         return self.victim
 
     def need_offer(self) -> int:

@@ -423,7 +423,8 @@ lie("mm-accept-foreign", "its own offer to another client", M, "accept", O, lamb
 # -- unsolicited sharing: nothing appears without its owner's call; no process for a key nobody runs --------
 
 lie("mm-share-unsolicited", "to a key nobody admitted", M, "share", C,
-    lambda s: {"vaddr": s.own_rw, "pages": 1, "peer": s.unknown, "prot": PROT_READ}, refused(E.ESRCH, details=("peer",)),
+    lambda s: {"vaddr": s.own_rw, "pages": 1, "peer": s.unknown, "prot": PROT_READ},
+    refused(E.ESRCH, details=("peer",)),
     ("own_rw", "unknown"), rule="peer not an admitted client with a live process")
 lie("mm-share-unsolicited", "to an admitted key with no process", M, "share", C,
     lambda s: {"vaddr": s.own_rw, "pages": 1, "peer": s.stranger, "prot": PROT_READ},

@@ -77,7 +77,8 @@ class Window:
                 "first_error": self.first_error, "pids": sorted(self.pids, key=str),
                 "extra_pages": self.extra_pages, "extra_mappings": self.extra_mappings,
                 "offers_to_me": self.offers_to_me,
-                "p99_ms_by_call": {k: round(percentile(sorted(v), 0.99) * 1e3, 4) for k, v in sorted(self.by_call.items())}}
+                "p99_ms_by_call": {k: round(percentile(sorted(v), 0.99) * 1e3, 4)
+                                   for k, v in sorted(self.by_call.items())}}
 
 
 class Honest:

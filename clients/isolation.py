@@ -94,7 +94,8 @@ def victim_parts(v: dict[str, Any], pid: Any, p99_bound: float) -> list[tuple[st
     rounds, ``pid`` its process at start."""
     out = []
     errs, first = v["errors"], v["first_error"]
-    got = "none" if not errs else ", ".join(f"{k} x{n}" for k, n in errs.items()) + (f" ({first[:120]})" if first else "")
+    got = ("none" if not errs else ", ".join(f"{k} x{n}" for k, n in errs.items())
+           + (f" ({first[:120]})" if first else ""))
     out.append(("victim errors", not errs, got, "none"))
     out.append(("victim process", set(v["pids"]) <= {str(pid)}, f"pids {v['pids']}", f"pid {pid} all along"))
     out.append(("victim progress", v["beside_calls"] > 0, f"{v['beside_calls']} calls beside the attack",
@@ -764,7 +765,7 @@ def replay_cache_flood(b: Bout) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         for _, sock in socks:
             sock.close(0)
-        zctx.term()
+        zctx.destroy(linger=0)
         for name in names:
             rundir.revoke(ctx.run_dir, name)
         _undo_replayed(b, r1)
