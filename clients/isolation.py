@@ -2,18 +2,20 @@
 
 Each class is an attacker at full speed (this process, many sockets) beside
 an honest client (``clients.honest``: a process of its own, its workload
-within its quotas, every call timed). ``run_class`` times the honest client
-alone first (half the attack's time), then runs the class's set-up, its
-full-speed phase (the honest client's second window covers exactly that:
-``Bout.begin`` and ``Bout.end``) and its clean-up (it waits until what it
-made is gone, so the next class finds the system as it was).
+within its quotas, every call timed). ``run_class`` runs the class's set-up,
+its full-speed phase in ``rounds`` slices, each right after a window of the
+honest client alone of the same length (``Bout.slices``; the machine's other
+load drifts, and adjacent windows see the same drift), and its clean-up (it
+waits until what it made is gone, so the next class finds the system as it
+was). What the honest client saw outside the windows (set-up, clean-up) is
+kept too: its errors and pids count.
 
 The verdict has two halves. The attacker's: every reply it got is the
 refusal the design names (the catalogue's, or the class's own checks: the
 pair's charges, the budget, the replay cache). The victim's
 (``victim_parts``, pure): no error of any kind, the same process all along
 (no ESRCH, the same pid), progress, and its p99 latency beside the attack at
-most ``p99_bound`` times its p99 alone, measured just before.
+most ``p99_bound`` times its p99 alone (the median of the rounds' ratios).
 
 The classes (``catalogue.CLASSES`` describes them): stranger-flood,
 costly-requests, kernel-frames, share-laundering, unsolicited-mapping,
@@ -65,15 +67,17 @@ def median(xs: list[float]) -> float:
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
-def summarize(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+def summarize(pairs: list[tuple[dict[str, Any], dict[str, Any]]],
+              between: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
     """The victim's rounds (alone, beside) in a few figures: per-round ratios and their medians (the
-    machine's other load drifts; adjacent windows see the same drift), and what every window saw."""
+    machine's other load drifts; adjacent windows see the same drift), and what every window saw (those
+    ``between`` the rounds too: set-up and clean-up)."""
     p99 = [b["p99_ms"] / a["p99_ms"] if a.get("p99_ms") else float("inf") for a, b in pairs]
     rate = [b["rate"] / a["rate"] if a.get("rate") else 0.0 for a, b in pairs]
     errors: Counter = Counter()
     pids: set[str] = set()
     first = ""
-    for w in (w for pair in pairs for w in pair):
+    for w in [*(w for pair in pairs for w in pair), *between]:
         errors.update(w.get("errors", {}))
         pids |= {str(x) for x in w.get("pids", [])}
         first = first or w.get("first_error", "")
@@ -126,6 +130,7 @@ class Bout:
     seconds: float
     rounds: int = 3
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    between: list[dict[str, Any]] = field(default_factory=list)  # the victim outside the rounds
     attacked: float = 0.0  # seconds at full speed
     _alone: dict[str, Any] | None = None
     _began: float = 0.0
@@ -133,7 +138,7 @@ class Bout:
     def begin(self, seconds: float | None = None) -> float:
         """A window of the victim alone, then the attack: returns the attack's deadline."""
         seconds = self.seconds if seconds is None else seconds
-        self.honest.mark()
+        self.between.append(self.honest.mark())
         time.sleep(seconds)
         self._alone = self.honest.mark()
         self._began = time.monotonic()
@@ -174,14 +179,16 @@ def run_class(ctx: Ctx, kind: str, c: Check, rounds: int = 3) -> Bout:
     slices); its parts and figures go into ``c``."""
     honest = honest_of(ctx)
     b = Bout(ctx, honest, c, ctx.seconds, rounds=rounds)
+    honest.mark()  # (what came before this class is not its doing)
     try:
         CLASS_FNS[kind](b)
     finally:
         b.end()
-    v = summarize(b.pairs)
+        b.between.append(honest.mark())  # its clean-up
+    v = summarize(b.pairs, b.between)
     for label, ok, got, expected in victim_parts(v, honest.pid, ctx.p99_bound):
         c.true(label, ok, got, expected)
-    c.figures.update(victim=v, windows=b.pairs, attack_seconds=round(b.attacked, 3))
+    c.figures.update(victim=v, windows=b.pairs, between=b.between, attack_seconds=round(b.attacked, 3))
     c.notes.append(f"victim {v['beside_rate']:.0f} calls/s beside, {v['alone_rate']:.0f} alone (median round ratio "
                    f"{v['rate_ratio']:.2f})")
     return b
@@ -578,7 +585,7 @@ def unsolicited_mapping(b: Bout) -> None:
                  ", ".join(f"{k} x{v}" for k, v in (bad or shares).items() if not bad or k in bad)[:300],
                  "ESRCH for every one")
         b.c.true("no process made", after <= before, f"processes {before} -> {after}", "not more")
-        v = summarize(b.pairs)
+        v = summarize(b.pairs, b.between)
         b.c.true("the victim saw offers, nothing mapped", v["offers_to_me"] > 0 and v["extra_pages"] == 0
                  and v["extra_mappings"] == 0, f"{v['offers_to_me']} offers to it, {v['extra_pages']} pages and "
                  f"{v['extra_mappings']} mappings it did not make", "offers; nothing it did not map")
@@ -780,19 +787,27 @@ def _undo_replayed(b: Bout, r1: dict[str, Any] | None) -> None:
 
 def _drain(line: Line, seen: Counter, timeout: float = 30.0) -> bool:
     """Read a never-read socket empty: a marker ping goes behind everything sent, and the replies are read
-    until its answer comes (the server has worked through the backlog). Whether it came."""
-    marker = line.new_id()
-    line.sock.send(wire.request(marker, "ping"))
+    until a marker's answer comes (the server has worked through the backlog; a marker whose answer found
+    the reply queue still full was dropped: another follows every half second). Whether one came."""
+    markers: set[int] = set()
     end = time.monotonic() + timeout
+    again = 0.0
     while time.monotonic() < end:
-        if not line.sock.poll(200, zmq.POLLIN):
+        if time.monotonic() >= again:
+            markers.add(line.new_id())
+            try:
+                line.sock.send(wire.request(max(markers), "ping"), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            again = time.monotonic() + 0.5
+        if not line.sock.poll(100, zmq.POLLIN):
             continue
         while True:
             try:
                 reply = wire.parse_reply(line.sock.recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
-            if reply.get("id") == marker:
+            if reply.get("id") in markers:
                 return True
             seen[outcome(reply)] += 1
     return False

@@ -164,8 +164,9 @@ def unharmed(o: dict) -> dict:
     windows = o["figures"]["windows"]
     assert v["rounds"] >= 1 and len(windows) == v["rounds"], o["got"]
     pid = windows[0][0]["pids"][0]
-    assert all(w["pids"] == [pid] for pair in windows for w in pair), windows  # the same process all along
-    assert all(not w["errors"] for pair in windows for w in pair), v  # no ENOMEM, ESRCH, EIO, anything
+    every = [w for pair in windows for w in pair] + o["figures"]["between"]  # (set-up and clean-up too)
+    assert all(w["pids"] in ([pid], []) for w in every), every  # the same process all along
+    assert all(not w["errors"] for w in every), v  # no ENOMEM, ESRCH, EIO, anything
     assert all(w["extra_pages"] == 0 and w["extra_mappings"] == 0 for pair in windows for w in pair)
     assert sum(b["calls"] for _, b in windows) > 0
     ratios = sorted(b["p99_ms"] / a["p99_ms"] for a, b in windows)
