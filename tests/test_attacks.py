@@ -105,7 +105,7 @@ SPECIAL = {
     "replay-cache-flood": {"kernel retry answered from the cache": "ok then ok, same",
                            "mm retry answered from the cache": "ok then ok, same"},
     "unread-replies": {"the servers worked through it": "yes"},
-    "stats-bounded": {"answers": "kernel"},
+    "stats-bounded": {"every answer small": "kernel up to"},
 }
 VICTIM = ("victim errors", "victim process", "victim progress", "victim p99")
 
@@ -232,8 +232,10 @@ def system():
 
 
 def test_attack_all_is_refused_by_the_real_system(system: System) -> None:
+    # (short slices, and the victim's latency is test_isolation's business: a looser bound here)
     p = subprocess.run([sys.executable, "-m", "mmsim.cli", "client", "attack", "--run-dir", system.run_dir, "--all",
-                        "--json", "--seconds", "0.6"], capture_output=True, text=True, timeout=300)
+                        "--json", "--seconds", "0.6", "--p99-bound", "40"], capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-6000:]
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report["failed"] == 0 and report["passed"] == len(ATTACKS)
