@@ -705,8 +705,9 @@ CLASSES: list[Kind] = [
          "admitted, at full speed: never served; an honest client beside it keeps its rate, process and replies",
          teller=Teller.NOBODY),
     Kind("costly-requests", "both", "class", "E2BIG/EPROTO/EINVAL; victim unharmed", "the costliest requests under "
-         "the size limits from many sockets at once (deep, long and wide containers, runs that would expand, long "
-         "strings): each refused exactly; the victim's p99 stays bounded and its lease holds"),
+         "the size limits, six in flight, to the kernel and the mm in turn (deep, long and wide containers, runs "
+         "that would expand, long strings, listings): each refused exactly; the victim's p99 stays bounded and its "
+         "lease holds"),
     Kind("kernel-frames", K, "class", "ENOMEM{limit,used}; victim unharmed", "threads, endpoints and page tables "
          "(sparse read-only maps) up to and past the attacker's kernel quota: ENOMEM naming its own limit; the victim "
          "never gets ENOMEM"),
