@@ -729,8 +729,9 @@ CLASSES: list[Kind] = [
     Kind("unread-replies", "both", "class", "bounded; EAGAIN past the queue", "requests at full speed whose "
          "replies are never read: the servers drop replies past the queue, the mm refuses requests past a caller's "
          "queue (EAGAIN), memory stays bounded, the victim is unharmed"),
-    Kind("stats-bounded", "both", "class", "EPERM listing; bounded answers", "stats and listings at full speed: "
-         "the listing refused to clients, every answer small whatever the number of processes; the victim unharmed"),
+    Kind("stats-bounded", "both", "class", "EPERM listing; bounded answers", "stats and listings at full speed, to the "
+         "kernel and the mm in turn: the listing refused to clients, every answer small whatever the number of "
+         "processes; the victim unharmed"),
 ]
 
 

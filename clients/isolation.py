@@ -878,7 +878,8 @@ def unread_replies(b: Bout) -> None:
 
 
 def stats_bounded(b: Bout) -> None:
-    """Stats and listings at full speed: the listing refused, every answer small."""
+    """Stats and listings at full speed, to the kernel and the mm in alternate slices: the listing refused,
+    every answer small."""
     ctx = b.ctx
     ctx.need_process()
     plan = [("kernel", lambda r: wire.request(r, "stats"), "ok", 4096),
@@ -897,9 +898,12 @@ def stats_bounded(b: Bout) -> None:
         return f"{plan[i][0]} {got}" if got == plan[i][2] else f"{plan[i][0]} {got} (wrong)"
 
     got: Counter = Counter()
+    turns = [[i for i, p in enumerate(plan) if p[0] == server] for server in ("kernel", "mm")]  # in turn, as costly
     try:
-        for deadline in b.slices():
-            got += blast(lines, deadline, judge, window=2)
+        for r, deadline in enumerate(b.slices()):
+            idx = turns[r % 2]
+            got += blast([lines[i] for i in idx], deadline, lambda k, reply, n, idx=idx: judge(idx[k], reply, n),
+                         window=2)
     finally:
         for line, _ in lines:
             line.close()
