@@ -1,4 +1,4 @@
-"""The ``mmsim bench`` commands: kernel, mm, largepages, sim, check, all.
+"""The ``mmsim bench`` commands: kernel, mm, isolation, largepages, sim, swarm, check, all.
 
 Each starts what it measures as real processes in a fresh run directory
 (a temporary one unless ``--run-dir`` is given), shows progress on stderr,
@@ -126,6 +126,27 @@ def _mm(run_dir: str, step: Callable[[str], None], opts):
     from bench import mm as mb
 
     return mb.run(opts, os.path.join(run_dir, "mm-bench"), step)
+
+
+def _isolation(run_dir: str, step: Callable[[str], None], opts):
+    from bench import isolation as ib
+
+    return ib.run(opts, os.path.join(run_dir, "isolation-bench"), step)
+
+
+def _isolation_opts(seconds: float, rounds: int, transport: str, kinds: list[str] | None, nice: int,
+                    kernel_worst: bool):
+    from bench.isolation import IsolationBenchOptions
+
+    opts = IsolationBenchOptions(seconds=seconds, rounds=rounds, transport=transport, nice=nice,
+                                 kernel_worst=kernel_worst)
+    if kinds:
+        opts.classes = list(dict.fromkeys(kinds))
+    try:
+        opts.check()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--kind") from None
+    return opts
 
 
 def _largepages(seed: int, steps: int, step: Callable[[str], None]):
@@ -358,6 +379,37 @@ def _print_mm_stages(stages: dict, profile: Optional[dict]) -> None:
         typer.echo(profile["cprofile"])
 
 
+@bench_app.command("isolation")
+def isolation_cmd(
+    seconds: float = typer.Option(0.5, "--seconds", min=0.05, help="Seconds of one slice: the honest client alone, "
+                                  "then beside the attack, this long each."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Slices of each attack (each after one alone); the "
+                               "figure is the median of the rounds' ratios."),
+    transport: Transport = typer.Option(Transport.ipc, "--transport", help=_TRANSPORT),
+    kind: Optional[list[str]] = typer.Option(None, "--kind", help="A resource attack to run (repeatable; default: "
+                                             "all of them, see `mmsim client attack --list`)."),
+    nice: int = typer.Option(10, "--nice", min=0, max=19, help="Lower the attacker's CPU priority by this much "
+                             "(this process's, for good): its own work would otherwise count against the servers."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR, callback=_RUN_DIR_CHECK),
+    keep: bool = typer.Option(False, "--keep", help=_KEEP),
+    strict: bool = typer.Option(False, "--strict", help=_STRICT),
+) -> None:
+    """An honest client's rate beside each resource attack at full speed over its rate alone (target 0.5, no
+    error), and the mm's and the kernel's worst requests over an ordinary call."""
+    from bench.roundtrip import BenchError
+
+    transport = _check_transport(transport)
+    opts = _isolation_opts(seconds, rounds, transport, kind, nice, True)
+    with _run_dir(run_dir, keep) as rd:
+        try:
+            with _progress(opts.steps()) as step:
+                rep = _isolation(rd, step, opts)
+        except (BenchError, RuntimeError, OSError) as exc:
+            _fail(exc)
+    _emit(rep, json_out, strict, "mmsim bench isolation")
+
+
 @bench_app.command("largepages")
 def largepages_cmd(
     seed: int = typer.Option(1, "--seed", help="Seed of the churn workload (both policies see the same requests)."),
@@ -431,14 +483,15 @@ def all_cmd(
     storm: str = typer.Option("64MiB", "--storm", help="Memory the donation-storm client allocates in 4 KiB pages."),
     steps: int = typer.Option(6000, "--steps", min=10, help="Client requests in the large-page churn."),
     seed: int = typer.Option(1, "--seed", help="Seed of the large-page churn."),
-    quick: bool = typer.Option(False, "--quick", help="About 20 s: --seconds 0.3 --rounds 2 --storm 8MiB "
+    quick: bool = typer.Option(False, "--quick", help="About a minute: --seconds 0.3 --rounds 2 --storm 8MiB "
                                "--steps 1500, 5 s of mmsim check (noisier)."),
     json_out: bool = typer.Option(False, "--json", help=_JSON),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help=_RUN_DIR, callback=_RUN_DIR_CHECK),
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
-    """Every benchmark (kernel, mm, largepages, sim, swarm, check) in one report: about two and a half minutes by default."""
+    """Every benchmark (kernel, mm, largepages, sim, swarm, check, isolation) in one report: about four minutes by
+    default."""
     from bench.report import Report
     from bench.roundtrip import BenchError
 
@@ -448,16 +501,18 @@ def all_cmd(
     storm = _check_size(storm, "--storm")
     kopts = _kernel_opts(seconds, rounds, transport, window, 4096, True)
     mopts = _mm_opts(seconds, rounds, transport, storm)
+    iopts = _isolation_opts(seconds, min(rounds, 3), transport, None, 10, False)  # (the kernel bench has its worst)
     rep = Report()
     with _run_dir(run_dir, keep) as rd:
         try:
-            with _progress(kopts.steps() + mopts.steps() + 7) as step:
+            with _progress(kopts.steps() + mopts.steps() + 7 + iopts.steps()) as step:
                 rep.extend(_kernel(rd, step, kopts))
                 rep.extend(_mm(rd, step, mopts))
                 rep.extend(_largepages(seed, steps, step))
                 rep.extend(_sim(2.0 if quick else 8.0, step, 3 if quick else 10))
                 rep.extend(_swarm(48 if quick else 192, 400 if quick else 600, 8 if quick else 16, True, step))
                 rep.extend(_check(5.0 if quick else 60.0, step))
+                rep.extend(_isolation(rd, step, iopts))  # last: it lowers this process's priority
         except (BenchError, RuntimeError, OSError) as exc:
             _fail(exc)
     _emit(rep, json_out, strict, "mmsim bench all")

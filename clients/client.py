@@ -22,7 +22,6 @@ import zmq
 
 from protocol import PROT_READ, PROT_WRITE, rundir
 from protocol.connection import Connection
-from protocol.errors import CallError
 
 
 class Client:
@@ -160,14 +159,16 @@ class Client:
         self._stop.clear()
 
         def loop() -> None:
+            # Pings go out on one socket, whatever comes back: a ping that waited for its reply and, late, opened
+            # a new socket would make a new CURVE handshake, which may queue behind thousands of others (a
+            # stranger's flood) while the lease runs out; the kernel reads this one's pings as they come.
             conn = Connection(self.kernel_endpoint, self.kernel_key, self.public, self.secret,
                               timeout=interval, retries=0, ctx=self.ctx)
             try:
                 while not self._stop.wait(interval):
-                    try:
-                        conn.call("ping")
-                    except CallError:
-                        pass  # the kernel is away; the workload notices on its own calls
+                    conn.submit("ping")
+                    while conn.collect(0)[0] is not None:
+                        pass  # (the replies are not needed: the workload notices a kernel away on its own calls)
             finally:
                 conn.close()  # the socket only: the context is the client's
 

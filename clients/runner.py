@@ -36,6 +36,7 @@ import typer
 
 from clients.client import Client
 from clients.workloads import PAGE, WORKLOADS, Req, env_from, make
+from mmsim import options
 from protocol import rundir
 from protocol.connection import Connection
 from protocol.errors import CallError, Errno, Error
@@ -492,9 +493,11 @@ def run_cmd(
     connect_wait: float = typer.Option(10.0, "--connect-wait", min=0.0, help="Seconds to wait for the kernel and "
                                        "the mm at start."),
     kernel: Optional[str] = typer.Option(None, "--kernel", help="Kernel endpoint, e.g. tcp://kernel:5555 "
-                                         "(default: RUN/kernel.endpoint, followed if the kernel moves)."),
+                                         "(default: RUN/kernel.endpoint, followed if the kernel moves).",
+                                         callback=options.endpoint_callback("--kernel")),
     mm: Optional[str] = typer.Option(None, "--mm", help="The mm's endpoint, e.g. tcp://mm:5556 "
-                                     "(default: RUN/mm.endpoint, followed if the mm moves)."),
+                                     "(default: RUN/mm.endpoint, followed if the mm moves).",
+                                     callback=options.endpoint_callback("--mm")),
 ) -> None:
     """Run a workload client against the kernel and the mm of a run directory."""
     if workload not in WORKLOADS:

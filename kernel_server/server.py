@@ -17,6 +17,16 @@ credited to every lease (``KernelService.credit_stall``). Leases are expired
 when the earliest deadline passes, and only right after the requests already
 queued have been handled (at most ``DRAIN_MAX`` of them), so pings that waited
 in the queue while the kernel was stopped renew their leases first.
+
+The kernel can also be deaf while its loop runs: ZeroMQ's I/O thread, which
+every request passes through, may be busy elsewhere (thousands of strangers'
+CURVE handshakes at once cost it seconds). So the kernel hears itself: each
+check it sends a heartbeat (a ping with its own key, stamped with the time)
+through its own endpoint. The lease clock advances only as far as the last
+heartbeat heard (``heard``): no lease runs out while the kernel hears nobody;
+and a heartbeat that arrives late has its lateness (beyond ``STALL_SLACK``)
+credited to every lease, since nobody's requests came through meanwhile.
+Periods already credited are not credited twice (``credited``).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ log = logging.getLogger("mmsim.kernel")
 STOP_CHECK_MS = 100.0  # the longest the loop sleeps: a signal's flag is seen within this
 STALL_SLACK = 0.05  # seconds a turn of the loop may run over its receive timeout before it counts as a stall
 DRAIN_MAX = 4096  # requests handled, at most, before leases are looked at
+HEARD_SLACK = 2 * STOP_CHECK_MS / 1000  # the lease clock may run this far past the last heartbeat heard
 
 
 @dataclass
@@ -70,9 +81,12 @@ class KernelServer:
             operator_key=rundir.operator_key(opts.run_dir),
         )
         self.admission = rundir.Admission(opts.run_dir, always=tuple(k for k in (mm_key, rundir.operator_key(
-            opts.run_dir)) if k))
+            opts.run_dir), self.pub.decode()) if k))  # (its own key: the heartbeat)
         self.running = True
         self.endpoint = ""
+        self.own_key = self.pub.decode()
+        self.heard = 0.0  # when the last heartbeat heard was sent (time.monotonic)
+        self.credited = 0.0  # stalls are credited up to this time
 
     @staticmethod
     def _log_refused(identity: str | None, call: str, err: Error) -> None:
@@ -92,6 +106,12 @@ class KernelServer:
         except SystemExit:
             ctx.term()
             raise
+        beat = ctx.socket(zmq.DEALER)  # the kernel hears itself through its own endpoint
+        beat.linger = 0
+        beat.sndhwm = 16
+        beat.curve_serverkey, beat.curve_publickey, beat.curve_secretkey = self.pub, self.pub, self.sec
+        beat.connect(self.endpoint)
+        self.heard = time.monotonic()
         rundir.write_endpoint(self.opts.run_dir, "kernel", self.endpoint)
         print(f"kernel listening on {self.endpoint}", flush=True)
         print(f"kernel {self.service.summary()}", flush=True)
@@ -101,7 +121,12 @@ class KernelServer:
         clock = time.monotonic
         handle = svc.handle
 
-        def answer(identity: str | None, data: bytes) -> bytes:
+        own, heard = self.own_key, self._heard
+
+        def answer(identity: str | None, data: bytes) -> bytes | None:
+            if identity == own:  # its own heartbeat: no request, no reply
+                heard(data)
+                return None
             return handle(identity, data, clock())
 
         # The servers' shared socket loop (the benchmarks' floor serves with the very same one).
@@ -114,14 +139,16 @@ class KernelServer:
                 # signal's flag is seen within STOP_CHECK_MS.
                 loop.turn(next_check)
                 now = clock()
-                overrun = now - turn - loop.timeout_ms / 1000
-                if overrun > STALL_SLACK:
-                    self._credit(overrun)
+                self._credit(turn + loop.timeout_ms / 1000, now)  # (a turn that ran over its receive timeout)
                 if now >= next_check:  # leases are checked on time even under a flood of requests
                     self._drain(loop)
                     now = clock()
                     self.admission.refresh()
-                    for ev in svc.expire(now):
+                    try:
+                        beat.send(wire.request(int(now * 1e6), "ping"), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # (sixteen unheard already: the next check sends again)
+                    for ev in svc.expire(min(now, self.heard + HEARD_SLACK)):
                         log.info("lease of pid %d expired: destroyed, %d pages unmapped", ev["pid"],
                                  sum(c for _, c in ev["frames"]))
                     deadline = svc.next_deadline()
@@ -131,17 +158,22 @@ class KernelServer:
                 turn = clock()
         finally:
             rundir.withdraw(self.opts.run_dir, "kernel", self.endpoint)  # (the lock is still held)
+            beat.close(0)
             sock.close(0)
             auth.stop()
             ctx.term()
 
-    def _credit(self, overrun: float) -> None:
-        """Credit to every lease the time a turn of the loop ran over its receive timeout, if beyond
-        the slack: the kernel was not reading requests then."""
-        if overrun > STALL_SLACK:
-            self.service.credit_stall(overrun)
-            log.log(logging.INFO if overrun > 1.0 else logging.DEBUG, "the kernel did not read requests for "
-                    "%.2fs (stopped or busy): credited to every lease", overrun)
+    def _credit(self, start: float, end: float) -> None:
+        """Credit to every lease the time from ``start`` to ``end`` (time.monotonic) the kernel did not hear
+        requests, if beyond the slack, less what was credited already."""
+        if end - start <= STALL_SLACK:
+            return
+        start = max(start, self.credited)
+        if end > start:
+            self.credited = end
+            self.service.credit_stall(end - start)
+            log.log(logging.INFO if end - start > 1.0 else logging.DEBUG, "the kernel did not hear requests for "
+                    "%.2fs (stopped, busy or deaf): credited to every lease", end - start)
 
     def _drain(self, loop: serving.Loop) -> None:
         """Handle what is already queued (at most DRAIN_MAX requests), without waiting; a request that took
@@ -151,7 +183,7 @@ class KernelServer:
         def each() -> None:
             nonlocal last
             now = time.monotonic()
-            self._credit(now - last)
+            self._credit(last, now)
             last = now
 
         loop.drain_queued(DRAIN_MAX, each)
@@ -161,6 +193,14 @@ class KernelServer:
 
     def _dropped(self) -> None:
         self.service.replies_dropped += 1
+
+    def _heard(self, data: bytes) -> None:
+        """A heartbeat came through: the lease clock may run up to when it was sent; its lateness beyond the
+        slack was time nobody was heard."""
+        sent = (wire.decode(data).get("id") or 0) / 1e6
+        now = time.monotonic()
+        self.heard = max(self.heard, sent)
+        self._credit(sent, now)
 
 
 def run(opts: KernelOptions) -> None:

@@ -46,7 +46,9 @@ How requests overlap. A client request runs until it yields (a kernel call
 or a journal write) and then the next one runs; up to ``max_in_flight``
 requests are in flight at once, one per caller identity (a caller's next
 request, or a resend of the same one, waits for the previous one: a resend
-then finds its reply in the replay cache). The view changes at once (the
+then finds its reply in the replay cache); a caller with ``MAX_WAITING`` requests waiting gets EAGAIN
+for the next ones at once, so a flood (or a client that never reads its replies) costs bounded memory.
+The view changes at once (the
 policy applies its records when it makes them), so two requests never pick
 the same frames or virtual range; a donation marks its frames before it is
 sent and frees them again if the kernel refuses. Every record is journaled
@@ -54,7 +56,9 @@ in the order applied, batched: the records of all requests handled in one
 wake-up go in one transaction, before any kernel call that needs them is
 sent (intents) and before any reply that reports them (outcomes). Read-only
 calls (``hello``, ``ping``, ``stats``) and malformed requests are answered at
-once. Housekeeping and recovery (and the operator's ``audit``) run
+once; a request from anyone but the operator (and the mm's own key) larger
+than ``wire.MAX_CLIENT_REQUEST_BYTES`` is refused with E2BIG before it is
+decoded. Housekeeping and recovery (and the operator's ``audit``) run
 exclusively: once one is due no new request starts, and it runs when the
 requests in flight have finished.
 """
@@ -73,6 +77,8 @@ from mm_service.policy import Admission, Config, KCall, MMCore, Op
 from mm_service.service import READ_ONLY, MMService
 from protocol import wire
 from protocol.errors import Errno, Error
+
+MAX_WAITING = 64  # requests one caller may have waiting for their turn; past it, EAGAIN at once
 
 # ---- events ---------------------------------------------------------------------------------
 
@@ -265,10 +271,15 @@ class Driver:
     # ---- client requests ------------------------------------------------------------------------
 
     def _request(self, req: ClientRequest) -> None:
-        if self.state in ("down", "rebooting"):
-            self.queues.setdefault(req.identity or "", deque()).append((req, None))
-            return
         if self.state == "stopped":
+            return
+        if len(req.data) > wire.MAX_CLIENT_REQUEST_BYTES and req.identity not in (self.operator_key, self.mm_key):
+            self.out.append(SendReply(req.peer, wire.error_reply(None, Error(
+                Errno.E2BIG, f"message of {len(req.data)} bytes exceeds the limit of {wire.MAX_CLIENT_REQUEST_BYTES} "
+                "for a client (only the operator sends larger requests)"))))
+            return
+        if self.state in ("down", "rebooting"):
+            self._enqueue(req)
             return
         assert self.service is not None
         self.stats["requests"] += 1
@@ -277,10 +288,23 @@ class Driver:
         if call is None or call in READ_ONLY or not req.identity:  # answered from the view, at once
             self._advance(_Task("request", self.service.handle(req.identity, req.data, parsed), req.peer), None)
             return
-        q = self.queues.get(req.identity)
+        self._enqueue(req, parsed)
+
+    def _enqueue(self, req: ClientRequest, parsed: Any = None) -> None:
+        """Queue a request for its caller's turn; past ``MAX_WAITING`` waiting, EAGAIN at once (not
+        remembered: sent again later, it runs), so a caller that sends faster than its requests run
+        costs bounded memory."""
+        key = req.identity or ""
+        q = self.queues.get(key)
         if q is None:
-            q = self.queues[req.identity] = deque()
-        q.append((req, parsed))  # (parsed once: ``_start`` takes it as it is)
+            q = self.queues[key] = deque()
+        elif len(q) >= MAX_WAITING:
+            rid = (parsed or wire.parse_request(req.data))[0]
+            self.out.append(SendReply(req.peer, wire.error_reply(rid, Error(
+                Errno.EAGAIN, f"{len(q)} of your requests are waiting for their turn already (at most "
+                f"{MAX_WAITING}): wait for their replies", {"limit": MAX_WAITING}))))
+            return
+        q.append((req, parsed))  # (parsed once: ``_start`` takes it as it is; None: queued before a boot)
 
     def _start(self, req: ClientRequest, parsed: Any = None) -> None:
         assert self.service is not None

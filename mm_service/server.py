@@ -60,7 +60,8 @@ from protocol.connection import Connection
 from protocol.errors import CallError, Errno, Error
 
 log = logging.getLogger("mmsim.mm")
-BATCH = 256  # client requests taken in one wake-up at most (then the kernel's replies and the clock get a turn)
+BATCH = 32  # client requests taken in one wake-up at most (then the kernel's replies and the clock get a turn; a
+# flood's refusals must not hold every other caller's next step behind hundreds of them)
 SEND, SEND_MORE, RECV_NOW, USER_ID = serving.SEND, serving.SEND_MORE, serving.RECV_NOW, serving.USER_ID
 POLLIN, EVENTS = int(zmq.POLLIN), int(zmq.EVENTS)
 BURST = 4  # messages a wake-up brings on one socket from which the next reads until a receive fails

@@ -154,6 +154,7 @@ class View:
         self.last_intent = 0  # the highest intent number ever journaled (intent numbers are never reused)
         self.changes = 0  # bumped by every change of a frame's state (placement may differ afterwards)
         self.ram = int(np.count_nonzero(self.state))
+        self.count = np.bincount(self.state, minlength=4).tolist()  # frames in each state, kept as they change
         self.observer: MMObserver = NO_OBSERVER  # told of every record applied (``mm_service.observe``)
         self._watched = False
 
@@ -165,12 +166,13 @@ class View:
     # ---- queries ----------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        st = self.state
+        """Frames by state (kept as they change: anyone's ``stats`` costs the same on any RAM size)."""
+        c = self.count
         return {
             "ram": self.ram,
-            "kernel": int(np.count_nonzero(st == KERNEL)),
-            "free": int(np.count_nonzero(st == FREE)),
-            "used": int(np.count_nonzero(st == USED)),
+            "kernel": c[KERNEL],
+            "free": c[FREE],
+            "used": c[USED],
             "free_large_blocks": int(np.count_nonzero(self.bfree == self.block)),
         }
 
@@ -223,6 +225,10 @@ class View:
             np.add.at(self.bfree, leaving, -1)
         else:
             np.add.at(self.bfree, blocks[old != FREE], 1)
+        c = self.count
+        for state, n in enumerate(np.bincount(old, minlength=4).tolist()):
+            c[state] -= n
+        c[new] += int(frames.size)
         self.state[frames] = new
 
     def _set1(self, f: int, new: int, owner: int = -1) -> None:
@@ -242,6 +248,8 @@ class View:
             self.bfree[b] = free - 1
         elif new == FREE:
             self.bfree[b] = self.bfree.item(b) + 1
+        self.count[old] -= 1
+        self.count[new] += 1
         self.state[f] = new
 
     def _refs(self, frames: np.ndarray, delta: int, owner: int = -1) -> None:
@@ -439,6 +447,7 @@ class View:
             raise ValueError(f"the journal's snapshot (version {body.get('v')}, {body['frames']} frames in blocks of "
                              f"{body['block']}) does not fit this machine ({self.n} frames in blocks of {self.block})")
         self.state = _unpack_array(body["state"], np.uint8)
+        self.count = np.bincount(self.state, minlength=4).tolist()
         self.refs = _unpack_array(body["refs"], np.uint32)
         self.bowner = _unpack_array(body["bowner"], np.int32)
         B = self.block

@@ -5,7 +5,8 @@ is printed first and the same seed gives the same plan): kill -9 a client
 (revoke its key, start a replacement with a new, admitted key), kill -9 the
 mm and restart it,
 pause a client or the mm with SIGSTOP for a while then SIGCONT, run a lying
-client (``mmsim client attack --kind K --json``). Every kind appears at
+client (``mmsim client attack --kind K --json``, K from the catalogue of
+lies and resource attacks, ``clients.catalogue``). Every kind appears at
 least once. Faults run one after another at their planned times; each is
 followed by an audit (I8; retried a few times, since a lease can run out
 between the mm's event poll and its frame-table read while workloads run).
@@ -59,7 +60,7 @@ FAULT_TEXT = {
     "pause_mm": "SIGSTOP the mm, SIGCONT later",
     "attack": "run a lying client",
 }
-ATTACK_KEYS = ("attacker", "victim")  # the key pairs a lying client (`mmsim client attack`) talks with
+ATTACK_SECONDS = 1.0  # how long a resource attack runs at full speed beside its honest client
 AUDIT_TRIES = 3  # audits after a fault before a divergence counts (workloads keep running meanwhile)
 ATTACK_TIMEOUT = 60.0
 
@@ -77,10 +78,18 @@ class Fault:
 
 
 def attack_kinds() -> list[str]:
-    """The kinds of lying client ``mmsim client attack --kind`` knows."""
-    from clients.attacks import ATTACKS
+    """The kinds of lying client chaos picks from: the catalogue's (``clients.catalogue.chaos_kinds``: every
+    lie and check, and the resource attacks that are quick and leave the system as they found it)."""
+    from clients.catalogue import chaos_kinds
 
-    return sorted(ATTACKS)
+    return chaos_kinds()
+
+
+def attack_cast() -> list[str]:
+    """The key pairs a lying client (``mmsim client attack``) talks with."""
+    from clients.attacks import CAST
+
+    return list(CAST.values())
 
 
 def make_plan(seed: int, duration: float, clients: int, kinds: list[str], lease: float) -> list[Fault]:
@@ -193,11 +202,11 @@ def inject(run: Run, f: Fault, t0: float) -> Outcome:
         system.send_signal(name, signal.SIGCONT)
         out.note = f"paused {name} {f.hold:.2f}s"
     elif f.action == "attack":
-        for key in ATTACK_KEYS:  # a lying client is an admitted client that lies: let it in first
+        for key in attack_cast():  # a lying client is an admitted client that lies: let it in first
             system.admit(key)
         name = f"attack-{len(run.attacks)}"
         part = system.spawn(name, "attack", ["client", "attack", "--run-dir", system.run_dir, "--kind", f.target,
-                                             "--json"])
+                                             "--json", "--seconds", str(ATTACK_SECONDS)])
         run.attacks.append((name, f.target))
         try:
             code = part.proc.wait(ATTACK_TIMEOUT)

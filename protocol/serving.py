@@ -41,7 +41,7 @@ RECV_WAIT = 0  # a blocking receive (bounded by the socket's receive timeout)
 RECV_NOW = int(zmq.NOBLOCK)  # a receive that raises zmq.Again at once when nothing has arrived
 USER_ID = b"User-Id"  # the frame property the ZAP handler sets to the caller's CURVE key (Z85)
 
-Handler = Callable[[str | None, bytes], bytes]  # (caller identity or None, request bytes) -> reply bytes
+Handler = Callable[[str | None, bytes], "bytes | None"]  # (caller identity or None, request bytes) -> reply bytes (None: none)
 
 
 def bind_router(ctx: zmq.Context, bind: str, public: bytes, secret: bytes, who: str,
@@ -118,6 +118,7 @@ class Loop:
     test costs about 1.4 us, so ``drain`` is off by default: with one request arriving at a time it finds
     nothing and the blocking receive is as cheap (measured, docs/performance.md).
 
+    ``handle`` may return None: nothing is sent back (the kernel's own heartbeat through its endpoint).
     ``on_refused(identity, error)`` hears of requests the loop refuses itself (a message of more than one
     part: EPROTO); ``on_dropped()`` of replies it dropped.
     """
@@ -200,7 +201,9 @@ class Loop:
             self.on_refused(identity, err)
         return wire.error_reply(None, err)
 
-    def _reply(self, rid: bytes, reply: bytes) -> None:
+    def _reply(self, rid: bytes, reply: bytes | None) -> None:
+        if reply is None:  # the handler answers nothing (the kernel's own heartbeat)
+            return
         send = self._send
         try:
             send(rid, SEND_MORE)
