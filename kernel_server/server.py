@@ -42,7 +42,7 @@ from typing import Any
 import zmq
 
 from kernel_server.service import KernelService
-from protocol import rundir, serving
+from protocol import rundir, serving, wire
 from protocol.errors import Error
 
 log = logging.getLogger("mmsim.kernel")
