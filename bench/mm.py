@@ -60,7 +60,7 @@ import zmq
 
 from bench.floor import Floor, remove_ipc_dir
 from bench.report import Figure, Report
-from bench.roundtrip import BenchError, Requests, Rounds, Sample, Stream, alternate, cpu_ratio, cpu_seconds, dealer, \
+from bench.roundtrip import BenchError, Requests, Sample, Stream, alternate, cpu_ratio, cpu_seconds, dealer, \
     rate_ratio
 from mmsim.system import System
 from kernel_server.bootmap import MiB, parse_size

@@ -475,7 +475,7 @@ def share_laundering(b: Bout) -> None:
     peer_key = rundir.public_key(ctx.run_dir, CAST["peer"]).decode()
     peer_maps: list[tuple[int, int]] = []
     mine: list[tuple[int, int]] = []
-    keeper = ctx.client(CAST["peer"], keepalive=True)  # the peer's lease
+    ctx.client(CAST["peer"], keepalive=True)  # the peer's lease (kept by the context)
     try:
         got = result_of(ask(p, "alloc", {"pages": 1, "prot": RW}), "the peer's first page")
         peer_maps.append((got["vaddr"], 1))

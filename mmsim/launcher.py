@@ -23,7 +23,6 @@ import io
 import json
 import os
 import signal
-import sys
 import time
 from collections import deque
 from contextlib import contextmanager

@@ -549,7 +549,6 @@ class KernelTracker:
     def check(self) -> list[str]:
         core = self.core
         ft = core.frames
-        n = ft.n
         bad: list[str] = []
         noted, self.noted = self.noted, []
         pids, self.pids = self.pids, set()

@@ -21,7 +21,6 @@ from mm_service.view import FREE, KERNEL, USED, View
 from mm_support import (A, B, C, D, MM, OP, SWorld, World, crash_after, exact, handle_then_maintain)
 from protocol import runs as R
 from protocol import wire
-from protocol.calls import MM_CALLS, validate
 from protocol.errors import Errno, Error
 
 

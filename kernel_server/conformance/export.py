@@ -150,7 +150,6 @@ def _write(d: str, name: str, text: str) -> int:
 # ---- the schema -----------------------------------------------------------------------------------
 
 def schema() -> dict[str, Any]:
-    value = {}  # any JSON value
     expect = {
         "oneOf": [
             {"type": "object", "required": ["ok", "result"], "additionalProperties": False,
