@@ -132,6 +132,7 @@ class View:
         padded = np.zeros(nblocks * self.block, dtype=np.uint8)
         padded[:n] = self.state
         self.bfree = np.count_nonzero(padded.reshape(nblocks, self.block) == FREE, axis=1).astype(np.int32)
+        self.nfree = int(self.bfree.sum())  # the sum of ``bfree``, kept by every change of it
         # blocks that hold something else at boot (holes, the kernel image, ...) can never be
         # a large page (unless the kernel gives all their frames back): small requests and
         # donations use them first
@@ -175,7 +176,7 @@ class View:
         }
 
     def free_count(self) -> int:
-        return int(self.bfree.sum())
+        return self.nfree
 
     def _alive(self, owners: np.ndarray) -> np.ndarray:
         t = self.alive_tags
@@ -221,8 +222,11 @@ class View:
             self.bowner[ub[take]] = owner
         if new != FREE:
             np.add.at(self.bfree, leaving, -1)
+            self.nfree -= int(leaving.size)
         else:
-            np.add.at(self.bfree, blocks[old != FREE], 1)
+            back = blocks[old != FREE]
+            np.add.at(self.bfree, back, 1)
+            self.nfree += int(back.size)
         self.state[frames] = new
 
     def _set1(self, f: int, new: int, owner: int = -1) -> None:
@@ -240,8 +244,10 @@ class View:
                         not (0 <= bo < self.alive_tags.size and self.alive_tags.item(bo)) or bo > owner)):
                     self.bowner[b] = owner
             self.bfree[b] = free - 1
+            self.nfree -= 1
         elif new == FREE:
             self.bfree[b] = self.bfree.item(b) + 1
+            self.nfree += 1
         self.state[f] = new
 
     def _refs(self, frames: np.ndarray, delta: int, owner: int = -1) -> None:
@@ -446,6 +452,7 @@ class View:
         padded = np.zeros(nblocks * B, dtype=np.uint8)
         padded[: self.n] = self.state
         self.bfree = np.count_nonzero(padded.reshape(nblocks, B) == FREE, axis=1).astype(np.int32)
+        self.nfree = int(self.bfree.sum())
         self.next_tag = int(body["next_tag"])
         self.event_seq = int(body["event_seq"])
         self.last_intent = int(body["last_intent"])

@@ -1,7 +1,8 @@
 """Placement's quick paths agree with its general ones: ``pick`` (the first block found tier by tier, a
 plain loop over few never-whole blocks, one page found in the block's bytes) places exactly where the
 documented order (``pick_keys``, lowest free frames first in each block) does, and the one-frame
-reference and state updates keep the per-block counts that a recount of the frames gives."""
+reference and state updates keep the per-block counts (and their sum, the free count) that a recount of
+the frames gives."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def consistent(v: View) -> None:
     padded = np.zeros(v.bfree.size * B, dtype=np.uint8)
     padded[: v.n] = v.state
     assert np.array_equal(v.bfree, np.count_nonzero(padded.reshape(-1, B) == FREE, axis=1))
+    assert v.free_count() == int(np.count_nonzero(v.state == FREE))
     user = (v.state == FREE) | (v.state == USED)
     assert np.array_equal(v.state[user] == USED, v.refs[user] > 0)
 
