@@ -22,6 +22,10 @@ executed again; a request whose intent recovery undoes had no effect and
 runs when it comes again. The first answer a request got stands: a rebuilt
 reply never replaces one already given.
 
+Arguments: ``alloc`` and ``free`` in their usual shape are checked by ``mm_service.fastargs`` (equivalent
+to the pydantic models of ``protocol.calls.MM_CALLS``, which decide everything else and give every
+refusal).
+
 The replay cache pins the replies of live clients and of the operator
 (``ReplayCache(pinned=...)``): no amount of other callers' traffic evicts
 them.
@@ -37,6 +41,7 @@ import logging
 from typing import Any
 
 from mm_service import records as J
+from mm_service.fastargs import FAST
 from mm_service.observe import NO_OBSERVER, MMObserver
 from mm_service.policy import KCall, MMCore, Op, Persist, intent_result, offer_result
 from protocol import wire
@@ -61,6 +66,7 @@ class MMService:
         self.provisional: dict[tuple[str, int], int] = {}  # (caller, request id) -> its intent: EIO answered
         self.observer: MMObserver = NO_OBSERVER
         self._watched = False
+        self._fast = FAST  # argument checks equivalent to the models for alloc and free (``mm_service.fastargs``)
 
     def set_observer(self, observer: MMObserver | None) -> None:
         """Tell ``observer`` of every request executed and every record applied to the view (None: nobody;
@@ -88,7 +94,10 @@ class MMService:
             return cached
         if self._watched:
             self.observer.replay_miss(identity, req_id)
-        model = validate(MM_CALLS, call, args)
+        fast = self._fast.get(call)
+        model = fast(args) if fast is not None else None
+        if model is None:
+            model = validate(MM_CALLS, call, args)
         acted = False
         if isinstance(model, Error):
             result: Any = model
