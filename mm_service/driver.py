@@ -66,12 +66,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgpack
+
 from mm_service import health
 from mm_service import records as J
 from mm_service.observe import MMObserver
 from mm_service.policy import Admission, Config, KCall, MMCore, Op
 from mm_service.service import READ_ONLY, MMService
-from protocol import wire
+from protocol import PROTOCOL_VERSION, wire
 from protocol.errors import Errno, Error
 
 # ---- events ---------------------------------------------------------------------------------
@@ -202,6 +204,7 @@ class Driver:
         self.verify_kid: int | None = None  # the hello checking the boot id after a resend
         self.replayed = 0
         self.stats = {"requests": 0, "batches": 0, "records": 0, "max_in_flight": 0}
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # kernel requests: the bytes of ``wire.request``
 
     # ---- entry points ----------------------------------------------------------------------
 
@@ -411,7 +414,8 @@ class Driver:
     def _send(self, call: str, args: dict[str, Any], probe: bool = False) -> int:
         kid = self.next_kid
         self.next_kid += 1
-        self.out.append(SendKernel(kid, wire.request(kid, call, args), probe))
+        self.out.append(SendKernel(kid, self._pack({"v": PROTOCOL_VERSION, "id": kid, "call": call, "args": args or {}}),
+                                   probe))
         return kid
 
     def _kernel_reply(self, data: bytes) -> None:

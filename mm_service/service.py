@@ -67,6 +67,7 @@ class MMService:
         self.observer: MMObserver = NO_OBSERVER
         self._watched = False
         self._fast = FAST  # argument checks equivalent to the models for alloc and free (``mm_service.fastargs``)
+        self._replies = wire.Replies()  # (replies encoded with a packer made once: the bytes of ``wire.ok_reply``)
 
     def set_observer(self, observer: MMObserver | None) -> None:
         """Tell ``observer`` of every request executed and every record applied to the view (None: nobody;
@@ -114,7 +115,7 @@ class MMService:
                 result, acted = Error(Errno.EIO, f"internal error in {call}: {type(exc).__name__}: {exc}"), True
         if isinstance(result, Error):
             log.debug("refused %s from %s: %s", call, identity[:8], result.message)
-            reply = wire.error_reply(req_id, result)
+            reply = self._replies.error(req_id, result)
             if result.code == Errno.EIO and call in DURABLE_REPLIES:  # not final (see the module docstring)
                 n = self._pending_intent(identity, req_id)
                 if n is None:  # it left nothing to settle: a resend simply runs
@@ -127,7 +128,7 @@ class MMService:
                 self.core.record(J.Reply(identity, req_id, digest, reply))
                 self.durable.remember(identity, req_id, digest, reply)
         else:
-            reply = wire.ok_reply(req_id, result)
+            reply = self._replies.ok(req_id, result)
             if acted and call in DURABLE_REPLIES:  # its intent or offer is journaled: a restart rebuilds it
                 self.durable.remember(identity, req_id, digest, reply)
         if acted:
