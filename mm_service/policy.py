@@ -534,9 +534,15 @@ class MMCore:
         return v.free_count() + max(0, self.unreserved) >= pages
 
     def _frames(self, c: ClientState, pages: int, large: bool) -> Op:
-        """The frames for a request of ``c`` (None if there are none): when the view has too few free
-        frames but the kernel's pool holds unreserved ones, it reclaims them and picks again."""
-        frames = placement.pick(self.view, pages, large=large, naive=self.naive, owner=c.tag)
+        """The frames for a request of ``c``, as runs (None if there are none): when the view has too few
+        free frames but the kernel's pool holds unreserved ones, it reclaims them and picks again."""
+        if pages == 1 and not large and not self.naive:  # one page: its frame without arrays
+            f = placement.pick_one(self.view, c.tag)
+            if f >= 0:
+                return [[f, 1]]
+            frames = None
+        else:
+            frames = placement.pick(self.view, pages, large=large, naive=self.naive, owner=c.tag)
         if frames is None and not large:
             short = pages - self.view.free_count()
             if 0 < short and self.unreserved > 0:
@@ -546,7 +552,9 @@ class MMCore:
                 self._note(result)
                 self._took_back(result)
                 frames = placement.pick(self.view, pages, naive=self.naive, owner=c.tag)
-        return frames
+        if frames is None:
+            return None
+        return [[int(frames[0]), 1]] if frames.size == 1 else R.from_array(frames)
 
     def alloc(self, key: str, args: Any, origin: Origin | None = None) -> Op:
         pages, large = args.pages, args.large
@@ -586,13 +594,12 @@ class MMCore:
             if isinstance(got, Error):
                 return got
             c, created = got
-        v = self._vaddr_for(c, args.vaddr, pages, align)
-        frames = None if isinstance(v, Error) else (yield from self._frames(c, pages, large))
-        if isinstance(v, Error) or frames is None:
+            v = self._vaddr_for(c, args.vaddr, pages, align)  # (a live client's: found above, nothing changed since)
+        runs = None if isinstance(v, Error) else (yield from self._frames(c, pages, large))
+        if isinstance(v, Error) or runs is None:
             if created:
                 yield from self._destroy(c)
             return v if isinstance(v, Error) else self._no_memory(pages, large)
-        runs = [[int(frames[0]), 1]] if frames.size == 1 else R.from_array(frames)
         return (yield from self._map(c, v, pages, args.prot, large, runs, 0, origin, created))
 
     def _map(self, c: ClientState, vaddr: int, pages: int, prot: int, large: bool, runs: list, offer: int,

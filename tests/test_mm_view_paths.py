@@ -1,5 +1,5 @@
-"""Placement's quick paths agree with its general ones: ``pick`` (the first block found tier by tier, a
-plain loop over few never-whole blocks, one page found in the block's bytes) places exactly where the
+"""Placement's quick paths agree with its general ones: ``pick`` and ``pick_one`` (the first block found tier
+by tier, a plain loop over few never-whole blocks, one page found in the block's bytes) place exactly where the
 documented order (``pick_keys``, lowest free frames first in each block) does, and the one-frame
 reference and state updates keep the per-block counts (and their sum, the free count) that a recount of
 the frames gives."""
@@ -73,6 +73,8 @@ def test_quick_placement_and_refcount_paths_agree_with_the_general_ones(arch, me
             got = placement.pick(v, n, owner=c.tag)
             want = spec_pick(v, n, c.tag)
             assert (got is None) == (want is None) and (got is None or np.array_equal(got, want)), (step, n)
+            if n == 1:  # the one-page request's scalar path
+                assert placement.pick_one(v, c.tag) == (-1 if want is None else int(want[0])), step
             picks += 1
             if got is not None:
                 n_intent += 1
@@ -110,3 +112,4 @@ def test_pick_says_none_when_no_frame_is_free():
     v.apply(J.Intent(1, "map", "A" * 40, 0x40_0000, int(free.size), R.from_array(free), 3))
     assert v.free_count() == 0
     assert placement.pick(v, 1, owner=1) is None and placement.pick(v, 3, owner=1) is None and spec_pick(v, 1, 1) is None
+    assert placement.pick_one(v, 1) == -1
