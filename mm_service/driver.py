@@ -357,8 +357,9 @@ class Driver:
                                     "error"))
             elif task.done is not None:
                 task.done(result)
-        for text in self.core.take_reports():
-            self.out.append(Log(f"mm: {text}", "warning"))
+        if self.core.reports:
+            for text in self.core.take_reports():
+                self.out.append(Log(f"mm: {text}", "warning"))
 
     def _want_house(self, name: str, make: Callable[[], Op], done: Callable[[Any], None] | None) -> None:
         if self.state != "serving":

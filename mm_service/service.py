@@ -108,8 +108,18 @@ class MMService:
             result = Error(Errno.EPERM, f"the operator's key may read, never change anything ({call})")
         else:
             origin = (identity, req_id, digest) if call in DURABLE_REPLIES else None
-            try:
-                result, acted = yield from _acted(self.core.request(identity, call, model, origin))
+            gen = self.core.request(identity, call, model, origin)
+            value: Any = None
+            try:  # its effects passed on; ``acted``: whether it asked the kernel anything or wrote records
+                while True:
+                    try:
+                        effect = gen.send(value)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+                    if isinstance(effect, KCall) or effect.ops:
+                        acted = True
+                    value = yield effect
             except Exception as exc:  # a bug: answer it, log it, keep serving
                 log.exception("internal error in %s", call)
                 result, acted = Error(Errno.EIO, f"internal error in {call}: {type(exc).__name__}: {exc}"), True
@@ -250,16 +260,3 @@ class MMService:
             report["recovery"] = self.recovery
         return report
 
-
-def _acted(gen: Op) -> Op:
-    """Run ``gen`` (yielding its effects); returns (its result, whether it asked the kernel or wrote)."""
-    value: Any = None
-    acted = False
-    while True:
-        try:
-            effect = gen.send(value)
-        except StopIteration as stop:
-            return stop.value, acted
-        if isinstance(effect, KCall) or effect.ops:
-            acted = True
-        value = yield effect

@@ -290,7 +290,8 @@ class View:
         c.starts.pop(bisect.bisect_left(c.starts, vaddr))
         c.charged -= m.pages
         self._refs_runs(m.frames, -1)
-        self._close_offers_of(c, vaddr)
+        if c.offers_out:
+            self._close_offers_of(c, vaddr)
         return m
 
     def _close_offer(self, o: int) -> None:
@@ -353,7 +354,8 @@ class View:
                 off.taken = rec.n
         else:  # unmap
             c.maps[rec.vaddr].pending = True
-            self._close_offers_of(c, rec.vaddr)
+            if c.offers_out:
+                self._close_offers_of(c, rec.vaddr)
         self.pending[rec.n] = rec
         self.last_intent = max(self.last_intent, rec.n)
 
