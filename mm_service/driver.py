@@ -79,34 +79,34 @@ from protocol.errors import Errno, Error
 # ---- events ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientRequest:
     peer: Any
     identity: str | None
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelReply:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelResent:
     kid: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelTimeout:
     kid: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JournalCommitted:
     batch: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TickDue:
     pass
 
@@ -114,45 +114,50 @@ class TickDue:
 # ---- actions --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SendKernel:
     kid: int
     data: bytes
     probe: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResetKernel:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WriteJournal:
     batch: int
     records: list
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SendReply:
     peer: Any
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Log:
     text: str
     level: str = "info"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewBoot:
     hello: dict
     address_map: dict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fatal:
     text: str
+
+
+for _cls in (ClientRequest, KernelReply, KernelResent, KernelTimeout, JournalCommitted, TickDue, SendKernel, ResetKernel,
+             WriteJournal, SendReply, Log, NewBoot, Fatal):
+    J.quick_init(_cls)  # (the same __init__, the slots' setters bound once: events and actions are made per call)
 
 
 class _Task:

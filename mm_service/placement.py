@@ -83,6 +83,22 @@ def pick(view: View, n: int, *, below: int | None = None, large: bool = False, n
             return np.concatenate(out)
     return None
 
+def runs_of(frames: np.ndarray) -> list[list[int]]:
+    """``protocol.runs.from_array`` (consecutive ascending frames merge), in a plain loop for the few frames
+    of a usual request (its numpy passes cost more than the loop up to about a hundred frames)."""
+    if frames.size > 64:
+        return R.from_array(frames)
+    out: list[list[int]] = []
+    last = 0
+    for f in frames.tolist():
+        if out and f == last + 1:
+            out[-1][1] += 1
+        else:
+            out.append([f, 1])
+        last = f
+    return out
+
+
 def pick_one(view: View, owner: int) -> int:
     """``pick(view, 1, owner=owner)``'s one frame as an int (-1: no free frame), without arrays: the
     one-page request. The same choice (the lowest free frame of the first block in placement order)."""

@@ -172,3 +172,15 @@ def test_reference_counts_frame_by_frame_agree_with_the_array_path(monkeypatch):
             assert np.array_equal(getattr(fast, name), getattr(slow, name)), (step, name)
         assert fast.free_count() == slow.free_count()
     consistent(fast)
+
+
+def test_runs_of_a_few_frames_are_those_of_protocol_runs():
+    rng = random.Random(3)
+    for _ in range(3000):
+        n = rng.randrange(0, 80)
+        if rng.random() < 0.7:  # ascending, with gaps (what placement picks)
+            frames = sorted(rng.sample(range(300), n))
+        else:  # any order, repeats
+            frames = [rng.randrange(40) for _ in range(n)]
+        a = np.array(frames, dtype=np.int64)
+        assert placement.runs_of(a) == R.from_array(a), frames
