@@ -18,8 +18,9 @@ replies are never evicted by anyone else's traffic).
 
 The hot path (see docs/performance.md): the usual envelope is checked at once (``wire.parse_request``),
 ``map``/``unmap``/``ping``/``hello`` arguments by ``fastargs`` (equivalent to the pydantic models, which
-decide everything else and give every refusal; only when no observer is set), and replies are encoded
-with a ``wire.Replies`` made once.
+decide everything else and give every refusal; while an observer is set they give the genuine models, so
+the observer is told what the general path tells it), and replies are encoded with a ``wire.Replies`` made
+once.
 
 Leases measure the client, not the kernel: ``credit_stall(seconds)`` adds time the kernel was
 not reading requests (it was stopped, or busy) to every lease; the server shell measures it.
@@ -33,7 +34,7 @@ from kernel_server.arch import get_profile
 from kernel_server.bootmap import BootMap, pc_map
 from kernel_server.calls import ADAPTERS, CALLS, Who
 from kernel_server.core import KernelCore
-from kernel_server.fastargs import FAST
+from kernel_server.fastargs import FAST, FAST_MODELS
 from kernel_server.observe import NO_OBSERVER, KernelObserver
 from protocol import wire
 from protocol.calls import validate
@@ -65,7 +66,7 @@ class KernelService:
         self.replies_dropped = 0  # counted by the server shell: peers that did not read their replies
         self.observer: KernelObserver = NO_OBSERVER
         self._watched = False
-        self._fast = FAST  # argument checks equivalent to the models (none while an observer is set)
+        self._fast = FAST  # argument checks equivalent to the models (genuine models while an observer is set)
         self._replies = wire.Replies()
         if observer is not None:
             self.set_observer(observer)
@@ -93,7 +94,7 @@ class KernelService:
         self.core.set_observer(observer)
         self.observer = self.core.observer
         self._watched = self.core._watched
-        self._fast = {} if self._watched else FAST  # an observer is told of genuine models
+        self._fast = FAST_MODELS if self._watched else FAST  # an observer is told of genuine models
 
     def pinned(self, identity: str) -> bool:
         """Whose replies the replay cache keeps whatever others send: the mm, the operator, and every

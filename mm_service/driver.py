@@ -70,12 +70,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgpack
+
 from mm_service import health
 from mm_service import records as J
 from mm_service.observe import MMObserver
 from mm_service.policy import Admission, Config, KCall, MMCore, Op
 from mm_service.service import READ_ONLY, MMService
-from protocol import wire
+from protocol import PROTOCOL_VERSION, wire
 from protocol.errors import Errno, Error
 
 MAX_WAITING = 64  # requests one caller may have waiting for their turn; past it, EAGAIN at once
@@ -83,34 +85,34 @@ MAX_WAITING = 64  # requests one caller may have waiting for their turn; past it
 # ---- events ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientRequest:
     peer: Any
     identity: str | None
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelReply:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelResent:
     kid: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelTimeout:
     kid: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JournalCommitted:
     batch: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TickDue:
     pass
 
@@ -118,45 +120,50 @@ class TickDue:
 # ---- actions --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SendKernel:
     kid: int
     data: bytes
     probe: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResetKernel:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WriteJournal:
     batch: int
     records: list
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SendReply:
     peer: Any
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Log:
     text: str
     level: str = "info"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewBoot:
     hello: dict
     address_map: dict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fatal:
     text: str
+
+
+for _cls in (ClientRequest, KernelReply, KernelResent, KernelTimeout, JournalCommitted, TickDue, SendKernel, ResetKernel,
+             WriteJournal, SendReply, Log, NewBoot, Fatal):
+    J.quick_init(_cls)  # (the same __init__, the slots' setters bound once: events and actions are made per call)
 
 
 class _Task:
@@ -208,6 +215,7 @@ class Driver:
         self.verify_kid: int | None = None  # the hello checking the boot id after a resend
         self.replayed = 0
         self.stats = {"requests": 0, "batches": 0, "records": 0, "max_in_flight": 0}
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # kernel requests: the bytes of ``wire.request``
 
     # ---- entry points ----------------------------------------------------------------------
 
@@ -378,8 +386,9 @@ class Driver:
                                     "error"))
             elif task.done is not None:
                 task.done(result)
-        for text in self.core.take_reports():
-            self.out.append(Log(f"mm: {text}", "warning"))
+        if self.core.reports:
+            for text in self.core.take_reports():
+                self.out.append(Log(f"mm: {text}", "warning"))
 
     def _want_house(self, name: str, make: Callable[[], Op], done: Callable[[Any], None] | None) -> None:
         if self.state != "serving":
@@ -435,7 +444,8 @@ class Driver:
     def _send(self, call: str, args: dict[str, Any], probe: bool = False) -> int:
         kid = self.next_kid
         self.next_kid += 1
-        self.out.append(SendKernel(kid, wire.request(kid, call, args), probe))
+        self.out.append(SendKernel(kid, self._pack({"v": PROTOCOL_VERSION, "id": kid, "call": call, "args": args or {}}),
+                                   probe))
         return kid
 
     def _kernel_reply(self, data: bytes) -> None:

@@ -83,6 +83,36 @@ def pick(view: View, n: int, *, below: int | None = None, large: bool = False, n
             return np.concatenate(out)
     return None
 
+def runs_of(frames: np.ndarray) -> list[list[int]]:
+    """``protocol.runs.from_array`` (consecutive ascending frames merge), in a plain loop for the few frames
+    of a usual request (its numpy passes cost more than the loop up to about a hundred frames)."""
+    if frames.size > 64:
+        return R.from_array(frames)
+    out: list[list[int]] = []
+    last = 0
+    for f in frames.tolist():
+        if out and f == last + 1:
+            out[-1][1] += 1
+        else:
+            out.append([f, 1])
+        last = f
+    return out
+
+
+def pick_one(view: View, owner: int) -> int:
+    """``pick(view, 1, owner=owner)``'s one frame as an int (-1: no free frame), without arrays: the
+    one-page request. The same choice (the lowest free frame of the first block in placement order)."""
+    b = first_block(view, view.bfree, owner)
+    if b < 0:
+        return -1
+    lo = b * view.block
+    i = view.state[lo:lo + view.block].tobytes().find(FREE_BYTE)
+    if i >= 0:
+        return lo + i
+    got = pick(view, 1, owner=owner)  # (the block's count said free, its bytes did not: pick decides)
+    return -1 if got is None else int(got[0])
+
+
 def first_block(view: View, bfree: np.ndarray, owner: int) -> int:
     """The first block of ``_pick_keys``' order, tier by tier (most requests stop at the first tier);
     -1 if no block has a free frame."""

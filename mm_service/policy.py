@@ -75,6 +75,7 @@ class Persist(NamedTuple):
 
 
 Op = Generator[Any, Any, Any]
+_tuple_new = tuple.__new__
 Origin = tuple[str, int, bytes]  # (caller, request id, digest): the request an intent or offer serves
 Admission = Callable[[str], Any]  # key -> grant (``.quota``, ``.kernel_quota``, None: the default) or None
 
@@ -206,7 +207,7 @@ class MMCore:
     def persist(self) -> Op:
         """Wait until every record applied so far is durable."""
         batch, self.unwritten = self.unwritten, []
-        yield Persist(batch)
+        yield _tuple_new(Persist, (batch,))  # (``Persist(batch)`` without its Python-level __new__)
         self.journaled += len(batch)
         if batch:
             self.counters.journal_writes += 1
@@ -259,7 +260,7 @@ class MMCore:
         whose quota is reserved whole) it donates what is missing and retries (Genode's upgrade
         loop). ENOMEM with ``limit`` is the process's own kernel quota: never donated for."""
         for attempt in range(ENOMEM_RETRIES + 1):
-            result = yield KCall(call, args)
+            result = yield _tuple_new(KCall, (call, args))  # (``KCall(call, args)``, as above)
             self._note(result)
             if not (isinstance(result, Error) and result.code == Errno.ENOMEM) or "limit" in result.details \
                     or attempt == ENOMEM_RETRIES:
@@ -282,7 +283,7 @@ class MMCore:
         frames = placement.pick(v, n, below=v.kernel_limit, naive=self.naive, owner=KERNEL_TAG) if n > 0 else None
         if frames is None or frames.size == 0:
             return 0
-        runs = R.from_array(np.sort(frames))
+        runs = placement.runs_of(np.sort(frames))
         self.record(J.Donate(runs))
         result = yield KCall("donate", {"frames": runs})
         self._note(result)
@@ -534,9 +535,15 @@ class MMCore:
         return v.free_count() + max(0, self.unreserved) >= pages
 
     def _frames(self, c: ClientState, pages: int, large: bool) -> Op:
-        """The frames for a request of ``c`` (None if there are none): when the view has too few free
-        frames but the kernel's pool holds unreserved ones, it reclaims them and picks again."""
-        frames = placement.pick(self.view, pages, large=large, naive=self.naive, owner=c.tag)
+        """The frames for a request of ``c``, as runs (None if there are none): when the view has too few
+        free frames but the kernel's pool holds unreserved ones, it reclaims them and picks again."""
+        if pages == 1 and not large and not self.naive:  # one page: its frame without arrays
+            f = placement.pick_one(self.view, c.tag)
+            if f >= 0:
+                return [[f, 1]]
+            frames = None
+        else:
+            frames = placement.pick(self.view, pages, large=large, naive=self.naive, owner=c.tag)
         if frames is None and not large:
             short = pages - self.view.free_count()
             if 0 < short and self.unreserved > 0:
@@ -546,7 +553,9 @@ class MMCore:
                 self._note(result)
                 self._took_back(result)
                 frames = placement.pick(self.view, pages, naive=self.naive, owner=c.tag)
-        return frames
+        if frames is None:
+            return None
+        return [[int(frames[0]), 1]] if frames.size == 1 else placement.runs_of(frames)
 
     def alloc(self, key: str, args: Any, origin: Origin | None = None) -> Op:
         pages, large = args.pages, args.large
@@ -586,13 +595,12 @@ class MMCore:
             if isinstance(got, Error):
                 return got
             c, created = got
-        v = self._vaddr_for(c, args.vaddr, pages, align)
-        frames = None if isinstance(v, Error) else (yield from self._frames(c, pages, large))
-        if isinstance(v, Error) or frames is None:
+            v = self._vaddr_for(c, args.vaddr, pages, align)  # (a live client's: found above, nothing changed since)
+        runs = None if isinstance(v, Error) else (yield from self._frames(c, pages, large))
+        if isinstance(v, Error) or runs is None:
             if created:
                 yield from self._destroy(c)
             return v if isinstance(v, Error) else self._no_memory(pages, large)
-        runs = [[int(frames[0]), 1]] if frames.size == 1 else R.from_array(frames)
         return (yield from self._map(c, v, pages, args.prot, large, runs, 0, origin, created))
 
     def _map(self, c: ClientState, vaddr: int, pages: int, prot: int, large: bool, runs: list, offer: int,

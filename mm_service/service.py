@@ -22,6 +22,10 @@ executed again; a request whose intent recovery undoes had no effect and
 runs when it comes again. The first answer a request got stands: a rebuilt
 reply never replaces one already given.
 
+Arguments: ``alloc`` and ``free`` in their usual shape are checked by ``mm_service.fastargs`` (equivalent
+to the pydantic models of ``protocol.calls.MM_CALLS``, which decide everything else and give every
+refusal).
+
 The replay cache pins the replies of live clients and of the operator
 (``ReplayCache(pinned=...)``): no amount of other callers' traffic evicts
 them.
@@ -37,6 +41,7 @@ import logging
 from typing import Any
 
 from mm_service import records as J
+from mm_service.fastargs import FAST
 from mm_service.observe import NO_OBSERVER, MMObserver
 from mm_service.policy import KCall, MMCore, Op, Persist, intent_result, offer_result
 from protocol import wire
@@ -61,6 +66,8 @@ class MMService:
         self.provisional: dict[tuple[str, int], int] = {}  # (caller, request id) -> its intent: EIO answered
         self.observer: MMObserver = NO_OBSERVER
         self._watched = False
+        self._fast = FAST  # argument checks equivalent to the models for alloc and free (``mm_service.fastargs``)
+        self._replies = wire.Replies()  # (replies encoded with a packer made once: the bytes of ``wire.ok_reply``)
 
     def set_observer(self, observer: MMObserver | None) -> None:
         """Tell ``observer`` of every request executed and every record applied to the view (None: nobody;
@@ -88,7 +95,10 @@ class MMService:
             return cached
         if self._watched:
             self.observer.replay_miss(identity, req_id)
-        model = validate(MM_CALLS, call, args)
+        fast = self._fast.get(call)
+        model = fast(args) if fast is not None else None
+        if model is None:
+            model = validate(MM_CALLS, call, args)
         acted = False
         if isinstance(model, Error):
             result: Any = model
@@ -98,14 +108,24 @@ class MMService:
             result = Error(Errno.EPERM, f"the operator's key may read, never change anything ({call})")
         else:
             origin = (identity, req_id, digest) if call in DURABLE_REPLIES else None
-            try:
-                result, acted = yield from _acted(self.core.request(identity, call, model, origin))
+            gen = self.core.request(identity, call, model, origin)
+            value: Any = None
+            try:  # its effects passed on; ``acted``: whether it asked the kernel anything or wrote records
+                while True:
+                    try:
+                        effect = gen.send(value)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+                    if isinstance(effect, KCall) or effect.ops:
+                        acted = True
+                    value = yield effect
             except Exception as exc:  # a bug: answer it, log it, keep serving
                 log.exception("internal error in %s", call)
                 result, acted = Error(Errno.EIO, f"internal error in {call}: {type(exc).__name__}: {exc}"), True
         if isinstance(result, Error):
             log.debug("refused %s from %s: %s", call, identity[:8], result.message)
-            reply = wire.error_reply(req_id, result)
+            reply = self._replies.error(req_id, result)
             if result.code == Errno.EIO and call in DURABLE_REPLIES:  # not final (see the module docstring)
                 n = self._pending_intent(identity, req_id)
                 if n is None:  # it left nothing to settle: a resend simply runs
@@ -118,7 +138,7 @@ class MMService:
                 self.core.record(J.Reply(identity, req_id, digest, reply))
                 self.durable.remember(identity, req_id, digest, reply)
         else:
-            reply = wire.ok_reply(req_id, result)
+            reply = self._replies.ok(req_id, result)
             if acted and call in DURABLE_REPLIES:  # its intent or offer is journaled: a restart rebuilds it
                 self.durable.remember(identity, req_id, digest, reply)
         if acted:
@@ -240,16 +260,3 @@ class MMService:
             report["recovery"] = self.recovery
         return report
 
-
-def _acted(gen: Op) -> Op:
-    """Run ``gen`` (yielding its effects); returns (its result, whether it asked the kernel or wrote)."""
-    value: Any = None
-    acted = False
-    while True:
-        try:
-            effect = gen.send(value)
-        except StopIteration as stop:
-            return stop.value, acted
-        if isinstance(effect, KCall) or effect.ops:
-            acted = True
-        value = yield effect

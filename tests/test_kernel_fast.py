@@ -2,12 +2,14 @@
 
 - ``kernel_server.fastargs``: whatever the fast check of ``map``/``unmap``/``ping``/``hello``
   accepts, the strict pydantic model accepts too, with the same values (and every refusal is
-  the model's: the fast check never refuses). Over random and hostile argument dicts.
+  the model's: the fast check never refuses); the checks of ``FAST_MODELS`` (an observer's) give
+  the very model validation gives. Over random and hostile argument dicts.
 - The one-page checks of the core (``KernelCore._map_page``, ``_unmap_page``) and the service's
   written-out hot path: a kernel serving random
   map/unmap requests (good, bad and hostile) through them answers every request with the same
-  bytes, and ends in the same state, as a twin whose fast paths are off (an observer is set,
-  which turns the fast argument checks off; ``_map_page`` and ``_unmap_page`` are disabled).
+  bytes, ends in the same state and tells its observer the same things (the same models among
+  them), as a twin whose fast paths are off (no fast argument checks; ``_map_page`` and
+  ``_unmap_page`` disabled), with and without an observer.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from kernel_server.calls import ADAPTERS
-from kernel_server.fastargs import FAST, MapArgs, UnmapArgs
-from kernel_server.observe import KernelObserver
+from kernel_server.fastargs import FAST, FAST_MODELS, MapArgs, UnmapArgs
+from kernel_server.observe import KernelObserver, as_frames
 from kernel_server.service import KernelService
 from protocol import wire
-from protocol.calls import MAX_FRAME, MAX_OBJECT_ID, MAX_PAGES_PER_CALL, MAX_VADDR
+from protocol.calls import MAX_FRAME, MAX_OBJECT_ID, MAX_PAGES_PER_CALL, MAX_VADDR, Map
 
 MM = "M" * 40
 CLIENT = "C" * 40
@@ -54,7 +56,8 @@ def one_run(draw: Any) -> list[int]:
 
 USUAL = {  # every field near its limits (most values valid)
     "map": {"pid": st.one_of(st.none(), near(1, MAX_OBJECT_ID)), "vaddr": near(0, MAX_VADDR),
-            "frames": st.lists(one_run(), min_size=1, max_size=1), "prot": near(1, 7)},
+            "frames": st.lists(one_run(), min_size=1, max_size=1), "prot": near(1, 7),
+            "large": st.sampled_from([False, False, 0, True, None])},  # (the mm sends large: False)
     "unmap": {"pid": st.one_of(st.none(), near(1, MAX_OBJECT_ID)), "vaddr": near(0, MAX_VADDR),
               "pages": near(1, MAX_PAGES_PER_CALL)},
 }
@@ -79,6 +82,8 @@ def call_args(draw: Any) -> tuple[str, dict[Any, Any]]:
         args: dict[Any, Any] = {n: draw(v) for n, v in USUAL[call].items()}
         if draw(st.booleans()):
             del args["pid"]
+        if "large" in args and draw(st.booleans()):
+            del args["large"]
         spoil = draw(st.integers(0, 5))
         if spoil == 0:
             name = draw(st.sampled_from(sorted(fields)))
@@ -111,6 +116,9 @@ def test_a_fast_check_accepts_only_what_the_model_accepts_with_the_same_values(c
     assert model.model_dump() == values
     for name in model.model_dump():
         assert getattr(fast, name) == getattr(model, name)
+    genuine = FAST_MODELS[call](dict(args))  # what an observer is told: the very model
+    assert type(genuine) is type(model) and genuine == model and repr(genuine) == repr(model)
+    assert genuine.model_fields_set == model.model_fields_set and genuine.model_dump() == model.model_dump()
 
 
 @settings(max_examples=500, deadline=None)
@@ -121,20 +129,46 @@ def test_the_usual_requests_take_the_fast_check(call, with_pid, pid, vaddr, firs
     if with_pid:
         args["pid"] = pid
     args.update({"frames": [[first, count]], "prot": prot} if call == "map" else {"pages": pages})
-    assert FAST[call](args) is not None
+    assert FAST[call](args) is not None and FAST_MODELS[call](args) is not None
+    if call == "map":  # as the mm sends it
+        assert FAST[call]({**args, "large": False}) is not None
     assert FAST["ping"]({}) is not None and FAST["hello"]({}) is not None
 
 
 # ---- the service and the core, fast paths on and off --------------------------------------------------
 
 class Watching(KernelObserver):
-    """Any observer turns the fast argument checks off."""
+    """Everything the kernel tells an observer, in order (the models it is given compared by value)."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple] = []
+
+    def call_begun(self, caller, name, args) -> None:
+        self.told.append(("begun", caller, name, type(args), args))
+
+    def call_ended(self, caller, name, result) -> None:
+        self.told.append(("ended", caller, name, result if isinstance(result, dict) else repr(result)))
+
+    def refused(self, identity, name, error) -> None:
+        self.told.append(("refused", identity, name, repr(error)))
+
+    def replay_miss(self, identity, req_id) -> None:
+        self.told.append(("miss", identity, req_id))
+
+    def frames_written(self, frames) -> None:
+        self.told.append(("frames", as_frames(frames).tolist()))
+
+    def process_changed(self, pid) -> None:
+        self.told.append(("process", pid))
+
+    def probe(self, name) -> None:
+        self.told.append(("probe", name))
 
 
-def _kernel(fast: bool) -> tuple[KernelService, int, int]:
-    svc = KernelService.boot(arch="i686", memory=32 << 20, mm_key=MM, lease_seconds=3600.0,
-                             observer=None if fast else Watching())
+def _kernel(fast: bool, observer: KernelObserver | None = None) -> tuple[KernelService, int, int]:
+    svc = KernelService.boot(arch="i686", memory=32 << 20, mm_key=MM, lease_seconds=3600.0, observer=observer)
     if not fast:  # the general checks decide every map and unmap
+        svc._fast = {}
         svc.core._map_page = lambda proc, args, first: None
         svc.core._unmap_page = lambda caller, proc, vp: None
     pid = svc.call(MM, "proc_create", {"key": CLIENT, "kernel_quota": 4})["pid"]
@@ -165,6 +199,8 @@ def requests(draw: Any, pid: int, first: int, image: int, big: int) -> list[tupl
         args: dict[str, Any] = {"vaddr": draw(st.sampled_from(vaddrs))}
         if who == MM or draw(st.booleans()):
             args["pid"] = draw(st.sampled_from([pid, pid, pid + 1]))
+        if who == MM and call == "map" and draw(st.booleans()):
+            args["large"] = False  # (as the mm sends it)
         if who == MM and draw(st.integers(0, 14)) == 0:  # a large page, or part of one
             args = {"pid": pid, "vaddr": 0x1040_0000}
             if call == "map":
@@ -188,13 +224,32 @@ def requests(draw: Any, pid: int, first: int, image: int, big: int) -> list[tupl
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_the_fast_paths_answer_and_change_exactly_what_the_general_ones_do(data):
-    fast, pid, first = _kernel(True)
-    slow, _, _ = _kernel(False)
+    observed = data.draw(st.booleans())
+    fast, pid, first = _kernel(True, Watching() if observed else None)
+    slow, _, _ = _kernel(False, Watching() if observed else None)
     image = next(e["first"] for e in fast.call(MM, "address_map")["entries"] if e["kind"] == "kernel_image")
-    for who, req in data.draw(requests(pid, first, image, _large_run(fast))):
+    big = _large_run(fast)
+    if observed:
+        fast.observer.told.clear()
+        slow.observer.told.clear()
+    for who, req in data.draw(requests(pid, first, image, big)):
         a, b = fast.handle(who, req, 0.0), slow.handle(who, req, 0.0)
         assert a == b, (wire.decode(req), wire.decode(a), wire.decode(b))
     assert fast.core.digest() == slow.core.digest()
+    if observed:  # the same reports, in the same order, the same models among them
+        assert fast.observer.told == slow.observer.told
+
+
+def test_an_observer_keeps_the_fast_argument_checks_and_gets_genuine_models():
+    watching = Watching()
+    svc, pid, first = _kernel(True, watching)
+    assert svc._fast is FAST_MODELS
+    args = {"pid": pid, "vaddr": 0x1000_0000, "frames": [[first, 1]], "prot": 3, "large": False}
+    svc.handle(MM, wire.request(1, "map", args), 0.0)
+    begun = [t for t in watching.told if t[0] == "begun"]
+    assert begun[-1][3:] == (Map, ADAPTERS["map"].validate_python(args))
+    svc.set_observer(None)
+    assert svc._fast is FAST
 
 
 def test_the_caller_rules_the_service_skips_pass_without_a_look():
