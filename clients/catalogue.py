@@ -132,6 +132,26 @@ class Scene:
         return users[-1][0] + users[-1][1] - 1 if users else None
 
     @property
+    def other_tid(self) -> int | None:
+        """One of the other client's threads (None: no other client, or it has none)."""
+        return self.other.tid or None if self.other is not None else None
+
+    @property
+    def other_eid(self) -> int | None:
+        """One of the other client's endpoints (None: no other client, or it has none)."""
+        return self.other.eid or None if self.other is not None else None
+
+    @property
+    def user_mapped(self) -> int | None:
+        """A user frame some process maps (where the teller can know one)."""
+        return self.frame_of.get("user_mapped")
+
+    @property
+    def kernel_used(self) -> int | None:
+        """A kernel frame in use (where the teller can know one)."""
+        return self.frame_of.get("kernel_used")
+
+    @property
     def kernel_frame(self) -> int | None:
         """A kernel-owned frame that is not kernel-shared (free or in use)."""
         for name in ("kernel_used", "kernel_free"):
@@ -405,10 +425,10 @@ lie("foreign-frame-map", "a free user frame", K, "map", C,
     rule="client_not_shared")
 lie("foreign-vaddr-unmap", "another client's address, in its own space", K, "unmap", O,
     lambda s: {"vaddr": s.other.vaddr, "pages": s.other.pages}, refused(E.EINVAL), ("other", "pid"), rule="hole")
-lie("foreign-objects", "another client's thread", K, "thread_destroy", O, lambda s: {"tid": s.other.tid},
-    refused(E.ESRCH), ("other", "pid"), rule="no_thread")
-lie("foreign-objects", "another client's endpoint", K, "endpoint_destroy", O, lambda s: {"eid": s.other.eid},
-    refused(E.ESRCH), ("other", "pid"), rule="no_endpoint")
+lie("foreign-objects", "another client's thread", K, "thread_destroy", O, lambda s: {"tid": s.other_tid},
+    refused(E.ESRCH), ("other_tid", "pid"), rule="no_thread")
+lie("foreign-objects", "another client's endpoint", K, "endpoint_destroy", O, lambda s: {"eid": s.other_eid},
+    refused(E.ESRCH), ("other_eid", "pid"), rule="no_endpoint")
 lie("mm-free-foreign", "another client's allocation", M, "free", O,
     lambda s: {"vaddr": s.other.vaddr, "pages": s.other.pages}, refused(E.EINVAL), ("other",),
     rule="no allocation starts there")
@@ -634,20 +654,16 @@ lie("mm-unknown-fields", "share with the peer's vaddr (the old share)", M, "shar
 # -- the holder of the mm's key: what the kernel refuses even to its memory manager ---------------------------
 
 
-def _f(name: str) -> Callable[[Scene], int]:
-    return lambda s: s.frame_of[name]
-
-
-lie("mm-key-donate", "a mapped user frame", K, "donate", MK, lambda s: {"frames": [[_f("user_mapped")(s), 1]]},
-    refused(E.EBUSY), ("frame_of",), rule="mapped")
+lie("mm-key-donate", "a mapped user frame", K, "donate", MK, lambda s: {"frames": [[s.user_mapped, 1]]},
+    refused(E.EBUSY), ("user_mapped",), rule="mapped")
 lie("mm-key-donate", "a kernel frame", K, "donate", MK, lambda s: {"frames": [[s.kernel_frame, 1]]},
     refused(E.EEXIST), ("kernel_frame",), rule="kernel_owned")
 lie("mm-key-donate", "the same frame twice in one call", K, "donate", MK,
     lambda s: {"frames": [[s.user_free, 1], [s.user_free, 1]]}, refused(E.EINVAL), ("user_free",), rule="duplicate")
 lie("mm-key-donate", "frames beyond memory", K, "donate", MK, lambda s: {"frames": [[s.frames, 2]]},
     refused(E.EINVAL), rule="beyond_memory")
-lie("mm-key-reclaim", "a kernel frame in use", K, "reclaim", MK, lambda s: {"frames": [[_f("kernel_used")(s), 1]]},
-    refused(E.EBUSY), ("frame_of",), rule="in_use")
+lie("mm-key-reclaim", "a kernel frame in use", K, "reclaim", MK, lambda s: {"frames": [[s.kernel_used, 1]]},
+    refused(E.EBUSY), ("kernel_used",), rule="in_use")
 lie("mm-key-reclaim", "a user frame", K, "reclaim", MK, lambda s: {"frames": [[s.user_free, 1]]}, refused(E.EINVAL),
     ("user_free",), rule="user_owned")
 lie("mm-key-reclaim", "a kernel-shared frame", K, "reclaim", MK, lambda s: {"frames": [[s.shared, 1]]},

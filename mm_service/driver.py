@@ -166,6 +166,14 @@ for _cls in (ClientRequest, KernelReply, KernelResent, KernelTimeout, JournalCom
     J.quick_init(_cls)  # (the same __init__, the slots' setters bound once: events and actions are made per call)
 
 
+def oversized(data: bytes) -> bytes:
+    """The reply to a client's request longer than ``wire.MAX_CLIENT_REQUEST_BYTES``: E2BIG, before it is even
+    decoded (the operator and the mm's own key may send up to ``wire.MAX_REQUEST_BYTES``)."""
+    return wire.error_reply(None, Error(Errno.E2BIG, f"message of {len(data)} bytes exceeds the limit of "
+                                        f"{wire.MAX_CLIENT_REQUEST_BYTES} for a client (only the operator sends "
+                                        "larger requests)"))
+
+
 class _Task:
     """An operation generator in flight: a client request or a housekeeping job."""
 
@@ -282,9 +290,7 @@ class Driver:
         if self.state == "stopped":
             return
         if len(req.data) > wire.MAX_CLIENT_REQUEST_BYTES and req.identity not in (self.operator_key, self.mm_key):
-            self.out.append(SendReply(req.peer, wire.error_reply(None, Error(
-                Errno.E2BIG, f"message of {len(req.data)} bytes exceeds the limit of {wire.MAX_CLIENT_REQUEST_BYTES} "
-                "for a client (only the operator sends larger requests)"))))
+            self.out.append(SendReply(req.peer, oversized(req.data)))
             return
         if self.state in ("down", "rebooting"):
             self._enqueue(req)

@@ -1,219 +1,259 @@
-"""Lying clients and a lying mm: forged requests that must be refused and change nothing (I6, I9, I10).
+"""Lies in the simulator: the catalogue's (``clients.catalogue``), told in-process and judged exactly.
 
-Each lie is built from the current state (so it is a lie *now*), sent through
-the real envelope to the real ``handle`` at once (no network: what is checked
-is the refusal, not the transport), and checked:
+The simulator tells the very lies ``mmsim client attack`` tells over CURVE:
+one catalogue, read here. Each lie is built from a ``Scene`` made from the
+world as it is at that step (so a lie is a lie *now*), sent through the real
+envelope to the real ``handle`` (no network: what is judged is the answer,
+not the transport), and judged twice:
 
-- the kernel: the reply is an error and ``checks.state`` (every piece of
-  kernel state ``KernelCore.digest`` covers, compared as plain values) is
-  what it was before;
-- the mm: the reply is an error and the mm's request generator finished
-  without a single effect (no kernel call, no journal write).
+- by the catalogue: ``Lie.judge`` (the exact errno the documented refusal
+  precedence gives, the field or details where they matter, or the answer's
+  check). A different answer is a violation: I9 if the lie was accepted, I10
+  if it was refused for the wrong reason;
+- by the state: a refused lie to the kernel leaves every piece of kernel state
+  ``KernelCore.digest`` covers as it was (``checks.state``: I6); one to the
+  mm finishes without a single effect (no kernel call, no journal write: I9).
 
-A client lies with its own identity (or as an outsider with no process);
-the lying mm holds the mm's key, which may donate, reclaim and map, and
-tries what the kernel must still refuse: donating in-use or kernel frames,
-reclaiming allocated ones, mapping kernel frames writable.
+Who tells it: a live client about itself or about another (``Teller.CLIENT``,
+``Teller.ABOUT_OTHER``), the admitted stranger with no process
+(``Teller.STRANGER``), or whoever holds the mm's key (``Teller.MM_KEY``, the
+``lie_mm`` fault family). Lies about the transport itself (no CURVE, a wrong
+server key, extra frames) and those whose verdict is "no reply" are the
+sockets' business: the live attack tells them, the simulator does not.
+
+A lie's exact answer depends on a state that is settled for what it names:
+the teller (and the other client) have no request in flight and are known to
+both the kernel and the mm with the same pid; their allocations named in the
+scene are settled (no intent pending); the teller maps nothing where its
+lies map (``PROBE_VA``) nor where the other client's named allocation is, and
+its kernel quota has room for the page tables a map there needs (a full quota
+is refused ENOMEM first: the documented precedence puts ``quota`` before the
+frame rules); lies to the mm are told only while it is serving. Where the world offers no such teller, nothing is told that step.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from simulator import checks
+from clients import catalogue as CAT
+from mm_service import driver as D
 from kernel_server.frames import KERNEL_FREE, KERNEL_SHARED, KERNEL_USED, USER
-from protocol import wire
+from protocol import PAGE_SIZE, PROT_READ, PROT_WRITE, wire
+from simulator import checks
 
 if TYPE_CHECKING:
     from simulator.world import World
 
-LIE_ID_BASE = 1 << 60  # the lying mm's request ids: clear of the real mm's
-_OVERSIZED: bytes | None = None
-_HUGE_RUNS = [[i, 1] for i in range(wire.MAX_RUNS + 1)]  # one run more than a request may carry
+LIE_ID_BASE = 1 << 60  # the lies' request ids: clear of every real request's
+TOLD = (CAT.Via.CURVE, CAT.Via.ROUTING_ID)  # (in-process, a routing id is only a name: the identity is the key)
+ROOM = 4  # kernel frames a target process must have left in its quota: a page table's path
 
 
-def _oversized() -> bytes:
-    global _OVERSIZED
-    if _OVERSIZED is None:
-        _OVERSIZED = wire.request(1, "ping", {"pad": "x" * (wire.MAX_REQUEST_BYTES + 16)})
-    return _OVERSIZED
+def told(lie: CAT.Lie) -> bool:
+    """Whether the simulator tells ``lie``: an ordinary request whose verdict is an answer (to the mm: a
+    refusal, which must have no effect)."""
+    if lie.via not in TOLD or lie.expect.describe() == "no reply":
+        return False
+    return lie.server == "kernel" or lie.expect.check is None
 
 
-def _pick(rng: random.Random, frames: np.ndarray, default: int) -> int:
-    return int(frames[rng.randrange(frames.size)]) if frames.size else default
+def probe_name(lie: CAT.Lie) -> str:
+    """The lie's name as a probe: ``lie.<server>.<kind>.<label in lower case, words joined by _>``."""
+    return f"lie.{lie.server}.{lie.kind}.{re.sub(r'[^a-z0-9]+', '_', lie.label.lower()).strip('_')}"
 
 
-class Frames:
-    """Frames of each kind, as the kernel has them now."""
-
-    def __init__(self, world: World, rng: random.Random) -> None:
-        kind = world.kernel.core.frames.kind
-        refs = world.kernel.core.frames.refs
-        n = kind.size
-        self.n = n
-        self.kfree = _pick(rng, np.flatnonzero(kind == KERNEL_FREE), -1)
-        self.kused = _pick(rng, np.flatnonzero(kind == KERNEL_USED), -1)
-        self.shared = _pick(rng, np.flatnonzero(kind == KERNEL_SHARED), -1)
-        self.user = _pick(rng, np.flatnonzero(kind == USER), -1)
-        self.mapped = _pick(rng, np.flatnonzero((kind == USER) & (refs > 0)), -1)
-        self.kernel = self.kused if self.kfree < 0 else self.kfree
+CLIENT_LIES = [x for x in CAT.LIES if told(x) and x.teller in (CAT.Teller.CLIENT, CAT.Teller.ABOUT_OTHER)]
+STRANGER_LIES = [x for x in CAT.LIES if told(x) and x.teller is CAT.Teller.STRANGER]
+MM_KEY_LIES = [x for x in CAT.LIES if told(x) and x.teller is CAT.Teller.MM_KEY]
+TOLD_LIES = CLIENT_LIES + STRANGER_LIES + MM_KEY_LIES
 
 
-def client_kernel_lie(world: World, rng: random.Random, own_pid: int | None) -> tuple[str, bytes]:
+# ---- the scene, from the world -------------------------------------------------------------------------
+
+def _pick(rng: random.Random, mask: np.ndarray) -> int | None:
+    idx = np.flatnonzero(mask)
+    return int(idx[rng.randrange(idx.size)]) if idx.size else None
+
+
+def _base(world: World, mm_serving: bool) -> dict[str, Any]:
+    """What every scene shares: the machine, the servers' keys, the stranger, frames of each state."""
+    rng = world.lie_rng
     core = world.kernel.core
-    f = Frames(world, rng)
-    others = [p for p in core.procs if p != own_pid]
-    other = others[rng.randrange(len(others))] if others else 999_999
-    vaddr = 0x7000_0000 + rng.randrange(256) * 4096
-    lies: list[tuple[str, str, dict[str, Any]]] = [
-        ("map_other_process", "map", {"pid": other, "vaddr": vaddr, "frames": [[max(f.user, 0), 1]], "prot": 1}),
-        ("map_kernel_frame", "map", {"vaddr": vaddr, "frames": [[max(f.kernel, 0), 1]], "prot": 1}),
-        ("map_shared_writable", "map", {"vaddr": vaddr, "frames": [[max(f.shared, 0), 1]], "prot": 3}),
-        ("map_wx", "map", {"vaddr": vaddr, "frames": [[max(f.shared, 0), 1]], "prot": 6}),
-        ("map_user_frame_itself", "map", {"vaddr": vaddr, "frames": [[max(f.user, 0), 1]], "prot": 3}),
-        ("unmap_other_process", "unmap", {"pid": other, "vaddr": 0x40_0000, "pages": 1}),
-        ("donate_unprivileged", "donate", {"frames": [[max(f.user, 0), 1]]}),
-        ("reclaim_unprivileged", "reclaim", {"count": 4}),
-        ("proc_create_unprivileged", "proc_create", {"key": "x" * 40}),
-        ("proc_destroy_unprivileged", "proc_destroy", {"pid": other}),
-        ("frame_info_unprivileged", "frame_info", {"frames": [[0, 16]]}),
-        ("events_unprivileged", "events", {"since": 0}),
-        ("thread_destroy_foreign", "thread_destroy", {"tid": _foreign(core, own_pid, "threads", rng)}),
-        ("endpoint_destroy_foreign", "endpoint_destroy", {"eid": _foreign(core, own_pid, "endpoints", rng)}),
-        ("wrong_type", "map", {"vaddr": str(vaddr), "frames": [[1, 1]], "prot": 1}),
-        ("float_for_int", "unmap", {"vaddr": float(vaddr), "pages": 1}),
-        ("unknown_field", "ping", {"please": True}),
-        ("huge_run_list", "map", {"vaddr": vaddr, "frames": _HUGE_RUNS, "prot": 1}),
-        ("beyond_memory", "map", {"vaddr": vaddr, "frames": [[f.n + 5, 3]], "prot": 1}),
-        ("unknown_call", "format_disk", {}),
-    ]
-    name, call, args = lies[rng.randrange(len(lies))]
-    return name, wire.request(world.lie_id(), call, args)
+    hello, amap = world.boot_info
+    kind, refs = core.frames.kind, core.frames.refs
+    frame_of: dict[str, int] = {}
+    for name, mask in (("user_free", (kind == USER) & (refs == 0)), ("user_mapped", (kind == USER) & (refs > 0)),
+                       ("kernel_free", kind == KERNEL_FREE), ("kernel_used", kind == KERNEL_USED),
+                       ("kernel_shared", kind == KERNEL_SHARED)):
+        f = _pick(rng, mask)
+        if f is not None:
+            frame_of[name] = f
+    sizes = hello.get("large_page_sizes") or []
+    room = [pid for pid, p in core.procs.items() if p.kernel_limit - p.kernel_used >= ROOM]
+    return dict(frames=int(hello["frames"]), user_top=int(hello["user_top"]),
+                large_frames=min(sizes) // PAGE_SIZE if sizes else 0,
+                regions=tuple((e["kind"], e["first"], e["count"]) for e in amap["entries"]),
+                mm_key=world.mm.key, operator_key=world.operator, stranger=world.stranger, unknown=world.outsider,
+                frame_of=frame_of, target_pid=room[rng.randrange(len(room))] if room else None)
 
 
-def _foreign(core: Any, own_pid: int | None, what: str, rng: random.Random) -> int:
-    ids = [i for pid, p in core.procs.items() if pid != own_pid for i in getattr(p, what)]
-    return ids[rng.randrange(len(ids))] if ids else 10**9
+def _settled(world: World, mm_serving: bool) -> dict[str, int]:
+    """Identities whose state a lie may name: of a live client with no request in flight, with a process the
+    kernel and (while it serves) the mm agree on. -> identity: pid."""
+    by_key = world.kernel.core.by_key
+    view = world.mm.core.view if mm_serving and world.mm.core is not None else None
+    out: dict[str, int] = {}
+    for c in world.clients.values():
+        if not c.alive or c.waiting is not None:
+            continue
+        for identity in c.identities:
+            pid = by_key.get(identity)
+            if pid is None:
+                continue
+            proc = world.kernel.core.procs[pid]
+            if not _hole(proc, CAT.PROBE_VA, 2) or proc.kernel_limit - proc.kernel_used < ROOM:
+                continue  # (its lies map at PROBE_VA: nothing may be there, and its quota has room for the tables)
+            if view is not None:
+                mine = view.clients.get(identity)
+                if mine is None or mine.pid != pid:
+                    continue
+            out[identity] = pid
+    return out
 
 
-def garbage(world: World, rng: random.Random) -> tuple[str, bytes]:
-    roll = rng.randrange(5)
-    if roll == 0:
-        return "garbage_bytes", bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
-    if roll == 1:
-        return "bad_version", wire.encode({"v": 2, "id": world.lie_id(), "call": "ping", "args": {}})
-    if roll == 2:
-        return "args_not_a_map", wire.encode({"v": 1, "id": world.lie_id(), "call": "ping", "args": [1, 2]})
-    if roll == 3:
-        return "negative_id", wire.encode({"v": 1, "id": -5, "call": "ping", "args": {}})
-    return "oversized", _oversized()
+def _hole(space: Any, vaddr: int, pages: int) -> bool:
+    """Nothing mapped in ``space`` (a kernel process) at ``pages`` pages from ``vaddr``."""
+    lo = vaddr // PAGE_SIZE
+    return space.first_small(lo, lo + pages) is None and space.first_large_in(lo, lo + pages) is None
 
 
-def client_mm_lie(world: World, rng: random.Random, identity: str) -> tuple[str, bytes]:
+def _own(view: Any, key: str, rw: bool) -> int | None:
+    """The vaddr of a settled one-page allocation of ``key``'s own, read-write or read-only."""
+    c = view.clients.get(key) if view is not None else None
+    if c is None:
+        return None
+    for m in c.maps.values():
+        if m.pages == 1 and not m.large and not m.offer and not m.pending and m.prot & PROT_READ \
+                and (m.prot == PROT_READ | PROT_WRITE if rw else not m.prot & PROT_WRITE):
+            return m.vaddr
+    return None
+
+
+def _other(world: World, view: Any, key: str, pid: int, me: int) -> CAT.Other | None:
+    """``key`` as another client names it: one of its own settled allocations (where the teller, process
+    ``me``, maps nothing), a thread, an endpoint."""
+    c = view.clients.get(key) if view is not None else None
+    mine = world.kernel.core.procs[me]
+    m = next((m for m in c.maps.values() if not m.offer and not m.pending and not m.large
+              and _hole(mine, m.vaddr, m.pages)), None) if c else None
+    if m is None:
+        return None
+    proc = world.kernel.core.procs[pid]
+    return CAT.Other(key, pid, m.vaddr, m.pages, tuple((int(a), int(b)) for a, b in m.frames),
+                     min(proc.threads, default=0), min(proc.endpoints, default=0))
+
+
+def client_scene(world: World, mm_serving: bool) -> CAT.Scene | None:
+    """A settled client's scene, about itself and another settled client (None: no settled client)."""
+    rng = world.lie_rng
+    settled = _settled(world, mm_serving)
+    if not settled:
+        return None
+    keys = sorted(settled)
+    me = keys[rng.randrange(len(keys))]
+    view = world.mm.core.view if mm_serving and world.mm.core is not None else None
+    others = [k for k in keys if k != me]
+    other, offer = None, None
+    if view is not None and others:
+        mine = view.clients[me]
+        open_to = {view.offers[o].peer: o for o in sorted(mine.offers_out)
+                   if o in view.offers and not view.offers[o].taken and view.offers[o].peer in settled}
+        k = sorted(open_to)[rng.randrange(len(open_to))] if open_to and rng.random() < 0.5 \
+            else others[rng.randrange(len(others))]
+        other = _other(world, view, k, settled[k], settled[me])
+        offer = open_to.get(k) if other is not None else None
+    proc = world.kernel.core.procs[settled[me]]
+    return CAT.Scene(me=me, pid=settled[me], quota=proc.user_quota, own_rw=_own(view, me, True),
+                     own_ro=_own(view, me, False), offer_to_other=offer, other=other, **_base(world, mm_serving))
+
+
+def stranger_scene(world: World, mm_serving: bool) -> CAT.Scene:
     core = world.mm.core
-    assert core is not None
-    own = core.view.clients.get(identity)
-    taken = set(own.maps) if own else set()
-    vaddrs = [v for c in core.view.clients.values() for v in c.maps if v not in taken]
-    vaddr = vaddrs[rng.randrange(len(vaddrs))] if vaddrs else 0x40_0000
-    while vaddr in taken:
-        vaddr += 0x1000
-    block = core.view.block
-    quota = core.quota or 1
-    lies: list[tuple[str, str, dict[str, Any]]] = [
-        ("free_not_own", "free", {"vaddr": vaddr, "pages": 1}),
-        ("share_not_own", "share", {"vaddr": vaddr, "pages": 1, "peer": "y" * 40, "peer_vaddr": 0x5000_0000}),
-        ("alloc_string_pages", "alloc", {"pages": "1", "prot": 3}),
-        ("alloc_unknown_field", "alloc", {"pages": 1, "prot": 3, "physical": 42}),
-        ("alloc_too_many", "alloc", {"pages": core.config.max_alloc + 1, "prot": 3}),
-        ("alloc_over_quota", "alloc", {"pages": min(quota + 1, core.config.max_alloc), "prot": 3}),
-        ("alloc_misaligned", "alloc", {"pages": 1, "prot": 3, "vaddr": 0x40_0123}),
-        ("alloc_beyond_user_space", "alloc", {"pages": 4, "prot": 3, "vaddr": core.user_top - 0x1000}),
-        ("alloc_large_not_whole", "alloc", {"pages": block + 1 if block > 1 else 3, "prot": 3, "large": True}),
-        ("share_bad_peer_key", "share", {"vaddr": vaddr, "pages": 1, "peer": "short", "peer_vaddr": 0}),
-        ("audit_not_operator", "audit", {}),
-        ("unknown_call", "steal", {}),
-    ]
-    name, call, args = lies[rng.randrange(len(lies))]
-    if name == "alloc_large_not_whole" and block <= 1:
-        name, call, args = lies[0]
-    return name, wire.request(world.lie_id(), call, args)
+    return CAT.Scene(me=world.stranger, quota=core.quota if core is not None else 0, **_base(world, mm_serving))
 
 
-def mm_kernel_lie(world: World, rng: random.Random) -> tuple[str, bytes]:
-    core = world.kernel.core
-    f = Frames(world, rng)
-    pids = list(core.procs)
-    pid = pids[rng.randrange(len(pids))] if pids else 999_999
-    vaddr = 0x7800_0000 + rng.randrange(256) * 4096
-    in_use = f.mapped if f.mapped >= 0 else f.shared
-    lies: list[tuple[str, str, dict[str, Any]]] = [
-        ("donate_in_use", "donate", {"frames": [[in_use, 1]]}),
-        ("donate_in_use", "donate", {"frames": [[in_use, 1]]}),
-        ("donate_kernel_frame", "donate", {"frames": [[max(f.kernel, f.shared), 1]]}),
-        ("donate_twice_in_one_call", "donate", {"frames": [[max(f.user, 0), 1], [max(f.user, 0), 1]]}),
-        ("donate_beyond_memory", "donate", {"frames": [[f.n, 2]]}),
-        ("reclaim_allocated", "reclaim", {"frames": [[max(f.kused, f.shared), 1]]}),
-        ("reclaim_user_frame", "reclaim", {"frames": [[max(f.user, 0), 1]]}),
-        ("reclaim_shared", "reclaim", {"frames": [[max(f.shared, 0), 1]]}),
-        ("map_kernel_writable", "map", {"pid": pid, "vaddr": vaddr, "frames": [[max(f.kernel, 0), 1]], "prot": 3}),
-        ("map_kernel_writable", "map", {"pid": pid, "vaddr": vaddr, "frames": [[max(f.kused, 0), 1]], "prot": 3}),
-        ("map_shared_writable", "map", {"pid": pid, "vaddr": vaddr, "frames": [[max(f.shared, 0), 1]], "prot": 3}),
-        ("map_wx", "map", {"pid": pid, "vaddr": vaddr, "frames": [[max(f.user, 0), 1]], "prot": 7}),
-        ("map_no_such_process", "map", {"pid": 10**6, "vaddr": vaddr, "frames": [[max(f.user, 0), 1]], "prot": 1}),
-        ("proc_create_own_key", "proc_create", {"key": world.mm.key}),
-        ("proc_destroy_no_such_process", "proc_destroy", {"pid": 10**6}),
-    ]
-    name, call, args = lies[rng.randrange(len(lies))]
-    return name, wire.request(world.lie_id(), call, args)
+def mm_key_scene(world: World) -> CAT.Scene:
+    return CAT.Scene(me=world.mm.key, **_base(world, False))
 
 
-# ---- sending a lie and judging the answer ----------------------------------------------------------
+# ---- telling a lie and judging the answer ------------------------------------------------------------------
+
+def _choose(rng: random.Random, lies: list[CAT.Lie], scene: CAT.Scene, mm_serving: bool) -> CAT.Lie | None:
+    fit = [x for x in lies if (x.server == "kernel" or mm_serving) and x.applicable(scene)]
+    return fit[rng.randrange(len(fit))] if fit else None
+
 
 def lie_client(world: World) -> None:
-    """A live client (or an outsider) sends one forged request to the kernel or the mm."""
+    """A settled client (or the admitted stranger) tells the kernel or the mm one lie of the catalogue."""
     rng = world.lie_rng
-    live = [c for c in world.clients.values() if c.alive]
-    identity = live[rng.randrange(len(live))].identity if live and rng.random() < 0.85 else world.outsider
-    to_mm = world.mm.service is not None and rng.random() < 0.4
-    if rng.random() < 0.15:
-        name, data = garbage(world, rng)
-    elif to_mm:
-        name, data = client_mm_lie(world, rng, identity)
-    else:
-        name, data = client_kernel_lie(world, rng, world.kernel.core.by_key.get(identity))
-    if to_mm:
-        lie_to_mm(world, identity, name, data)
-    else:
-        lie_to_kernel(world, identity, name, data)
+    mm_serving = world.mm.service is not None and world.mm.phase == "serving" and not world.mm.recovering
+    scene = client_scene(world, mm_serving) if rng.random() < 0.85 else None
+    lies = CLIENT_LIES
+    if scene is None:
+        scene, lies = stranger_scene(world, mm_serving), STRANGER_LIES
+    lie = _choose(rng, lies, scene, mm_serving)
+    if lie is not None:
+        tell(world, lie, scene)
 
 
-def lie_to_kernel(world: World, identity: str, name: str, data: bytes) -> None:
-    """Through the real envelope and ``handle``; refused, and the kernel's state unchanged."""
+def lie_mm(world: World) -> None:
+    """Whoever holds the mm's key tells the kernel one thing it must refuse even to its memory manager."""
+    scene = mm_key_scene(world)
+    lie = _choose(world.lie_rng, MM_KEY_LIES, scene, False)
+    if lie is not None:
+        tell(world, lie, scene)
+
+
+def tell(world: World, lie: CAT.Lie, scene: CAT.Scene) -> None:
+    data = lie.encode(scene, world.lie_id())
+    if lie.server == "kernel":
+        _to_kernel(world, lie, scene, data)
+    else:
+        _to_mm(world, lie, scene, data)
+
+
+def _to_kernel(world: World, lie: CAT.Lie, scene: CAT.Scene, data: bytes) -> None:
+    """Through the real envelope and ``handle``; judged, and a refusal changed nothing."""
     core = world.kernel.core
     before = checks.state(core)
     world.kernel.lying = True  # counted as lies, not as kernel calls
     try:
-        reply = world.kernel.svc.handle(identity, data, world.clock.now / 1e6)
+        reply = world.kernel.svc.handle(scene.me, data, world.clock.now / 1e6)
     finally:
         world.kernel.lying = False
     world.calls += 1
-    world.trace.call(world.step, world.clock.now, identity, "kernel", data, reply, False)
-    judge(world, "kernel", identity, name, reply)
-    if checks.state(core) != before:
-        world.flag("I6", f"the forged request {name} from {world.trace.name(identity)} was answered but changed "
-                        "the kernel's state")
+    world.trace.call(world.step, world.clock.now, scene.me, "kernel", data, reply, False)
+    _judge(world, lie, scene, reply)
+    if lie.expect.check is None and checks.state(core) != before:
+        world.flag("I6", f"the lie {lie.name!r} from {world.trace.name(scene.me)} was refused but changed the "
+                         "kernel's state")
 
 
-def lie_to_mm(world: World, identity: str, name: str, data: bytes) -> None:
+def _to_mm(world: World, lie: CAT.Lie, scene: CAT.Scene, data: bytes) -> None:
     """Refused by the mm before it does anything: no kernel call, no journal write."""
     service = world.mm.service
     assert service is not None
+    if len(data) > wire.MAX_CLIENT_REQUEST_BYTES:  # (the driver refuses it before the service sees it)
+        reply = D.oversized(data)
+        world.trace.call(world.step, world.clock.now, scene.me, "mm", data, reply, False)
+        _judge(world, lie, scene, reply)
+        return
     fresh = world.mm.fresh
-    gen = service.handle(identity, data)
+    gen = service.handle(scene.me, data)
     try:
         effect = next(gen)
     except StopIteration as stop:
@@ -221,29 +261,25 @@ def lie_to_mm(world: World, identity: str, name: str, data: bytes) -> None:
     else:
         gen.close()
         world.mm.fresh = fresh
-        world.flag("I9", f"the mm acted on the forged request {name} from {world.trace.name(identity)}: {effect!r}")
+        world.flag("I9", f"the mm acted on the lie {lie.name!r} from {world.trace.name(scene.me)}: {effect!r}")
         return
     world.mm.fresh = fresh
     world.calls += 1
-    world.trace.call(world.step, world.clock.now, identity, "mm", data, reply, False)
-    judge(world, "mm", identity, name, reply)
+    world.trace.call(world.step, world.clock.now, scene.me, "mm", data, reply, False)
+    _judge(world, lie, scene, reply)
 
 
-def judge(world: World, target: str, identity: str, name: str, reply: bytes) -> None:
-    """The reply must be a well-formed refusal."""
+def _judge(world: World, lie: CAT.Lie, scene: CAT.Scene, reply: bytes | None) -> None:
+    """The answer the catalogue says, exactly."""
     try:
-        decoded = wire.parse_reply(reply)
+        decoded = wire.parse_reply(reply) if reply is not None else None
     except ValueError:
-        world.flag("I10", f"the {target} answered the forged request {name} with a malformed reply")
+        world.flag("I10", f"the {lie.server} answered the lie {lie.name!r} with a malformed reply")
         return
-    err = decoded.get("error") if isinstance(decoded.get("error"), dict) else {}
-    outcome = "ok" if decoded.get("ok") is not False else str(err.get("code", "?"))
-    world.count(f"lie->{target}", name, outcome)
-    if decoded.get("ok") is not False:
-        world.flag("I9", f"the {target} accepted the forged request {name} from {world.trace.name(identity)}")
-
-
-def lie_mm(world: World) -> None:
-    """A process holding the mm's key sends the kernel one thing it must refuse."""
-    name, data = mm_kernel_lie(world, world.lie_rng)
-    lie_to_kernel(world, world.mm.key, name, data)
+    ok, got = lie.judge(decoded, scene)
+    world.count(f"lie->{lie.server}", probe_name(lie), "as expected" if ok else got)
+    if not ok:
+        accepted = decoded is not None and decoded.get("ok") is True and lie.expect.check is None
+        world.flag("I9" if accepted else "I10",
+                   f"the {lie.server} answered the lie {lie.name!r} from {world.trace.name(scene.me)} with {got}; "
+                   f"the catalogue says {lie.expect.describe()} ({lie.rule or 'its rule'})")

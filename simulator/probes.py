@@ -28,6 +28,7 @@ from collections import Counter
 from typing import Any
 
 from simulator.faults import AFTER_EXEC, CRASH_POINTS, FAMILIES
+from simulator.lies import TOLD_LIES, probe_name
 
 # ---- the cores (observer.probe) ------------------------------------------------------------------------
 
@@ -96,24 +97,6 @@ SIM_COUNTERS = {  # World.faults key -> probe
 }
 KERNEL_ENOMEM = ("proc_create", "map", "thread_create", "endpoint_create")
 MM_ENOMEM = ("alloc", "accept")
-# the lie catalogue (simulator/lies.py), by where the lie is sent; tests check this against lies.py
-LIES_TO_KERNEL = (
-    "map_other_process", "map_kernel_frame", "map_shared_writable", "map_wx", "map_user_frame_itself",
-    "unmap_other_process", "donate_unprivileged", "reclaim_unprivileged", "proc_create_unprivileged",
-    "proc_destroy_unprivileged", "frame_info_unprivileged", "events_unprivileged", "thread_destroy_foreign",
-    "endpoint_destroy_foreign", "wrong_type", "float_for_int", "unknown_field", "huge_run_list", "beyond_memory",
-    "unknown_call",
-    # the lying mm's
-    "donate_in_use", "donate_kernel_frame", "donate_twice_in_one_call", "donate_beyond_memory", "reclaim_allocated",
-    "reclaim_user_frame", "reclaim_shared", "map_kernel_writable", "map_no_such_process", "proc_create_own_key",
-    "proc_destroy_no_such_process",
-)
-LIES_TO_MM = (
-    "free_not_own", "share_not_own", "alloc_string_pages", "alloc_unknown_field", "alloc_too_many",
-    "alloc_over_quota", "alloc_misaligned", "alloc_beyond_user_space", "alloc_large_not_whole",
-    "share_bad_peer_key", "audit_not_operator", "unknown_call",
-)
-GARBAGE = ("garbage_bytes", "bad_version", "args_not_a_map", "negative_id", "oversized")
 
 
 def _declare() -> dict[str, str]:
@@ -133,10 +116,8 @@ def _declare() -> dict[str, str]:
         out[f"kernel.enomem.{call}"] = f"the kernel answered {call} ENOMEM"
     for call in MM_ENOMEM:
         out[f"mm.enomem.{call}"] = f"the mm answered {call} ENOMEM"
-    for name in (*LIES_TO_KERNEL, *GARBAGE):
-        out[f"lie.kernel.{name}"] = f"the forged request {name} sent to the kernel (and refused)"
-    for name in (*LIES_TO_MM, *GARBAGE):
-        out[f"lie.mm.{name}"] = f"the forged request {name} sent to the mm (and refused)"
+    for lie in TOLD_LIES:  # the lie catalogue (clients.catalogue), as the simulator tells it
+        out[probe_name(lie)] = f"the lie {lie.name!r} told to the {lie.server} (expected: {lie.expect.describe()})"
     out["sim.quiet_point"] = "a quiet point reached (I8 checked exactly, the mm's audit)"
     out["sim.liveness"] = "the liveness phase settled everything after the faults stopped"
     return out
@@ -177,7 +158,7 @@ def seed_probes(world: Any) -> Counter:
         if outcome == "ENOMEM" and target in ("kernel", "mm"):
             out[f"{target}.enomem.{call}"] += n
         elif target.startswith("lie->"):
-            out[f"lie.{target[5:]}.{call}"] += n
+            out[call] += n  # (the lie's probe name: ``simulator.lies.probe_name``)
     if world.quiet_points:
         out["sim.quiet_point"] += world.quiet_points
     if world.liveness_steps is not None:

@@ -172,9 +172,11 @@ class World:
         self.answered_ok: set[tuple[str, int]] = set()
         self.mm_key = key_of("mm")
         self.operator = key_of("operator")
-        self.outsider = key_of("outsider")
-        self.names.update({self.mm_key: "mm", self.operator: "operator", self.outsider: "outsider"})
-        self.admitted: set[str] = set()
+        self.outsider = key_of("outsider")  # a key nobody admitted
+        self.stranger = key_of("stranger")  # an admitted key that never gets a process (it only lies)
+        self.names.update({self.mm_key: "mm", self.operator: "operator", self.outsider: "outsider",
+                           self.stranger: "stranger"})
+        self.admitted: set[str] = {self.stranger}
         self.admission = admission_of(self)
         profile = get_profile(p.arch)
         core = the_bug.kernel_core(profile, pc_map(profile, p.memory, p.pool), self.mm_key, self.operator)
