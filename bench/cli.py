@@ -1,4 +1,4 @@
-"""The ``mmsim bench`` commands: kernel, mm, isolation, largepages, sim, swarm, check, all.
+"""The ``mmsim bench`` commands: kernel, mm, isolation, largepages, hot, sim, swarm, check, all.
 
 Each starts what it measures as real processes in a fresh run directory
 (a temporary one unless ``--run-dir`` is given), shows progress on stderr,
@@ -422,6 +422,23 @@ def largepages_cmd(
     _emit(rep, json_out, False, "mmsim bench largepages")
 
 
+@bench_app.command("hot")
+def hot_cmd(
+    calls: int = typer.Option(4000, "--calls", min=100, help="Calls per pass."),
+    passes: int = typer.Option(5, "--passes", min=1, help="Passes per part (the best is the figure: the least "
+                               "disturbed)."),
+    json_out: bool = typer.Option(False, "--json", help=_JSON),
+) -> None:
+    """The in-process hot paths, no sockets: the mm's Driver.handle per alloc or free (one client, 16 clients,
+    with an observer) and the kernel's KernelService.handle per map or unmap of the mm (with and without an
+    observer), in microseconds of CPU per call."""
+    from bench import hot
+
+    with _progress(len(hot.PARTS)) as step:
+        rep = hot.report(hot.measure(calls, passes, step=step))
+    _emit(rep, json_out, False, "mmsim bench hot")
+
+
 @bench_app.command("sim")
 def sim_cmd(
     seconds: float = typer.Option(8.0, "--seconds", min=0.5, help="CPU seconds in all (a quarter per way of checking)."),
@@ -490,8 +507,9 @@ def all_cmd(
     keep: bool = typer.Option(False, "--keep", help=_KEEP),
     strict: bool = typer.Option(False, "--strict", help=_STRICT),
 ) -> None:
-    """Every benchmark (kernel, mm, largepages, sim, swarm, check, isolation) in one report: about four minutes by
-    default."""
+    """Every benchmark (kernel, mm, largepages, hot, sim, swarm, check, isolation) in one report: about four minutes
+    by default."""
+    from bench import hot
     from bench.report import Report
     from bench.roundtrip import BenchError
 
@@ -505,10 +523,11 @@ def all_cmd(
     rep = Report()
     with _run_dir(run_dir, keep) as rd:
         try:
-            with _progress(kopts.steps() + mopts.steps() + 7 + iopts.steps()) as step:
+            with _progress(kopts.steps() + mopts.steps() + 7 + len(hot.PARTS) + iopts.steps()) as step:
                 rep.extend(_kernel(rd, step, kopts))
                 rep.extend(_mm(rd, step, mopts))
                 rep.extend(_largepages(seed, steps, step))
+                rep.extend(hot.report(hot.measure(1000 if quick else 4000, 3 if quick else 5, step=step)))
                 rep.extend(_sim(2.0 if quick else 8.0, step, 3 if quick else 10))
                 rep.extend(_swarm(48 if quick else 192, 400 if quick else 600, 8 if quick else 16, True, step))
                 rep.extend(_check(5.0 if quick else 60.0, step))

@@ -193,14 +193,32 @@ def report(r: dict[str, Any]) -> Any:
     return rep
 
 
-def main(argv: list[str]) -> None:
+USAGE = f"usage: python -m bench.hot PART [OPS]  (PART: one of {', '.join(PARTS)}; OPS: calls after the warm-up, " \
+    "default 4000, 0 for the warm-up alone)"
+
+
+def main(argv: list[str]) -> int:
     """``python -m bench.hot PART OPS``: run one part for OPS calls after its warm-up (for instruction counts)."""
-    part, ops = argv[0], int(argv[1]) if len(argv) > 1 else 4000
+    if not argv or argv[0] in ("-h", "--help") or len(argv) > 2:
+        print(USAGE, file=sys.stderr if not argv or len(argv) > 2 else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    part = argv[0]
+    if part not in PARTS:
+        print(f"error: unknown part {part!r}; {USAGE}", file=sys.stderr)
+        return 2
+    try:
+        ops = int(argv[1]) if len(argv) > 1 else 4000
+        if ops < 0:
+            raise ValueError
+    except ValueError:
+        print(f"error: OPS must be a whole number >= 0, not {argv[1]!r}; {USAGE}", file=sys.stderr)
+        return 2
     load = make(part)
     if ops:
         n, ns = load.run(ops)
         print(f"{part}: {n} calls, {ns / 1e3 / n:.2f} us/call")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -248,7 +248,23 @@ def test_cli_sim_reports_each_way_of_checking_and_detection():
     assert by_key["sim.detect.total"]["verdict"] == "info"
 
 
+def test_cli_hot_times_each_in_process_path_and_the_module_refuses_bad_arguments():
+    from bench import hot
+
+    r = runner.invoke(app, ["bench", "hot", "--calls", "200", "--passes", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    _check_figures(data["figures"], {f"hot.{part}" for part in hot.PARTS})
+    by_key = {f["key"]: f for f in data["figures"]}
+    assert by_key["hot.kernel"]["ratio"] == 1.0
+    assert by_key["hot.driver16"]["value"] > by_key["hot.kernel"]["value"]  # (an mm call does more than a kernel map)
+    assert data["details"]["hot"]["driver16"]["kernel_us_per_call"] > 0
+    assert hot.main(["no-such-part"]) == 2 and hot.main(["kernel", "-1"]) == 2 and hot.main([]) == 2
+    assert hot.main(["kernel", "100"]) == 0
+
+
 @pytest.mark.parametrize("args", [
+    ["bench", "hot", "--calls", "5"],
     ["bench", "sim", "--seconds", "0"],
     ["bench", "kernel", "--transport", "udp"],
     ["bench", "mm", "--storm", "lots"],
