@@ -545,8 +545,8 @@ for _t, _who in ((C, ""), (S, "stranger-")):
     lie(f"{_who}mm-alloc-wx", "W+X", M, "alloc", _t, lambda s: {"pages": 1, "prot": RW | PROT_EXEC},
         refused(E.ENOTSUP, "prot"), rule="W+X")
     lie(f"{_who}mm-quota", "one page more than its quota", M, "alloc", _t,
-        lambda s: {"pages": s.quota + 1, "prot": RW}, refused(E.ENOMEM, details=("quota", "charged"),
-                                                              equal=(("quota", "quota"),)),
+        lambda s: {"pages": s.quota + 1, "prot": RW}, refused(E.ENOMEM, details=("limit", "used"),
+                                                              equal=(("limit", "quota"),)),
         ("quota",), rule="quota")
 lie("mm-alloc-out-of-range", "vaddr at the user top", M, "alloc", C,
     lambda s: {"pages": 1, "prot": RW, "vaddr": s.user_top}, refused(E.EINVAL, "vaddr"), rule="beyond user space")

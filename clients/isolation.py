@@ -504,7 +504,7 @@ def share_laundering(b: Bout) -> None:
                     if acc and acc.get("ok"):
                         peer_maps.append((acc["result"]["vaddr"], chunk))
                     elif acc and outcome(acc) == "ENOMEM":
-                        quota_said.add((acc.get("error") or {}).get("quota"))
+                        quota_said.add((acc.get("error") or {}).get("limit"))
                 else:
                     accepts[f"share {CAT.describe(s)}"] += 1
                 if ask(a, "free", {"vaddr": va, "pages": chunk}) is not None:

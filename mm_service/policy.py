@@ -513,7 +513,7 @@ class MMCore:
             if self.view._watched:
                 self.view.observer.probe("mm.quota.refused")
             return Error(Errno.ENOMEM, f"quota exceeded: {charged} + {pages} pages > your quota of {quota}",
-                         {"quota": quota, "charged": charged, "needed": pages, "available": quota - charged})
+                         {"limit": quota, "used": charged, "needed": pages})  # (as the kernel's quota refusal)
         return None
 
     def _no_memory(self, pages: int, large: bool) -> Error:

@@ -298,8 +298,8 @@ def test_verdicts_fail_a_lie_that_was_accepted() -> None:
     # a refusal must carry the details the catalogue names, with the values the scene says
     quota = next(x for x in CAT.LIES if x.kind == "mm-quota")
     scene = CAT.Scene(frames=1, user_top=1, large_frames=0, regions=(), me="A" * 40, quota=10)
-    assert quota.judge(refusal(Errno.ENOMEM, quota=10, charged=0), scene)[0] is True
-    assert quota.judge(refusal(Errno.ENOMEM, quota=11, charged=0), scene)[0] is False
+    assert quota.judge(refusal(Errno.ENOMEM, limit=10, used=0), scene)[0] is True
+    assert quota.judge(refusal(Errno.ENOMEM, limit=11, used=0), scene)[0] is False
     assert quota.judge(refusal(Errno.ENOMEM), scene)[0] is False
     # and the right refusals pass
     assert verdict_error(refusal(Errno.EPERM), [Errno.EPERM]) == (True, "EPERM")

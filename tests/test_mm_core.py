@@ -154,7 +154,7 @@ def test_quota_is_a_clear_error():
     w = World(config=Config(low=16, target=64, high=256, quota=10))
     assert isinstance(w.req(A, "alloc", pages=8, prot=1), dict)
     err = w.req(A, "alloc", pages=3, prot=1)
-    assert err.code == Errno.ENOMEM and "quota" in err.message and err.details["quota"] == 10
+    assert err.code == Errno.ENOMEM and "quota" in err.message and err.details["limit"] == 10
     assert isinstance(w.req(B, "alloc", pages=10, prot=1), dict)  # quotas are per client
 
 
@@ -186,7 +186,7 @@ def test_the_admitted_certificate_may_grant_a_key_its_own_quotas():
     grants = {A: SimpleNamespace(quota=5, kernel_quota=8), B: SimpleNamespace(quota=None, kernel_quota=None)}
     w = World(admission=grants.get)
     assert isinstance(w.req(A, "alloc", pages=5, prot=3), dict)
-    assert w.req(A, "alloc", pages=1, prot=3).details["quota"] == 5
+    assert w.req(A, "alloc", pages=1, prot=3).details["limit"] == 5
     proc = w.kernel.core.procs[w.mm.view.clients[A].pid]
     assert (proc.kernel_limit, proc.user_quota) == (8, 5)
     assert isinstance(w.req(B, "alloc", pages=50, prot=3), dict)

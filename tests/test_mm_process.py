@@ -134,7 +134,7 @@ def test_quotas_over_the_wire_a_full_budget_and_a_per_key_override(make_system):
         b.alloc(5)
         with pytest.raises(CallError) as ei:
             b.alloc(1)
-        assert ei.value.name == "ENOMEM" and ei.value.details["quota"] == 5
+        assert ei.value.name == "ENOMEM" and ei.value.details["limit"] == 5
         a = Client.from_run_dir(s.run_dir, "client-0", timeout=1.0)
         a.alloc(1)  # half the budget, as --room 2 says
         with Client.from_run_dir(s.run_dir, "client-2") as c:
