@@ -707,7 +707,8 @@ class Kind:
 PROCEDURES: list[Kind] = [
     Kind("flood", K, "procedure", "all answered", "5000 requests in flight at once (pings, hellos, unknown calls, "
          "bad fields): each answered correctly"),
-    Kind("mm-flood", M, "procedure", "all answered", "3000 requests in flight at once to the mm"),
+    Kind("mm-flood", M, "procedure", "all answered", "3000 requests in flight at once to the mm: each answered "
+         "correctly, or EAGAIN past the requests a caller may have waiting"),
     Kind("replay-different", K, "procedure", "EINVAL(field=id)", "a ping's request id used again for thread_create"),
     Kind("mm-replay-different", M, "procedure", "EINVAL(field=id)", "a ping's request id used again for an alloc"),
     Kind("replay-identical", K, "procedure", "same tid, one thread", "thread_create sent twice with the same id: "
