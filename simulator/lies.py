@@ -79,7 +79,7 @@ def _pick(rng: random.Random, mask: np.ndarray) -> int | None:
     return int(idx[rng.randrange(idx.size)]) if idx.size else None
 
 
-def _base(world: World, mm_serving: bool) -> dict[str, Any]:
+def _base(world: World) -> dict[str, Any]:
     """What every scene shares: the machine, the servers' keys, the stranger, frames of each state."""
     rng = world.lie_rng
     core = world.kernel.core
@@ -178,16 +178,16 @@ def client_scene(world: World, mm_serving: bool) -> CAT.Scene | None:
         offer = open_to.get(k) if other is not None else None
     proc = world.kernel.core.procs[settled[me]]
     return CAT.Scene(me=me, pid=settled[me], quota=proc.user_quota, own_rw=_own(view, me, True),
-                     own_ro=_own(view, me, False), offer_to_other=offer, other=other, **_base(world, mm_serving))
+                     own_ro=_own(view, me, False), offer_to_other=offer, other=other, **_base(world))
 
 
-def stranger_scene(world: World, mm_serving: bool) -> CAT.Scene:
+def stranger_scene(world: World) -> CAT.Scene:
     core = world.mm.core
-    return CAT.Scene(me=world.stranger, quota=core.quota if core is not None else 0, **_base(world, mm_serving))
+    return CAT.Scene(me=world.stranger, quota=core.quota if core is not None else 0, **_base(world))
 
 
 def mm_key_scene(world: World) -> CAT.Scene:
-    return CAT.Scene(me=world.mm.key, **_base(world, False))
+    return CAT.Scene(me=world.mm.key, **_base(world))
 
 
 # ---- telling a lie and judging the answer ------------------------------------------------------------------
@@ -204,7 +204,7 @@ def lie_client(world: World) -> None:
     scene = client_scene(world, mm_serving) if rng.random() < 0.85 else None
     lies = CLIENT_LIES
     if scene is None:
-        scene, lies = stranger_scene(world, mm_serving), STRANGER_LIES
+        scene, lies = stranger_scene(world), STRANGER_LIES
     lie = _choose(rng, lies, scene, mm_serving)
     if lie is not None:
         tell(world, lie, scene)
