@@ -272,24 +272,7 @@ class KernelCore:
             out = self._run(entry, caller, args)
             self.observer.call_ended(caller, name, out)
             return out
-        who, verb, check, commit = entry  # (``_run``, written out: the hot path)
-        if who is _W_MM_OR_OWN:
-            if caller == self.mm_key and args.pid is not None:  # the usual case of ``_target``
-                proc: Process | Error | None = self.procs.get(args.pid)
-                if proc is None:
-                    proc = self._target(caller, args)
-            else:
-                proc = self._target(caller, args)
-        elif who is _W_ANYONE:
-            proc = None
-        else:
-            proc = self._caller(who, verb, caller)
-        if type(proc) is Error:
-            return proc
-        plan = check(caller, proc, args)
-        if commit is None or type(plan) is Error:
-            return plan
-        return commit(plan)
+        return self._run(entry, caller, args)
 
     def _run(self, entry: Entry, caller: str, args: Any) -> dict | Error:
         who, verb, check, commit = entry
