@@ -267,38 +267,44 @@ def admitted(run_dir: str) -> dict[str, Grant]:
     return out
 
 
+# A directory's mtime comes from the kernel's coarse clock: two changes within one of its ticks (a few ms)
+# leave the same stamp. A look whose stamp is younger than this was maybe followed by a change with that
+# same stamp ("racy", as git calls such index entries), so the next look re-reads the directory anyway.
+RACY_NS = 50_000_000
+
+
 class Admission:
     """The admitted keys of a run directory as a server sees them: always the ``always`` keys (the
     mm, the operator), plus ``RUN/keys/admitted/``, re-read when the directory changes (an unknown
-    key's handshake costs one stat of the directory; ``recheck`` is no longer used: a cached "no"
-    refused keys admitted a moment before, and ZeroMQ never retries a refused handshake).
-    Safe to read from the ZAP thread while the server thread refreshes it."""
+    key's handshake costs one stat of the directory, and a re-read only in the ``RACY_NS`` after a
+    change). A cached "no" is never given: it refused keys admitted a moment before, and ZeroMQ never
+    retries a refused handshake. Safe to read from the ZAP thread while the server thread refreshes it."""
 
-    def __init__(self, run_dir: str | None, always: tuple[str, ...] = (), recheck: float = 0.25) -> None:
+    def __init__(self, run_dir: str | None, always: tuple[str, ...] = ()) -> None:
         self.run_dir = run_dir
         self.always = frozenset(always)
-        self.recheck = recheck
         self.grants: dict[str, Grant] = {}
-        self._stamp: int | None = None
-        self._looked = -1e9
+        self._seen: tuple[int | None, bool] = (None, True)  # (the stamp last read, whether it was racy)
         self.reloads = 0
         self.refresh(force=True)
 
     def refresh(self, force: bool = False) -> bool:
-        """Re-read the directory if it changed (or ``force``); True if the grants changed."""
+        """Re-read the directory if it changed, if the last look was racy, or if ``force``; True if the
+        grants changed."""
         if self.run_dir is None:
             return False
-        self._looked = time.monotonic()
         try:
-            stamp = os.stat(admitted_dir(self.run_dir)).st_mtime_ns
+            stamp: int | None = os.stat(admitted_dir(self.run_dir)).st_mtime_ns
         except FileNotFoundError:
             stamp = None
-        if not force and stamp == self._stamp:
+        seen, racy = self._seen
+        if not force and not racy and stamp == seen:
             return False
-        self._stamp = stamp
+        read_at = time.time_ns()  # (taken before the listing: a change after it is later than this)
         grants = admitted(self.run_dir)
         changed = grants != self.grants
         self.grants = grants  # one assignment: readers see the old dict or the new one
+        self._seen = (stamp, stamp is not None and read_at - stamp < RACY_NS)
         self.reloads += 1
         return changed
 

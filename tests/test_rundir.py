@@ -34,7 +34,7 @@ def test_admission_files_grants_and_revocation(run_dir):
     key = zmq.curve_keypair()[0].decode()
     g = rundir.admit(run_dir, "outside", key=key, quota=10, kernel_quota=3)
     assert (g.quota, g.kernel_quota) == (10, 3) and rundir.admitted(run_dir)[key] == g
-    adm = rundir.Admission(run_dir, always=(made["mm"],), recheck=0.0)
+    adm = rundir.Admission(run_dir, always=(made["mm"],))
     assert adm.allowed(key) and adm.allowed(made["mm"]) and not adm.allowed(made["kernel"])
     assert adm.grant(key).quota == 10
     assert rundir.revoke(run_dir, "outside") and not rundir.revoke(run_dir, "outside")
@@ -45,6 +45,30 @@ def test_admission_files_grants_and_revocation(run_dir):
         with pytest.raises(ValueError):
             rundir.admit(run_dir, **bad)
     assert "ok" not in {g.name for g in rundir.admitted(run_dir).values()}  # a refused admission writes nothing
+
+
+def test_admission_sees_a_key_admitted_within_the_same_mtime_tick(run_dir):
+    """Two changes of the admitted directory within one tick of the filesystem's clock leave one stamp: a
+    server that looked between them must still see the second key (a refused handshake is never retried)."""
+    rundir.init(run_dir, clients=0)
+    first, second = (zmq.curve_keypair()[0].decode() for _ in range(2))
+    rundir.admit(run_dir, "first", key=first)
+    adm = rundir.Admission(run_dir)
+    d = rundir.admitted_dir(run_dir)
+    stamp = os.stat(d).st_mtime_ns
+    rundir.admit(run_dir, "second", key=second)
+    os.utime(d, ns=(stamp, stamp))  # what a coarse clock does when both changes fall in one tick
+    assert adm.allowed(first) and adm.allowed(second)
+    # once the stamp is old, a look costs one stat: the directory is not read again for every stranger
+    old = stamp - 2 * rundir.RACY_NS
+    os.utime(d, ns=(old, old))
+    adm.refresh()
+    reloads = adm.reloads
+    for _ in range(5):
+        assert not adm.allowed(zmq.curve_keypair()[0].decode())
+    assert adm.reloads == reloads
+    rundir.revoke(run_dir, "first")  # a change: seen by the next look (a server's periodic one, for a revocation)
+    assert adm.refresh() and adm.reloads == reloads + 1 and not adm.allowed(first)
 
 
 def test_withdraw_takes_back_only_what_the_server_published(run_dir):
