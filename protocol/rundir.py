@@ -304,7 +304,9 @@ class Admission:
         grants = admitted(self.run_dir)
         changed = grants != self.grants
         self.grants = grants  # one assignment: readers see the old dict or the new one
-        self._seen = (stamp, stamp is not None and read_at - stamp < RACY_NS)
+        # (both ways: an mtime from a clock ahead of ours, a shared volume's, is racy for as long, never for good:
+        # else every stranger's handshake would read the whole directory again)
+        self._seen = (stamp, stamp is not None and abs(read_at - stamp) < RACY_NS)
         self.reloads += 1
         return changed
 

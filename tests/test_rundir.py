@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import zmq
@@ -67,6 +68,11 @@ def test_admission_sees_a_key_admitted_within_the_same_mtime_tick(run_dir):
     for _ in range(5):
         assert not adm.allowed(zmq.curve_keypair()[0].decode())
     assert adm.reloads == reloads
+    ahead = time.time_ns() + 3600 * 10**9  # a directory stamped by a clock an hour ahead of ours: one re-read
+    os.utime(d, ns=(ahead, ahead))
+    adm.refresh()
+    reloads = adm.reloads
+    assert not adm.allowed(zmq.curve_keypair()[0].decode()) and adm.reloads == reloads
     rundir.revoke(run_dir, "first")  # a change: seen by the next look (a server's periodic one, for a revocation)
     assert adm.refresh() and adm.reloads == reloads + 1 and not adm.allowed(first)
 
