@@ -2,12 +2,16 @@
 
 ``Connection(endpoint, server_key, public, secret)`` opens a DEALER socket with
 CURVE. ``call(name, args)`` sends one request and waits for its reply; when
-none comes within ``timeout`` seconds it drops the socket, opens a new one
-and sends the *same bytes with the same request id* again (the ZeroMQ guide's
-Lazy Pirate), ``retries`` times. The server's replay cache (I12) makes the
-retry safe: a request that already ran is answered from the cache, not run
-again. A refused call raises ``CallError`` carrying the error's name, number
-and details; no reply at all raises ``CallError`` with EIO.
+none comes within ``timeout`` seconds it sends the *same bytes with the same
+request id* again, ``retries`` times (the ZeroMQ guide's Lazy Pirate). The
+server's replay cache (I12) makes the retry safe: a request that already ran
+is answered from the cache, not run again. Resends go out on the same socket
+(ZeroMQ reconnects it by itself, and a reply to the first attempt that comes
+late is still taken); only the last attempt, or a resend that finds no way
+out (a refused handshake leaves the socket none), opens a new socket: a new
+socket needs a new CURVE handshake, which under a flood of handshakes waits
+behind all of them. A refused call raises ``CallError`` carrying the error's
+name, number and details; no reply at all raises ``CallError`` with EIO.
 
 Request ids start at a random point of a 63-bit space (fresh for every
 connection), so neither a client restarted with the same key nor two
@@ -116,10 +120,15 @@ class Connection:
         for attempt in range(retries + 1):
             if attempt:
                 self.resends += 1
+                if attempt == retries:  # the last one on a new socket (a connection that died unseen)
+                    self.reset()
+            try:
+                self.sock.send(data, zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.Again:  # no way out on this socket (its handshake was refused): a new one has one
                 self.reset()
+                self.sock.send(data, zmq.NOBLOCK)  # type: ignore[union-attr]
             sock = self.sock
             assert sock is not None
-            sock.send(data)
             deadline = clock() + timeout
             ms = max(1, int(timeout * 1000))
             while True:
