@@ -6,7 +6,10 @@ cycle of ordinary calls (a one-page alloc and free, a burst alloc and free,
 a thread, an endpoint, a ping), and now and then it looks at its own usage
 (kernel and mm ``stats``: anything mapped in its address space that it did
 not map itself is counted as ``extra_pages``). A keepalive thread renews its
-lease. Every call's latency and outcome is recorded.
+lease. Every call's latency and outcome is recorded. An alloc or free
+answered EIO (its outcome is not known yet) is sent again, same id, until
+it gets a real answer, as the design tells a client to do: the error is
+counted, and the client still knows what it holds.
 
 It is driven over its standard input, one line per command, and answers
 each with one JSON line on standard output:
@@ -37,13 +40,15 @@ from collections import Counter
 from typing import Any, Callable
 
 from protocol import PROT_READ, PROT_WRITE
-from protocol.errors import CallError
+from protocol.errors import CallError, Errno
 
 RW = PROT_READ | PROT_WRITE
 HOLD_VA = 0x2000_0000  # the pages it holds all along
 ONE_VA = 0x2100_0000  # the one-page alloc/free
 BURST_VA = 0x2200_0000  # the burst alloc/free
 LOOK_EVERY = 8  # cycles between looks at its own usage
+SETTLE_TRIES = 20  # resends of an mm call answered EIO (its outcome not known yet), SETTLE_PAUSE apart
+SETTLE_PAUSE = 0.25
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -71,7 +76,8 @@ class Window:
     def summary(self) -> dict[str, Any]:
         secs = max(1e-9, time.monotonic() - self.t0)
         lat = sorted(self.lat)
-        return {"calls": len(lat), "seconds": round(secs, 4), "rate": round(len(lat) / secs, 2),
+        return {"began": round(self.t0, 4), "calls": len(lat), "seconds": round(secs, 4),
+                "rate": round(len(lat) / secs, 2),
                 "p50_ms": round(percentile(lat, 0.5) * 1e3, 4), "p99_ms": round(percentile(lat, 0.99) * 1e3, 4),
                 "max_ms": round((lat[-1] if lat else 0.0) * 1e3, 4), "errors": dict(self.errors),
                 "first_error": self.first_error, "pids": sorted(self.pids, key=str),
@@ -121,15 +127,29 @@ class Honest:
         return {"ready": True, "pid": hello.get("pid"), "identity": self.c.identity, "quota": mm.get("quota"),
                 "kernel_quota": mm.get("kernel_quota"), "hold": self.hold, "burst": self.burst}
 
+    def settled(self, name: str, call: str, args: dict[str, Any]) -> Any:
+        """An mm call whose EIO is settled as the design says: the same request (same id) is sent again
+        until it gets a real answer (an EIO means the outcome is not known yet: an allocation may have
+        been made, a free done). Every EIO is still counted as an error of the window."""
+        mm = self.c.mm
+        rid = mm.new_id()
+        out = self.timed(name, lambda: mm.call(call, args, req_id=rid))
+        for _ in range(SETTLE_TRIES):
+            if not (isinstance(out, CallError) and out.code == Errno.EIO):
+                break
+            time.sleep(SETTLE_PAUSE)
+            out = self.timed(name, lambda: mm.call(call, args, req_id=rid))
+        return out
+
     def cycle(self, n: int) -> None:
         c = self.c
-        got = self.timed("alloc", lambda: c.alloc(1, RW, vaddr=ONE_VA))
+        got = self.settled("alloc", "alloc", {"pages": 1, "prot": RW, "vaddr": ONE_VA})
         if not isinstance(got, CallError):
             self.mine_pages += 1
             self.mine_maps += 1
             if n % LOOK_EVERY == 0:
                 self.look()
-            if not isinstance(self.timed("free", lambda: c.free(ONE_VA, 1)), CallError):
+            if not isinstance(self.settled("free", "free", {"vaddr": ONE_VA, "pages": 1}), CallError):
                 self.mine_pages -= 1
                 self.mine_maps -= 1
         tid = self.timed("thread_create", c.thread_create)
@@ -138,11 +158,12 @@ class Honest:
         eid = self.timed("endpoint_create", c.endpoint_create)
         if not isinstance(eid, CallError):
             self.timed("endpoint_destroy", lambda: c.endpoint_destroy(eid))
-        got = self.timed("alloc burst", lambda: c.alloc(self.burst, RW, vaddr=BURST_VA))
+        got = self.settled("alloc burst", "alloc", {"pages": self.burst, "prot": RW, "vaddr": BURST_VA})
         if not isinstance(got, CallError):
             self.mine_pages += self.burst
             self.mine_maps += 1
-            if not isinstance(self.timed("free burst", lambda: c.free(BURST_VA, self.burst)), CallError):
+            if not isinstance(self.settled("free burst", "free", {"vaddr": BURST_VA, "pages": self.burst}),
+                              CallError):
                 self.mine_pages -= self.burst
                 self.mine_maps -= 1
         ping = self.timed("ping", c.ping)

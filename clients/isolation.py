@@ -77,8 +77,8 @@ def summarize(pairs: list[tuple[dict[str, Any], dict[str, Any]]],
     errors: Counter = Counter()
     pids: set[str] = set()
     first = ""
-    for w in [*(w for pair in pairs for w in pair), *between]:
-        errors.update(w.get("errors", {}))
+    for w in sorted([*(w for pair in pairs for w in pair), *between], key=lambda w: w.get("began", 0.0)):
+        errors.update(w.get("errors", {}))  # (in the order they were seen: the first error is the earliest)
         pids |= {str(x) for x in w.get("pids", [])}
         first = first or w.get("first_error", "")
     side = lambda i, k: [pair[i].get(k, 0) for pair in pairs]  # noqa: E731

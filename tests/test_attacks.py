@@ -326,6 +326,50 @@ def test_the_victims_verdict_fails_what_hurts_it() -> None:
     assert failed([(w(1.0), w(2.0, calls=0))]) == {"victim progress"}
     assert failed([(w(1.0), w(2.0, extra_pages=1))]) == {"victim address space"}
     assert failed([]) == {"victim p99", "victim progress"}
+    # the first error named is the earliest seen, whatever window holds it (set-up before the rounds here)
+    later = w(2.0, began=20.0, errors={"EBUSY": 4}, first_error="alloc burst: EBUSY")
+    earlier = w(2.0, began=10.0, errors={"EIO": 1}, first_error="alloc burst: EIO")
+    v = summarize([(w(1.0, began=15.0), later)], [earlier])
+    assert v["first_error"] == "alloc burst: EIO" and v["errors"] == {"EIO": 1, "EBUSY": 4}
+
+
+def test_the_honest_client_settles_an_eio_with_the_same_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An alloc answered EIO may have been made: the honest client sends the same request (same id) until
+    a real answer comes, so it knows what it holds; each EIO is still an error of its window."""
+    import clients.honest as honest
+    from protocol.errors import CallError, Errno, Error
+
+    class MM:
+        def __init__(self, answers: list) -> None:
+            self.answers, self.ids = answers, []
+
+        def new_id(self) -> int:
+            return 41 + len(self.ids)
+
+        def call(self, call: str, args: dict, req_id: int) -> dict:
+            self.ids.append(req_id)
+            a = self.answers.pop(0)
+            if isinstance(a, Error):
+                raise CallError(a, call)
+            return a
+
+    monkeypatch.setattr(honest, "SETTLE_PAUSE", 0.0)
+    eio = Error(Errno.EIO, "the kernel is unreachable")
+    mm = MM([eio, eio, {"vaddr": honest.BURST_VA, "pages": 16}])
+    h = honest.Honest(type("C", (), {"mm": mm})(), hold=8, burst=16)
+    assert h.settled("alloc burst", "alloc", {"pages": 16}) == {"vaddr": honest.BURST_VA, "pages": 16}
+    assert mm.ids == [41, 41, 41]
+    win = h.mark()
+    assert win["errors"] == {"EIO": 2} and win["first_error"].startswith("alloc burst") and win["calls"] == 3
+    # any other refusal is an answer: not sent again
+    mm = MM([Error(Errno.EBUSY, "already allocated")])
+    h = honest.Honest(type("C", (), {"mm": mm})(), hold=8, burst=16)
+    assert isinstance(h.settled("alloc", "alloc", {"pages": 1}), CallError) and mm.ids == [41]
+    # an outcome that stays unknown ends after SETTLE_TRIES resends, as the EIO it is
+    mm = MM([eio] * (honest.SETTLE_TRIES + 1))
+    h = honest.Honest(type("C", (), {"mm": mm})(), hold=8, burst=16)
+    out = h.settled("free", "free", {"vaddr": 0, "pages": 1})
+    assert isinstance(out, CallError) and out.code == Errno.EIO and len(mm.ids) == honest.SETTLE_TRIES + 1
 
 
 @pytest.fixture
