@@ -122,11 +122,7 @@ class Connection:
                 self.resends += 1
                 if attempt == retries:  # the last one on a new socket (a connection that died unseen)
                     self.reset()
-            try:
-                self.sock.send(data, zmq.NOBLOCK)  # type: ignore[union-attr]
-            except zmq.Again:  # no way out on this socket (its handshake was refused): a new one has one
-                self.reset()
-                self.sock.send(data, zmq.NOBLOCK)  # type: ignore[union-attr]
+            self._send(data, timeout)
             sock = self.sock
             assert sock is not None
             deadline = clock() + timeout
@@ -155,6 +151,26 @@ class Connection:
         self.reset()
         raise CallError(Error(Errno.EIO, f"no reply from {self.endpoint} after {retries + 1} attempt(s) "
                                          f"of {timeout:g}s", {"endpoint": self.endpoint}), call)
+
+    def _send(self, data: bytes, timeout: float) -> None:
+        """Send on the socket as it is; if it takes nothing, wait up to ``timeout`` for room (a full queue
+        drains), and if none comes it has no way out (its handshake was refused: a socket with no peer
+        never has room): send on a new socket, which has one."""
+        sock = self.sock
+        assert sock is not None
+        try:
+            sock.send(data, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        if sock.poll(max(1, int(timeout * 1000)), zmq.POLLOUT):
+            try:
+                sock.send(data, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+        self.reset()
+        self.sock.send(data, zmq.NOBLOCK)  # type: ignore[union-attr]
 
     # ---- several in flight --------------------------------------------------------
 

@@ -22,10 +22,10 @@ class Scripted:
     """A CURVE ROUTER (every key accepted: no ZAP handler) in a thread; ``answer(n, rid)`` says after
     how many seconds the ``n``-th request received (0-based) is answered (None: never)."""
 
-    def __init__(self, answer) -> None:
-        self.dir = tempfile.mkdtemp(prefix="mmc-", dir="/tmp")
+    def __init__(self, answer, where: str | None = None, keys: tuple[bytes, bytes] | None = None) -> None:
+        self.dir = where or tempfile.mkdtemp(prefix="mmc-", dir="/tmp")
         self.endpoint = f"ipc://{self.dir}/s"
-        self.public, secret = zmq.curve_keypair()
+        self.public, secret = keys or zmq.curve_keypair()
         self.ctx = zmq.Context()
         self.ctx.linger = 0
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -67,8 +67,8 @@ class Scripted:
 def scripted():
     made: list[Scripted] = []
 
-    def make(answer) -> Scripted:
-        made.append(Scripted(answer))
+    def make(answer, where: str | None = None, keys: tuple[bytes, bytes] | None = None) -> Scripted:
+        made.append(Scripted(answer, where, keys))
         return made[-1]
 
     yield make
@@ -99,6 +99,28 @@ def test_the_last_attempt_goes_out_on_a_new_socket(scripted):
         assert conn.call("ping") == {"n": 2}
         assert conn.resends == 2
     assert len(s.peers) == 3 and s.peers[0] == s.peers[1] != s.peers[2]
+
+
+def test_a_full_queue_is_waited_for_not_dropped(scripted):
+    """Requests queued towards a server that is not up yet fill the socket's queue; a call then waits for
+    room (the server comes up and drains it) instead of taking a new socket and dropping the queue."""
+    where = tempfile.mkdtemp(prefix="mmc-", dir="/tmp")
+    keys = zmq.curve_keypair()
+    public, secret = zmq.curve_keypair()
+    conn = Connection(f"ipc://{where}/s", keys[0], public, secret, timeout=5.0, retries=0)
+    try:
+        queued = 0
+        while True:  # until the queue takes no more (its high-water mark)
+            try:
+                conn.sock.send(wire.request(conn.new_id(), "ping"), zmq.NOBLOCK)
+                queued += 1
+            except zmq.Again:
+                break
+        threading.Timer(0.3, lambda: scripted(lambda n, rid: 0.0, where, keys)).start()
+        assert conn.call("ping") == {"n": queued}
+    finally:
+        conn.close()
+    assert conn.resends == 0 and queued >= 100
 
 
 def test_no_reply_at_all_is_eio_after_every_attempt(scripted):
